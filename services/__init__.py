@@ -1,0 +1,1 @@
+"""The deployable services; each is a thin shell over `shared`."""

@@ -1,0 +1,1 @@
+"""Multiplexing worker: continuous-batching decode that also takes prefills when slack allows."""

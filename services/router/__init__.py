@@ -1,0 +1,1 @@
+"""Router: consumes `requests`, keeps the global waiting queue, places each prefill and decode."""

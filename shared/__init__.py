@@ -1,0 +1,1 @@
+"""The library every Tropical service uses: protocol, bus, store, settings and more."""

@@ -1,0 +1,79 @@
+"""One settings object for every service: defaults, then TROPICAL_* variables, then CLI flags."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MEMORY_URL = "memory://"
+
+
+class Settings(BaseSettings):
+    """Where the broker and store are, and the knobs every service shares.
+
+    `memory://` for either URL selects the in-process implementation (the
+    embedded default, with no servers at all).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="TROPICAL_", frozen=True, extra="forbid")
+
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "tropical"
+    worker_id: str | None = None
+    prefetch: Annotated[int, Field(ge=1, le=65535)] = 16
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+    status_ttl_s: Annotated[float, Field(gt=0)] = 5.0
+    request_record_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
+    default_ttft_slo_ms: Annotated[float, Field(gt=0)] = 1000.0
+    default_tpot_slo_ms: Annotated[float, Field(gt=0)] = 100.0
+    log_level: str = "INFO"
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_scheme(cls, url: str) -> str:
+        if not url.startswith(("amqp://", "amqps://", MEMORY_URL)):
+            raise ValueError(f"broker_url must start with amqp://, amqps:// or {MEMORY_URL}")
+        return url
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        if not url.startswith(("redis://", "rediss://", "unix://", MEMORY_URL)):
+            raise ValueError(f"redis_url must start with redis://, rediss://, unix:// or {MEMORY_URL}")
+        return url
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, level: str) -> str:
+        level = level.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """CLI flags win over the environment; a flag left unset (None) changes nothing."""
+        given = {key: value for key, value in overrides.items() if value is not None}
+        return Settings(**{**self.model_dump(), **given}) if given else self
+
+    def queue(self, name: str) -> str:
+        """A queue's full name in this deployment's namespace."""
+        return f"{self.namespace}.{name}"
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings with passwords in URLs masked, for logs and `tropical settings`."""
+        values = self.model_dump()
+        for key in ("broker_url", "redis_url"):
+            values[key] = _mask_password(values[key])
+        return values
+
+
+def _mask_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
