@@ -5,14 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=${TROPICAL_VENV:-.venv}
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-fi
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 py="$venv/bin/python"
+
+pip_install() {
+    # The machine's pip configuration names local indexes that may be absent; their warnings are noise.
+    "$py" -m pip install --quiet --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2)
+}
 # The CPU build of torch first, so nothing later pulls the multi-gigabyte CUDA wheels.
-"$py" -m pip install --quiet --disable-pip-version-check 'torch==2.13.0' 2>&1 | grep -v '^WARNING: Location' || true
-"$py" -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-"$py" -c 'import torch, shared, aio_pika, redis, pytest' # fail loudly if an install above did not land
+pip_install 'torch==2.13.0'
+pip_install -e '.[test]'
 
 scripts/services.sh
 exec "$py" -m pytest "$@"

@@ -39,6 +39,10 @@ class QueueLocked(BusError):
     """Another connection owns this exclusive queue."""
 
 
+class BrokerUnavailable(BusError):
+    """The broker stayed unreachable longer than the bus waits for it to come back."""
+
+
 class BusClosed(BusError):
     """The bus was closed; nothing more can be sent or received on it."""
 
