@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from shared.bus import (
+    Bus,
     BusClosed,
     Delivery,
     QueueLocked,
@@ -17,6 +18,8 @@ from shared.bus import (
     Unroutable,
     dead_letter_queue,
 )
+from shared.queues import declare_requests_queue
+from shared.settings import Settings
 from tests.bus_harness import WAIT, Broker, Inbox
 
 
@@ -253,3 +256,25 @@ async def test_closed_bus_refuses_work(broker: Broker) -> None:
         await bus.publish(queue, b"x")
     await bus.close()  # closing twice is fine
 
+
+
+async def test_requests_queue_is_durable_with_dead_letters(broker: Broker) -> None:
+    settings = Settings(namespace=f"test-{uuid.uuid4().hex[:8]}")
+    bus = await broker.connect()
+    name = await declare_requests_queue(bus, settings)
+    broker.created.append(name)
+    assert name == f"{settings.namespace}.requests"
+    await declare_requests_queue(bus, settings)  # idempotent
+    with pytest.raises(QueueMismatch):
+        await bus.declare_queue(QueueSpec(name, durable=False))
+    await bus.publish(name, b"refused")
+    inbox = Inbox(settle="hold")
+    await bus.consume(name, inbox)
+    await (await inbox.next()).nack(requeue=False)
+    assert (await _next_from(bus, dead_letter_queue(name))).body == b"refused"
+
+
+async def _next_from(bus: Bus, queue: str) -> Delivery:
+    inbox = Inbox()
+    await bus.consume(queue, inbox)
+    return await inbox.next()
