@@ -272,7 +272,8 @@ class LatencyModelSpec(Message, tag="latency_model", kw_only=True):
     tensor_parallel: Annotated[int, msgspec.Meta(ge=1)] = 1
     prefill: PrefillCoefficients
     decode: DecodeCoefficients
-    residual_std_s: Seconds = 0.0
+    prefill_residual: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # relative spread: std of actual/predicted − 1
+    decode_residual: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     correction: Positive = 1.0  # online actual/predicted factor
     samples: Count = 0
     fitted_at: Timestamp

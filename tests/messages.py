@@ -72,7 +72,8 @@ def latency_model(model: str = "llama-2-70b", **overrides: Any) -> LatencyModelS
         "tensor_parallel": 4,
         "prefill": PrefillCoefficients(c0=1.2e-8, c1=9.5e-5, c2=0.021),
         "decode": DecodeCoefficients(d0=0.018, d1=1.1e-4, d2=2.3e-7),
-        "residual_std_s": 0.002,
+        "prefill_residual": 0.04,
+        "decode_residual": 0.02,
         "samples": 250,
         "fitted_at": T0,
     }
