@@ -79,7 +79,7 @@ class Message(Record, tag_field="type", kw_only=True, frozen=True):
 # --- requests -----------------------------------------------------------------
 
 
-class SamplingParams(Record, kw_only=True):
+class SamplingParams(Record, kw_only=True, frozen=True):
     temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.0  # 0 means greedy
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
     top_k: Count = 0  # 0 means no top-k cut
@@ -88,12 +88,12 @@ class SamplingParams(Record, kw_only=True):
     ignore_eos: bool = False  # benchmarks force the full output length
 
 
-class Slo(Record, kw_only=True):
+class Slo(Record, kw_only=True, frozen=True):
     ttft_ms: Positive
     tpot_ms: Positive
 
 
-class GenerateRequest(Message, tag="generate", kw_only=True):
+class GenerateRequest(Message, tag="generate", kw_only=True, frozen=True):
     """A client's request; tokens and the end of the request go to `reply_to`."""
 
     request_id: Id
@@ -112,12 +112,12 @@ class GenerateRequest(Message, tag="generate", kw_only=True):
             raise ValueError("the prompt is empty")
 
 
-class CancelRequest(Message, tag="cancel", kw_only=True):
+class CancelRequest(Message, tag="cancel", kw_only=True, frozen=True):
     request_id: Id
     reason: str = ""
 
 
-class Dispatch(Message, tag="dispatch", kw_only=True):
+class Dispatch(Message, tag="dispatch", kw_only=True, frozen=True):
     """The router's placement: where the prefill runs and where the decode continues."""
 
     request: GenerateRequest
@@ -137,7 +137,7 @@ class KvTransport(enum.StrEnum):
     NCCL = "nccl"
 
 
-class KvLayout(Record, kw_only=True):
+class KvLayout(Record, kw_only=True, frozen=True):
     num_layers: Annotated[int, msgspec.Meta(ge=1)]
     num_kv_heads: Annotated[int, msgspec.Meta(ge=1)]
     head_dim: Annotated[int, msgspec.Meta(ge=1)]
@@ -146,7 +146,7 @@ class KvLayout(Record, kw_only=True):
     dtype: Literal["float32", "float16", "bfloat16"]
 
 
-class KvHandoff(Message, tag="kv_handoff", kw_only=True):
+class KvHandoff(Message, tag="kv_handoff", kw_only=True, frozen=True):
     """Where a finished prefill's KV cache waits; the receiver pulls it and acks."""
 
     handoff_id: Id
@@ -162,7 +162,7 @@ class KvHandoff(Message, tag="kv_handoff", kw_only=True):
     lease_expires_at: Timestamp
 
 
-class KvAck(Message, tag="kv_ack", kw_only=True):
+class KvAck(Message, tag="kv_ack", kw_only=True, frozen=True):
     """Frees the sender's lease; `ok=False` tells it the pull failed."""
 
     handoff_id: Id
@@ -175,7 +175,7 @@ class KvAck(Message, tag="kv_ack", kw_only=True):
 # --- replies to the client ------------------------------------------------------
 
 
-class TokenChunk(Message, tag="tokens", kw_only=True):
+class TokenChunk(Message, tag="tokens", kw_only=True, frozen=True):
     """Several consecutive output tokens; `index` is the position of the first one."""
 
     request_id: Id
@@ -191,7 +191,7 @@ class FinishReason(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
-class Timings(Record, kw_only=True):
+class Timings(Record, kw_only=True, frozen=True):
     """Milestones of one request (Unix seconds); None where it did not happen."""
 
     arrival: Timestamp
@@ -202,7 +202,7 @@ class Timings(Record, kw_only=True):
     finished: Timestamp | None = None
 
 
-class RequestFinished(Message, tag="finished", kw_only=True):
+class RequestFinished(Message, tag="finished", kw_only=True, frozen=True):
     request_id: Id
     finish_reason: FinishReason
     num_prompt_tokens: Count
@@ -210,7 +210,7 @@ class RequestFinished(Message, tag="finished", kw_only=True):
     timings: Timings
 
 
-class ErrorReply(Message, tag="error", kw_only=True):
+class ErrorReply(Message, tag="error", kw_only=True, frozen=True):
     request_id: str | None = None  # None when the refused message could not be read
     code: ErrorCode
     message: str
@@ -225,7 +225,7 @@ class WorkerRole(enum.StrEnum):
     COLOCATED = "colocated"
 
 
-class DecodeLoad(Record, kw_only=True):
+class DecodeLoad(Record, kw_only=True, frozen=True):
     """One running decode as the router sees it: enough to compute its banked slack."""
 
     request_id: Id
@@ -234,7 +234,7 @@ class DecodeLoad(Record, kw_only=True):
     slack_s: float  # banked TPOT budget: may be negative when the decode is behind
 
 
-class WorkerStatus(Message, tag="worker_status", kw_only=True):
+class WorkerStatus(Message, tag="worker_status", kw_only=True, frozen=True):
     worker_id: Id
     role: WorkerRole
     queue: QueueName
@@ -248,7 +248,7 @@ class WorkerStatus(Message, tag="worker_status", kw_only=True):
     draining: bool = False
 
 
-class PrefillCoefficients(Record, kw_only=True):
+class PrefillCoefficients(Record, kw_only=True, frozen=True):
     """T_pre(L) = c0·L² + c1·L + c2, seconds."""
 
     c0: float
@@ -256,7 +256,7 @@ class PrefillCoefficients(Record, kw_only=True):
     c2: float
 
 
-class DecodeCoefficients(Record, kw_only=True):
+class DecodeCoefficients(Record, kw_only=True, frozen=True):
     """T_dec = d0 + d1·B + d2·Σctx, seconds."""
 
     d0: float
@@ -264,7 +264,7 @@ class DecodeCoefficients(Record, kw_only=True):
     d2: float
 
 
-class LatencyModelSpec(Message, tag="latency_model", kw_only=True):
+class LatencyModelSpec(Message, tag="latency_model", kw_only=True, frozen=True):
     """Fitted step-time model of one model on one hardware setup."""
 
     model: Id
@@ -293,7 +293,7 @@ class RequestState(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
-class RequestRecord(Message, tag="request_record", kw_only=True):
+class RequestRecord(Message, tag="request_record", kw_only=True, frozen=True):
     """What happened to one request so far; kept in the store, not sent to clients."""
 
     request_id: Id

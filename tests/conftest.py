@@ -1,6 +1,7 @@
 """Shared test configuration."""
 
 from __future__ import annotations
+
 from collections.abc import AsyncIterator
 
 import pytest

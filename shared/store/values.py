@@ -7,7 +7,14 @@ import math
 from collections.abc import Iterable
 from typing import TypeVar
 
-from shared.protocol import LatencyModelSpec, Message, ProtocolError, RequestRecord, WorkerStatus, decode
+from shared.protocol import (
+    LatencyModelSpec,
+    Message,
+    ProtocolError,
+    RequestRecord,
+    WorkerStatus,
+    decode,
+)
 from shared.store.errors import CorruptValue
 
 log = logging.getLogger(__name__)
