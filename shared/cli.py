@@ -11,12 +11,15 @@ import sys
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
 
 from shared.settings import MEMORY_URL, Settings
+
+if TYPE_CHECKING:
+    from shared.experiments import Setting
 
 T = TypeVar("T")
 
@@ -114,3 +117,146 @@ def bench_bus(
 
 def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, {platform.platform(terse=True)}"
+
+
+# --- simulation ------------------------------------------------------------------------------
+
+SettingOption = Annotated[str, typer.Option("--setting", help="preset: longbench-70b, long-66b or chat-13b")]
+TraceOption = Annotated[Path | None, typer.Option("--trace", help="trace or length table (default: the setting's)")]
+TtftMsOption = Annotated[float | None, typer.Option("--ttft-slo-ms", help="fixed TTFT SLO for every request (ms)")]
+TtftScaleOption = Annotated[float | None, typer.Option("--ttft-slo-scale", help="TTFT SLO as a multiple of the request's isolated prefill time")]
+TpotMsOption = Annotated[float | None, typer.Option("--tpot-slo-ms", help="TPOT SLO (ms)")]
+
+
+def _setting(name: str, ttft_ms: float | None, ttft_scale: float | None, tpot_ms: float | None) -> Setting:
+    from shared.experiments import setting_named
+
+    try:
+        return setting_named(name, ttft_slo_ms=ttft_ms, ttft_slo_scale=ttft_scale, tpot_slo_ms=tpot_ms)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command("sim")
+def sim(
+    setting_name: SettingOption,
+    policy: Annotated[str, typer.Option(help="vllm, sarathi, distserve, tropical, kairos or unified")],
+    rate: Annotated[float, typer.Option(min=1e-9, help="cluster arrival rate (req/s)")],
+    trace: TraceOption = None,
+    requests: Annotated[int | None, typer.Option(min=1, help="requests to replay (default: the setting's)")] = None,
+    prefill_workers: Annotated[int | None, typer.Option(help="dedicated prefill workers (disaggregated policies)")] = None,
+    seed: Annotated[int, typer.Option(help="arrival and noise seed")] = 0,
+    noise: Annotated[bool, typer.Option(help="perturb step times by the latency model's residual spread")] = False,
+    ttft_slo_ms: TtftMsOption = None,
+    ttft_slo_scale: TtftScaleOption = None,
+    tpot_slo_ms: TpotMsOption = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the summary here")] = None,
+) -> None:
+    """Simulate one policy at one rate and print a `vllm bench serve`-style summary."""
+    import time
+
+    from shared.experiments import run_policy, workload
+    from shared.metrics import summarize
+
+    setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
+    trace = trace or setting.trace
+    started = time.perf_counter()
+    load = workload(setting, trace, rate, requests=requests, seed=seed)
+    try:
+        result = run_policy(setting, policy, load, prefill_workers=prefill_workers, seed=seed, noise=noise)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    wall = time.perf_counter() - started
+    summary = summarize(result.outcomes())
+    record = {
+        "setting": setting.name,
+        "trace": str(trace),
+        "policy": policy,
+        "rate": rate,
+        "prefill_workers": prefill_workers,
+        "slo": setting.slo.describe(),
+        "simulated_requests": len(load.requests),
+        "wall_seconds": round(wall, 3),
+        **summary.as_vllm_json(),
+    }
+    lines = [
+        f"{' Simulated Serving Result ':=^60}",
+        f"{'Setting:':<40}{setting.name} ({setting.slo.describe()})",
+        f"{'Policy:':<40}{policy}",
+        f"{'Successful requests:':<40}{summary.finished}",
+        f"{'Infeasible requests (counted as misses):':<40}{summary.infeasible}",
+        f"{'Benchmark duration (s):':<40}{summary.duration:.2f}",
+        f"{'Request throughput (req/s):':<40}{summary.request_throughput:.3f}",
+        f"{'Request goodput (req/s):':<40}{summary.goodput:.3f}",
+        f"{'SLO attainment (both / TTFT / TPOT):':<40}{summary.attainment:.3f} / {summary.ttft_attainment:.3f} / {summary.tpot_attainment:.3f}",
+        f"{'Mean / P90 / P99 TTFT (ms):':<40}{summary.mean_ttft_ms:.1f} / {summary.p90_ttft_ms:.1f} / {summary.p99_ttft_ms:.1f}",
+        f"{'Mean / P90 / P99 TPOT (ms):':<40}{summary.mean_tpot_ms:.1f} / {summary.p90_tpot_ms:.1f} / {summary.p99_tpot_ms:.1f}",
+        f"{'Simulated in (s):':<40}{wall:.2f}",
+        "=" * 60,
+    ]
+    typer.echo("\n".join(lines))
+    if json_path:
+        json_path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+@app.command("goodput")
+def goodput(
+    setting_name: SettingOption,
+    policies: Annotated[str, typer.Option(help="comma-separated policy names")] = "vllm,sarathi,distserve,tropical,kairos,unified",
+    trace: TraceOption = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    requests: Annotated[int | None, typer.Option(min=1, help="requests replayed per evaluated rate (default: the setting's)")] = None,
+    rel_tolerance: Annotated[float, typer.Option(min=1e-6, help="bisection stops when the bracket is this fraction of the rate")] = 0.02,
+    seed: Annotated[int, typer.Option(help="arrival and noise seed")] = 0,
+    noise: Annotated[bool, typer.Option(help="perturb step times by the latency model's residual spread")] = False,
+    ttft_slo_ms: TtftMsOption = None,
+    ttft_slo_scale: TtftScaleOption = None,
+    tpot_slo_ms: TpotMsOption = None,
+    plot: Annotated[Path | None, typer.Option(help="also sweep rates and write PNG curves with this path prefix")] = None,
+) -> None:
+    """Find each policy's goodput (highest rate with >= 90 % joint SLO attainment) by bisection."""
+    from shared.experiments import PolicyGoodput, SearchSettings, goodput_report
+
+    setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
+    names = [name.strip() for name in policies.split(",") if name.strip()]
+    search = SearchSettings(requests=requests, rel_tolerance=rel_tolerance, seed=seed, noise=noise)
+
+    def progress(found: PolicyGoodput) -> None:
+        split = "" if found.prefill_workers is None else f" at {found.prefill_workers} prefill worker(s)"
+        typer.echo(
+            f"{found.policy:>10}: {found.goodput_rps:.4g} req/s ({found.per_gpu:.4g} per GPU){split}  [{found.seconds:.1f} s]"
+        )
+
+    try:
+        report = goodput_report(setting, trace or setting.trace, names, search, progress=progress)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if plot:
+        from shared.plots import sweep_and_plot
+
+        report["figures"] = sweep_and_plot(setting, trace or setting.trace, report, plot, search)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+@app.command("ablate")
+def ablate(
+    setting_name: SettingOption,
+    trace: TraceOption = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    requests: Annotated[int | None, typer.Option(min=1, help="requests replayed per evaluated rate (default: the setting's)")] = None,
+    rel_tolerance: Annotated[float, typer.Option(min=1e-6, help="bisection stops when the bracket is this fraction of the rate")] = 0.02,
+    seed: Annotated[int, typer.Option(help="arrival and noise seed")] = 0,
+) -> None:
+    """Goodput of `unified` with each of its ideas taken out in turn."""
+    from shared.experiments import PolicyGoodput, SearchSettings, ablation_report
+
+    setting = _setting(setting_name, None, None, None)
+    search = SearchSettings(requests=requests, rel_tolerance=rel_tolerance, seed=seed)
+
+    def progress(label: str, found: PolicyGoodput) -> None:
+        typer.echo(f"{label:<64} {found.goodput_rps:.4g} req/s  [{found.seconds:.1f} s]")
+
+    report = ablation_report(setting, trace or setting.trace, search, progress=progress)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")

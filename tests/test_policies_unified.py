@@ -1,0 +1,137 @@
+"""Our combined policy's pieces on hand-computed cases: pacing, inline prediction, placement, routing."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.latency.model import LatencyModel
+from shared.policies import (
+    Admission,
+    AllowedStep,
+    BatchSummary,
+    DecodeBatcher,
+    PrefillMode,
+    RequestView,
+    Role,
+    RouterDecision,
+    WorkerView,
+)
+from shared.policies.prefill_queue import urgent_first
+from shared.policies.records import EMPTY_BATCH
+from shared.policies.unified import SlackAwareRouter, prompt_work
+
+# prefill: 10 ms + 1 ms per token; decode: 10 ms + 1 ms per sequence + 20 µs per KV token
+MODEL = LatencyModel(c0=0.0, c1=0.001, c2=0.01, d0=0.01, d1=0.001, d2=0.00002)
+
+
+def request(id: int, prompt: int, *, arrival: float = 0.0, ttft: float = 10.0, tpot: float = 0.1, generated: int = 0,
+            first_token: float | None = None, prefilled: int = 0) -> RequestView:
+    return RequestView(id, arrival, prompt, ttft, tpot, prefilled, generated, first_token)
+
+
+def worker(id: int, role: Role, *, prefills: tuple[RequestView, ...] = (), batch: BatchSummary = EMPTY_BATCH, busy: bool = False,
+           step_end: float = 0.0, waiting: tuple[RequestView, ...] = (), incoming: tuple[RequestView, ...] = (),
+           kv_capacity: int = 100_000, kv_used: int = 0) -> WorkerView:
+    return WorkerView(
+        id=id, role=role, kv_capacity=kv_capacity, kv_used=kv_used, busy=busy, step_begin=0.0, step_end=step_end,
+        placed_since_step=0, prefills=prefills, prefill_load=sum(r.remaining_prefill for r in prefills), batch=batch,
+        waiting=waiting, incoming=incoming, decode_load=batch.prompt_tokens,
+    )
+
+
+def batch(size: int, context: int, *, deadline: float, on_time: float | None = None) -> BatchSummary:
+    return BatchSummary(size=size, context_tokens=context, prompt_tokens=context, next_token_deadline=deadline,
+                        reserve_deadline=deadline - 0.1, tpot_slo=0.1, on_time_deadline=deadline if on_time is None else on_time)
+
+
+# --- pacing of banked slack ------------------------------------------------------------------
+
+
+def test_pacing_spends_surplus_and_repays_deficits_slowly() -> None:
+    paced = DecodeBatcher(MODEL, allowed_step=AllowedStep.BANKED, bank_steps=1.0, repay_steps=64.0)
+    assert paced._paced(1.3, 0.1, now=1.0) == pytest.approx(1.3)  # 0.2 s banked beyond one TPOT: all of it may go
+    assert DecodeBatcher(MODEL, allowed_step=AllowedStep.BANKED, reserve_tpots=1.0)._paced(1.3, 0.1, now=1.0) == pytest.approx(1.2)
+    assert DecodeBatcher(MODEL, allowed_step=AllowedStep.BANKED, bank_steps=4.0)._paced(1.3, 0.1, now=1.0) == pytest.approx(1.15)
+    # 50 ms behind: the next step may take one TPOT less 1/64 of the deficit
+    assert paced._paced(1.05, 0.1, now=1.0) == pytest.approx(1.1 - 0.05 / 64)
+
+
+def test_decodes_that_missed_ttft_do_not_limit_the_step() -> None:
+    # the batch's tightest deadline belongs to a request that missed TTFT; on-time ones have 1 s banked
+    running = batch(2, 2000, deadline=1.0, on_time=2.0)
+    late = DecodeBatcher(MODEL, prefill_mode=PrefillMode.CHUNKED, admission=Admission.SLACK, allowed_step=AllowedStep.BANKED,
+                         slo_chunks=True, protect_late=False)
+    careful = DecodeBatcher(MODEL, prefill_mode=PrefillMode.CHUNKED, admission=Admission.SLACK, allowed_step=AllowedStep.BANKED,
+                            slo_chunks=True, protect_late=True)
+    w = worker(0, Role.MULTIPLEX, prefills=(request(1, 2000),), batch=running)
+    # decode step: 10 + 2 + 40 ms = 0.052 s. protect_late=False: limit 2.0 → room 0.948 s → 948 tokens;
+    # protect_late=True: the late decode's deadline 1.0 is already past: one TPOT less 1/64 of 0.1 s of deficit
+    assert late.plan(w, now=1.0).chunks == ((1, 948),)
+    assert careful.plan(w, now=1.0).chunks == ((1, int((0.1 - 0.1 / 64 - 0.052) * 1000)),)
+
+
+# --- ordering ------------------------------------------------------------------------------------
+
+
+def test_urgent_first_runs_recomputes_then_urgency_then_hopeless() -> None:
+    recompute = request(1, 500, generated=30, first_token=0.0)
+    hopeless = request(2, 990, ttft=0.5)  # 1 s of prefill for a 0.5 s deadline
+    far = request(3, 100, ttft=9.0)
+    near = request(4, 100, ttft=2.0, prefilled=50)
+    assert [r.id for r in urgent_first([hopeless, far, near, recompute], MODEL, now=0.0)] == [1, 4, 3, 2]
+
+
+# --- inline prediction -----------------------------------------------------------------------------
+
+
+def test_prompt_work_leaves_out_the_step_cost() -> None:
+    assert prompt_work(MODEL, request(1, 500, prefilled=100)) == pytest.approx(0.4)
+
+
+def test_inline_time_spends_the_bank_then_rides_at_one_tpot() -> None:
+    router = SlackAwareRouter(MODEL, min_chunk=16)  # 16 ms: below the 48 ms a step leaves
+    assert router.inline_time(worker(0, Role.MULTIPLEX), 0.5, now=0.0) == pytest.approx(0.51)  # no decodes: a plain prefill
+    # decode step 0.052 s; on-time deadline 0.4 s: surplus 0.4 − 0.1 = 0.3 → first step carries 0.1 + 0.3 − 0.052 = 0.348 s
+    # of prompt work; the remaining 0.152 s goes 0.048 s per 0.1 s step
+    w = worker(0, Role.MULTIPLEX, batch=batch(2, 2000, deadline=0.4))
+    expected = 0.348 + 0.052 + 0.152 * 0.1 / 0.048
+    assert router.inline_time(w, 0.5, now=0.0) == pytest.approx(expected)
+
+
+# --- placement ---------------------------------------------------------------------------------------
+
+
+def test_prefers_a_prefill_worker_that_meets_the_deadline() -> None:
+    router = SlackAwareRouter(MODEL)
+    prefill = worker(0, Role.PREFILL)
+    roomy = worker(1, Role.MULTIPLEX)
+    r = request(1, 490, ttft=2.0)  # 0.5 s alone
+    assert [(p.request_id, p.worker_id) for p in router.place([r], [prefill, roomy], 0.0).placements] == [(1, 0)]
+    eager = SlackAwareRouter(MODEL, prefer_prefill_workers=False)  # then the earliest finish wins: a tie, the first worker
+    assert eager.place([r], [prefill, roomy], 0.0).placements[0].worker_id == 0
+    busy = worker(0, Role.PREFILL, prefills=(request(9, 1990, ttft=3.0),), busy=True, step_end=2.0)  # 2 s of queued work
+    assert router.place([r], [busy, roomy], 0.0).placements[0].worker_id == 1  # 0.5 s inline beats 2.5 s > 2.0 deadline
+
+
+def test_counts_queued_prompts_an_insertion_makes_late() -> None:
+    router = SlackAwareRouter(MODEL)
+    queued = request(9, 490, ttft=1.0)  # 0.5 s, due at 1.0
+    w = worker(0, Role.PREFILL, prefills=(queued,))
+    urgent = request(1, 590, ttft=0.7)  # 0.6 s, due at 0.7: goes first, pushing the queued one to 1.1 > 1.0
+    assert router.predict(urgent, w, [queued], now=0.0) == (pytest.approx(0.6), 1)
+    relaxed = request(2, 90, ttft=0.5)  # 0.1 s: the queued one still finishes at 0.6
+    assert router.predict(relaxed, w, [queued], now=0.0) == (pytest.approx(0.1), 0)
+
+
+def test_refuses_the_unattainable_and_holds_predicted_misses_for_spare_capacity() -> None:
+    router = SlackAwareRouter(MODEL, drop_hopeless=False)
+    busy = worker(0, Role.PREFILL, prefills=(request(9, 2990, ttft=9.0),), busy=True, step_end=3.0)
+    unattainable = request(1, 990, ttft=0.5)
+    predicted_miss = request(2, 490, ttft=2.0)  # alone 0.5 s, but only after 3 s of queued work
+    decision = router.place([unattainable, predicted_miss], [busy], 0.0)
+    assert decision.drops == (1,) and decision.placements == ()  # the predicted miss waits
+    assert SlackAwareRouter(MODEL).place([predicted_miss], [busy], 0.0).drops == (2,)  # the default refuses it
+    keep_all = SlackAwareRouter(MODEL, drop_hopeless=False, reject_unattainable=False)
+    assert keep_all.place([unattainable], [busy], 0.0) == RouterDecision()  # nowhere spare: it waits
+    spare = worker(1, Role.PREFILL)
+    assert [(p.request_id, p.worker_id) for p in keep_all.place([unattainable], [busy, spare], 0.0).placements] == [(1, 1)]
