@@ -115,6 +115,34 @@ def bench_bus(
         json_path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+@app.command("bench-engine")
+def bench_engine(
+    num_requests: Annotated[int, typer.Option(min=1, help="requests served by each side")] = 64,
+    seed: Annotated[int, typer.Option(help="fixes prompts, lengths and weights")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="running sequences (ours) and static batch size (HF)")] = 16,
+    max_num_batched_tokens: Annotated[int, typer.Option(min=16, help="tokens per engine step")] = 512,
+    repeats: Annotated[int, typer.Option(min=1, help="turns each side takes; the fastest counts")] = 2,
+    no_hf: Annotated[bool, typer.Option("--no-hf", help="time the engine only")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report here")] = None,
+) -> None:
+    """Tokens per second of the engine (continuous batching) against Hugging Face `generate` on the same requests."""
+    from shared.engine.bench import run_engine_benchmark
+
+    report = run_engine_benchmark(
+        num_requests,
+        seed,
+        batch_size=batch_size,
+        max_num_batched_tokens=max_num_batched_tokens,
+        with_hf=not no_hf,
+        repeats=repeats,
+    )
+    typer.echo(f"ours: {report['ours_tok_s']:.1f} tok/s")
+    if "hf_tok_s" in report:
+        typer.echo(f"hf:   {report['hf_tok_s']:.1f} tok/s\nspeedup: {report['speedup']:.2f}x")
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, {platform.platform(terse=True)}"
 
@@ -144,7 +172,10 @@ def sim(
     rate: Annotated[float, typer.Option(min=1e-9, help="cluster arrival rate (req/s)")],
     trace: TraceOption = None,
     requests: Annotated[int | None, typer.Option(min=1, help="requests to replay (default: the setting's)")] = None,
-    prefill_workers: Annotated[int | None, typer.Option(help="dedicated prefill workers (disaggregated policies)")] = None,
+    prefill_workers: Annotated[
+        int | None,
+        typer.Option(help="dedicated prefill workers of a disaggregated policy (default: half; `goodput` finds the best)"),
+    ] = None,
     seed: Annotated[int, typer.Option(help="arrival and noise seed")] = 0,
     noise: Annotated[bool, typer.Option(help="perturb step times by the latency model's residual spread")] = False,
     ttft_slo_ms: TtftMsOption = None,
@@ -155,8 +186,11 @@ def sim(
     """Simulate one policy at one rate and print a `vllm bench serve`-style summary."""
     import time
 
+    from collections import Counter
+
     from shared.experiments import run_policy, workload
     from shared.metrics import summarize
+    from shared.policies import make_policy
 
     setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
     trace = trace or setting.trace
@@ -167,6 +201,8 @@ def sim(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     wall = time.perf_counter() - started
+    roles = Counter(role.value for role in make_policy(policy, setting.latency_model()).roles(setting.workers, prefill_workers))
+    workers = " + ".join(f"{count} {role}" for role, count in roles.items())
     summary = summarize(result.outcomes())
     record = {
         "setting": setting.name,
@@ -174,6 +210,7 @@ def sim(
         "policy": policy,
         "rate": rate,
         "prefill_workers": prefill_workers,
+        "workers": dict(roles),
         "slo": setting.slo.describe(),
         "simulated_requests": len(load.requests),
         "wall_seconds": round(wall, 3),
@@ -183,6 +220,7 @@ def sim(
         f"{' Simulated Serving Result ':=^60}",
         f"{'Setting:':<40}{setting.name} ({setting.slo.describe()})",
         f"{'Policy:':<40}{policy}",
+        f"{'Workers:':<40}{workers}",
         f"{'Successful requests:':<40}{summary.finished}",
         f"{'Infeasible requests (counted as misses):':<40}{summary.infeasible}",
         f"{'Benchmark duration (s):':<40}{summary.duration:.2f}",
