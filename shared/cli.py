@@ -119,7 +119,7 @@ def bench_bus(
 def bench_engine(
     num_requests: Annotated[int, typer.Option(min=1, help="requests served by each side")] = 64,
     seed: Annotated[int, typer.Option(help="fixes prompts, lengths and weights")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1, help="running sequences (ours) and static batch size (HF)")] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="running sequences (ours) and static batch size (HF)")] = 32,
     max_num_batched_tokens: Annotated[int, typer.Option(min=16, help="tokens per engine step")] = 512,
     repeats: Annotated[int, typer.Option(min=1, help="turns each side takes; the fastest counts")] = 2,
     no_hf: Annotated[bool, typer.Option("--no-hf", help="time the engine only")] = False,
@@ -185,7 +185,6 @@ def sim(
 ) -> None:
     """Simulate one policy at one rate and print a `vllm bench serve`-style summary."""
     import time
-
     from collections import Counter
 
     from shared.experiments import run_policy, workload

@@ -1,8 +1,12 @@
 """Attention over the paged KV cache for a ragged step, with two interchangeable backends.
 
 Each step the runner describes its chunks once (`Span`s); the backend turns that
-into a small per-step object that every layer calls with its own q, k, v and
-cache. The layers never see block tables or sequence boundaries.
+into a small per-step object every layer uses to store its new keys and values
+and to attend. The layers never see block tables or sequence boundaries.
+
+A step may ask for the attention output of some `rows` only (the last layer
+needs just the tokens whose logits are sampled); each such row is a one-token
+query over its own context.
 
 Slot `b * block_size + i` of the cache is token `i` of block `b`. Each backend
 picks the layout of a layer's cache (`head_major`):
@@ -17,7 +21,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,16 +43,22 @@ class Span:
 
 
 class AttentionStep(Protocol):
-    """What a layer calls: store the new keys and values, attend over each sequence's whole context."""
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """The batch rows whose queries `attend` takes; None: all."""
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor: ...
+    def write(self, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> None:
+        """Store the step's new keys and values [tokens, kv_heads, head_dim]."""
+
+    def attend(self, q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """Causal attention of q [rows, heads, head_dim] over each sequence's whole context."""
 
 
 class AttentionBackend(Protocol):
     name: str
     head_major: bool
 
-    def prepare(self, spans: Sequence[Span]) -> AttentionStep: ...
+    def prepare(self, spans: Sequence[Span], rows: Sequence[int] | None = None) -> AttentionStep: ...
 
 
 def slot_mapping(spans: Sequence[Span], block_size: int) -> list[int]:
@@ -58,6 +68,12 @@ def slot_mapping(spans: Sequence[Span], block_size: int) -> list[int]:
         for position in range(span.start, span.context):
             slots.append(span.block_table[position // block_size] * block_size + position % block_size)
     return slots
+
+
+def row_spans(spans: Sequence[Span], rows: Sequence[int]) -> list[Span]:
+    """Each row as a one-token span: its query sees its sequence up to and including itself."""
+    owners: list[tuple[Span, int]] = [(span, span.start + i) for span in spans for i in range(span.num_tokens)]
+    return [Span(owners[row][1], 1, owners[row][0].block_table) for row in rows]
 
 
 def context_slots(span: Span, block_size: int, device: torch.device) -> torch.Tensor | slice:
@@ -72,6 +88,21 @@ def context_slots(span: Span, block_size: int, device: torch.device) -> torch.Te
     return (blocks[:, None] * block_size + offsets).flatten()[: span.context]
 
 
+def _rows_tensor(rows: Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
+    return None if rows is None else torch.tensor(rows, dtype=torch.long, device=device)
+
+
+@dataclass(frozen=True)
+class _Query:
+    """One SDPA call: queries `begin:end` of the step over context `keys`, causal by `mask` or `causal`."""
+
+    begin: int
+    end: int
+    keys: torch.Tensor | slice
+    mask: torch.Tensor | None
+    causal: bool
+
+
 class SdpaAttention:
     """PyTorch's scaled_dot_product_attention, one call per sequence; runs anywhere, CPU included."""
 
@@ -83,47 +114,46 @@ class SdpaAttention:
         self.scale = scale
         self.device = device
 
-    def prepare(self, spans: Sequence[Span]) -> AttentionStep:
-        plans: list[tuple[int, int, torch.Tensor | slice, torch.Tensor | None, bool]] = []
+    def prepare(self, spans: Sequence[Span], rows: Sequence[int] | None = None) -> AttentionStep:
+        queries: list[_Query] = []
         begin = 0
-        for span in spans:
+        for span in spans if rows is None else row_spans(spans, rows):
             keys = context_slots(span, self.block_size, self.device)
             end = begin + span.num_tokens
-            if span.num_tokens == 1 or span.start == 0:  # a decode sees everything; a fresh prompt is square
-                plans.append((begin, end, keys, None, span.num_tokens > 1))
+            if span.num_tokens == 1 or span.start == 0:  # one query sees everything; a fresh prompt is square
+                queries.append(_Query(begin, end, keys, None, span.num_tokens > 1))
             else:  # a later chunk: causal, aligned to the end of its context
                 positions = torch.arange(span.start, span.context, device=self.device)
                 mask = torch.arange(span.context, device=self.device)[None, :] <= positions[:, None]
-                plans.append((begin, end, keys, mask, False))
+                queries.append(_Query(begin, end, keys, mask, False))
             begin = end
         slots = torch.tensor(slot_mapping(spans, self.block_size), dtype=torch.long, device=self.device)
-        return _SdpaStep(slots, plans, self.scale)
+        return _SdpaStep(slots, queries, self.scale, _rows_tensor(rows, self.device))
 
 
+@dataclass(frozen=True)
 class _SdpaStep:
-    def __init__(
-        self,
-        slots: torch.Tensor,
-        plans: list[tuple[int, int, torch.Tensor | slice, torch.Tensor | None, bool]],
-        scale: float,
-    ) -> None:
-        self.slots = slots
-        self.plans = plans
-        self.scale = scale
+    slots: torch.Tensor
+    queries: list[_Query]
+    scale: float
+    rows: torch.Tensor | None
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    def write(self, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> None:
         k_cache, v_cache = cache  # [kv_heads, slots, head_dim]
         k_cache.index_copy_(1, self.slots, k.transpose(0, 1))
         v_cache.index_copy_(1, self.slots, v.transpose(0, 1))
+
+    def attend(self, q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        k_cache, v_cache = cache
         out = torch.empty_like(q)
-        for begin, end, keys, mask, causal in self.plans:
+        for query in self.queries:
             # [1, heads, tokens, head_dim]: the 4-D form is what selects the fused kernel on the CPU
-            out[begin:end] = F.scaled_dot_product_attention(
-                q[None, begin:end].transpose(1, 2),
-                k_cache[None, :, keys],
-                v_cache[None, :, keys],
-                attn_mask=mask,
-                is_causal=causal,
+            out[query.begin : query.end] = F.scaled_dot_product_attention(
+                q[None, query.begin : query.end].transpose(1, 2),
+                k_cache[None, :, query.keys],
+                v_cache[None, :, query.keys],
+                attn_mask=query.mask,
+                is_causal=query.causal,
                 scale=self.scale,
                 enable_gqa=True,
             )[0].transpose(0, 1)
@@ -141,7 +171,7 @@ class FlashAttention:
     head_major = False
 
     def __init__(self, block_size: int, scale: float, device: torch.device) -> None:
-        from flash_attn import flash_attn_varlen_func
+        from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
 
         self.kernel = flash_attn_varlen_func
         self.block_size = block_size
@@ -149,62 +179,60 @@ class FlashAttention:
         self.device = device
         self.paged = block_size % 256 == 0
 
-    def prepare(self, spans: Sequence[Span]) -> AttentionStep:
-        def cumulative(lengths: list[int]) -> torch.Tensor:
-            return torch.tensor([0, *lengths], dtype=torch.int32, device=self.device).cumsum(0, dtype=torch.int32)
-
-        q_lens = [span.num_tokens for span in spans]
-        k_lens = [span.context for span in spans]
+    def prepare(self, spans: Sequence[Span], rows: Sequence[int] | None = None) -> AttentionStep:
+        queries = list(spans) if rows is None else row_spans(spans, rows)
+        q_lens = [span.num_tokens for span in queries]
+        k_lens = [span.context for span in queries]
+        extra: dict[str, Any] = {}
         if self.paged:
-            width = max(len(span.block_table) for span in spans)
-            tables = [list(span.block_table) + [0] * (width - len(span.block_table)) for span in spans]
-            keys: torch.Tensor | None = None
-            block_table: torch.Tensor | None = torch.tensor(tables, dtype=torch.int32, device=self.device)
+            width = max((len(span.block_table) for span in queries), default=0)
+            tables = [list(span.block_table) + [0] * (width - len(span.block_table)) for span in queries]
+            extra["block_table"] = torch.tensor(tables, dtype=torch.int32, device=self.device)
+            keys = None
         else:
-            parts = [context_slots(span, self.block_size, self.device) for span in spans]
-            keys = torch.cat(
-                [torch.arange(p.start, p.stop, device=self.device) if isinstance(p, slice) else p for p in parts]
-            )
-            block_table = None
-        slots = torch.tensor(slot_mapping(spans, self.block_size), dtype=torch.long, device=self.device)
+            parts = [context_slots(span, self.block_size, self.device) for span in queries]
+            ranges = [torch.arange(p.start, p.stop, device=self.device) if isinstance(p, slice) else p for p in parts]
+            keys = torch.cat(ranges) if ranges else torch.empty(0, dtype=torch.long, device=self.device)
         return _FlashStep(
-            self, slots, cumulative(q_lens), cumulative(k_lens), max(q_lens), max(k_lens), keys, block_table
+            kernel=self.kernel,
+            slots=torch.tensor(slot_mapping(spans, self.block_size), dtype=torch.long, device=self.device),
+            keys=keys,
+            rows=_rows_tensor(rows, self.device),
+            arguments=dict(
+                cu_seqlens_q=self._cumulative(q_lens),
+                cu_seqlens_k=self._cumulative(k_lens),
+                max_seqlen_q=max(q_lens, default=0),
+                max_seqlen_k=max(k_lens, default=0),
+                softmax_scale=self.scale,
+                causal=True,  # aligned to the end of each context, as chunks need
+                **extra,
+            ),
         )
 
+    def _cumulative(self, lengths: list[int]) -> torch.Tensor:
+        return torch.tensor([0, *lengths], dtype=torch.int32, device=self.device).cumsum(0, dtype=torch.int32)
 
-@dataclass
+
+@dataclass(frozen=True)
 class _FlashStep:
-    backend: FlashAttention
+    kernel: Any
     slots: torch.Tensor
-    cu_q: torch.Tensor
-    cu_k: torch.Tensor
-    max_q: int
-    max_k: int
-    keys: torch.Tensor | None
-    block_table: torch.Tensor | None
+    keys: torch.Tensor | None  # the gathered contexts' slots; None when the kernel reads blocks in place
+    rows: torch.Tensor | None
+    arguments: dict[str, Any]
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-        k_cache, v_cache = cache  # [num_blocks, block_size, kv_heads, head_dim]
-        flat_k = k_cache.view(-1, *k_cache.shape[2:])
-        flat_v = v_cache.view(-1, *v_cache.shape[2:])
-        flat_k.index_copy_(0, self.slots, k)
-        flat_v.index_copy_(0, self.slots, v)
-        if self.block_table is not None:
-            keys, values = k_cache, v_cache
-        else:
-            keys, values = flat_k[self.keys], flat_v[self.keys]
-        return self.backend.kernel(
-            q,
-            keys,
-            values,
-            cu_seqlens_q=self.cu_q,
-            cu_seqlens_k=self.cu_k,
-            max_seqlen_q=self.max_q,
-            max_seqlen_k=self.max_k,
-            softmax_scale=self.backend.scale,
-            causal=True,
-            block_table=self.block_table,
-        )
+    def write(self, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> None:
+        for new, layer in zip((k, v), cache, strict=True):  # [num_blocks, block_size, kv_heads, head_dim]
+            layer.view(-1, *layer.shape[2:]).index_copy_(0, self.slots, new)
+
+    def attend(self, q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        if q.shape[0] == 0:  # a step of prompt chunks none of which ends its prompt
+            return q
+        k_cache, v_cache = cache
+        if self.keys is not None:
+            k_cache = k_cache.view(-1, *k_cache.shape[2:])[self.keys]
+            v_cache = v_cache.view(-1, *v_cache.shape[2:])[self.keys]
+        return self.kernel(q, k_cache, v_cache, **self.arguments)
 
 
 def flash_attn_available(device: torch.device) -> bool:

@@ -9,14 +9,17 @@ for, the same number on both sides.
 Other work on the machine only ever adds time, so with `repeats` > 1 the two
 sides take turns and each keeps its fastest run.
 
-    python -m shared.engine.bench --json engine-bench.json
+    tropical bench-engine --json engine-bench.json
+
+The speedup grows with the batch size: a static batch pads every prompt to its
+longest and runs until its longest output is done, and the wider the batch the
+more it wastes. The default, 32 running sequences, is a small batch for a
+serving engine.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import platform
 import random
@@ -34,6 +37,7 @@ from shared.engine.loader import save_hf
 from shared.protocol import SamplingParams
 
 FORCED_LENGTH = SamplingParams(temperature=0.0, ignore_eos=True)
+DEFAULT_BATCH_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ def run_engine_benchmark(
     num_requests: int = 64,
     seed: int = 0,
     *,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     prompt_range: tuple[int, int] = (64, 1024),
     output_range: tuple[int, int] = (16, 256),
     max_num_batched_tokens: int = 512,
@@ -209,32 +213,3 @@ def _machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=2, help="turns each side takes; the fastest counts")
-    parser.add_argument("--no-hf", action="store_true", help="time the engine only")
-    parser.add_argument("--json", type=Path, help="also write the report here")
-    args = parser.parse_args(argv)
-    report = run_engine_benchmark(
-        args.num_requests,
-        args.seed,
-        batch_size=args.batch_size,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        with_hf=not args.no_hf,
-        repeats=args.repeats,
-    )
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    return report
-
-
-if __name__ == "__main__":
-    main()

@@ -63,7 +63,8 @@ class HfTokenizer:
         return list(self._tokenizer.encode(text))
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        text = self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        return text if isinstance(text, str) else "".join(text)
 
 
 def load_tokenizer(model_dir: str | Path | None) -> Tokenizer:

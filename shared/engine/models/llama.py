@@ -5,6 +5,10 @@ attention needs to know where one sequence ends, and it learns that from the
 per-step AttentionStep. The families differ by flags in ModelConfig: q/k/v
 biases (Qwen2), per-head q/k RMSNorm (Qwen3), tied embeddings.
 
+The last layer's attention output and MLP matter only for tokens whose logits
+are wanted; given an AttentionStep narrowed to those rows it computes only them
+(every token still stores its keys and values), about a tenth of a prefill.
+
 q, k and v share one projection and gate and up another: two large matmuls
 instead of five small ones per layer. The loader splits and joins the
 checkpoint's separate matrices.
@@ -18,7 +22,9 @@ from torch import nn
 
 from shared.engine.attention import AttentionStep, LayerCache
 from shared.engine.config import ModelConfig
-from shared.engine.models.rope import RotaryEmbedding
+from shared.engine.models.rope import RotaryEmbedding, rotate
+
+Rotation = tuple[torch.Tensor, torch.Tensor]  # cos, sin of every token in the step
 
 
 class RMSNorm(nn.Module):
@@ -48,22 +54,18 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
-        attention: AttentionStep,
-        cache: LayerCache,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: Rotation, attention: AttentionStep, cache: LayerCache) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
-        out = attention(q, k, v, cache)
+        attention.write(rotate(k, *rotation), v, cache)
+        if attention.rows is not None:
+            q = q[attention.rows]
+            rotation = (rotation[0][attention.rows], rotation[1][attention.rows])
+        out = attention.attend(rotate(q, *rotation), cache)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -87,15 +89,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
-        attention: AttentionStep,
-        cache: LayerCache,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attention, cache)
+    def forward(self, x: torch.Tensor, rotation: Rotation, attention: AttentionStep, cache: LayerCache) -> torch.Tensor:
+        """[T, hidden] -> [T, hidden], or [rows, hidden] when `attention` is narrowed to rows."""
+        out = self.self_attn(self.input_layernorm(x), rotation, attention, cache)
+        x = out + (x if attention.rows is None else x[attention.rows])
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -117,11 +114,17 @@ class CausalLM(nn.Module):
         positions: torch.Tensor,
         attention: AttentionStep,
         caches: list[LayerCache],
+        last: AttentionStep | None = None,
     ) -> torch.Tensor:
-        """Hidden states [T, hidden] of a flat ragged batch, before the final norm."""
+        """Hidden states of a flat ragged batch, before the final norm: [T, hidden], or [rows, hidden] of `last`.
+
+        `last`, for the last layer, is the same step narrowed to the rows that need logits.
+        """
         x = self.embed_tokens(input_ids)
-        for layer, cache in zip(self.layers, caches, strict=True):
-            x = layer(x, positions, self.rope, attention, cache)
+        rotation = self.rope(positions, x.dtype)
+        final = len(self.layers) - 1
+        for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
+            x = layer(x, rotation, last if i == final and last is not None else attention, cache)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
