@@ -404,9 +404,13 @@ def unified_ablations(model: LatencyModel) -> dict[str, dict[str, Any]]:
     return {
         "unified (all ideas)": {},
         "- refusing predicted TTFT misses (they wait for spare capacity)": {"drop_hopeless": False},
-        "- every refusal (serve all, late ones on spare capacity)": {"drop_hopeless": False, "reject_unattainable": False},
+        "- every refusal (serve all, late ones on spare capacity)": {
+            "drop_hopeless": False, "reject_unattainable": False, "abandon_hopeless": False, "abandon_after": None,
+        },
+        "- abandoning queued prompts that can no longer meet their TTFT": {"abandon_hopeless": False},
         "- banked slack (per-step TPOT instead)": {"allowed_step": AllowedStep.TPOT},
         "- ignoring decodes that missed TTFT": {"protect_late": True},
+        "- abandoning starved decodes (they wait until the batch drains)": {"abandon_after": None},
         "- SLO-sized chunks (fixed 512-token budget)": {"slo_chunks": False, "token_budget": 512},
         "- urgency order (FCFS router queue)": {"order": PrefillOrder.FCFS},
         "- predicted placement (Tropical's toggle, urgency order)": {"router": MultiplexingToggle(model, order=PrefillOrder.URGENCY), "min_prefill_workers": 1},

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from shared.latency.model import LatencyModel
 from shared.policies import (
     Admission,
+    PrefillPlanner,
     AllowedStep,
     BatchSummary,
     DecodeBatcher,
@@ -68,6 +71,47 @@ def test_decodes_that_missed_ttft_do_not_limit_the_step() -> None:
     # protect_late=True: the late decode's deadline 1.0 is already past: one TPOT less 1/64 of 0.1 s of deficit
     assert late.plan(w, now=1.0).chunks == ((1, 948),)
     assert careful.plan(w, now=1.0).chunks == ((1, int((0.1 - 0.1 / 64 - 0.052) * 1000)),)
+
+
+def test_starved_waiting_decodes_are_abandoned_once_far_behind() -> None:
+    batcher = DecodeBatcher(MODEL, prefill_mode=PrefillMode.CHUNKED, admission=Admission.SLACK, allowed_step=AllowedStep.BANKED,
+                            slo_chunks=True, protect_late=False, abandon_after=60.0)
+    running = batch(2, 2000, deadline=200.0)
+    # each has one token out; the next is due one TPOT (0.1 s) after the first
+    stuck = request(1, 100, generated=1, first_token=0.5)  # due at 0.6: 99.4 s behind at t=100
+    recent = request(2, 100, arrival=98.0, generated=1, first_token=98.9)  # 1 s behind: its pacing still lets it join
+    nearly = request(3, 100, arrival=35.0, generated=1, first_token=41.0)  # 58.9 s behind: stuck, not yet given up
+    late = request(4, 100, generated=1, first_token=20.0)  # missed its TTFT: a miss whatever happens, never constrains
+    plan = batcher.plan(worker(0, Role.MULTIPLEX, batch=running, waiting=(stuck, recent, nearly, late)), now=100.0)
+    assert plan.abandon == (1,)
+    assert 1 not in plan.admit and {2, 4} <= set(plan.admit) and 3 not in plan.admit
+    # an empty batch takes whatever waits; with no abandon_after nothing is ever given up
+    alone = batcher.plan(worker(0, Role.MULTIPLEX, waiting=(stuck,)), now=100.0)
+    assert alone.abandon == () and alone.admit == (1,)
+    keep = DecodeBatcher(MODEL, admission=Admission.SLACK, allowed_step=AllowedStep.BANKED, protect_late=False)
+    assert keep.plan(worker(0, Role.MULTIPLEX, batch=running, waiting=(stuck,)), now=100.0).abandon == ()
+
+
+def test_prompts_that_can_no_longer_meet_their_ttft_are_abandoned() -> None:
+    # prefill: 10 ms + 1 ms per token; deadlines at arrival + ttft
+    fine = request(1, 500, ttft=1.0)  # 0.51 s alone: due at 1.0, fits from t=0.4
+    hopeless = request(2, 500, ttft=0.8)  # needs until 0.91: misses from t=0.4
+    started = request(3, 1000, ttft=1.2, prefilled=500)  # its remaining 500 tokens end at 0.91, due at 1.2
+    behind = request(4, 1000, ttft=0.85, prefilled=600)  # remaining 400: ends at 0.81, due at 0.85: still in time
+    lost = request(5, 1000, ttft=0.8, prefilled=500)  # remaining 500: ends at 0.91, due at 0.8
+    recompute = request(6, 300, ttft=0.1, generated=4, first_token=0.05)  # a preempted decode: never abandoned
+    w = worker(0, Role.MULTIPLEX, prefills=(fine, hopeless, started, behind, lost, recompute))
+    batcher = DecodeBatcher(MODEL, prefill_mode=PrefillMode.CHUNKED, admission=Admission.SLACK, allowed_step=AllowedStep.BANKED,
+                            slo_chunks=True, abandon_hopeless=True)
+    plan = batcher.plan(w, now=0.4)
+    assert set(plan.abandon) == {2, 5}
+    assert not {2, 5} & {request_id for request_id, _ in plan.chunks}
+    planner = PrefillPlanner(MODEL, max_batch=8, batch_tokens=10_000, abandon_hopeless=True)
+    planned = planner.plan(replace(w, role=Role.PREFILL), now=0.4)
+    assert set(planned.abandon) == {2, 5} and {1, 3, 4, 6} <= {request_id for request_id, _ in planned.chunks}
+    # off by default, and nothing to give up at t=0
+    assert PrefillPlanner(MODEL, max_batch=8, batch_tokens=10_000).plan(replace(w, role=Role.PREFILL), now=0.4).abandon == ()
+    assert batcher.plan(w, now=0.0).abandon == ()
 
 
 # --- ordering ------------------------------------------------------------------------------------

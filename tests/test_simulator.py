@@ -14,9 +14,11 @@ from shared.latency.model import LatencyModel
 from shared.metrics import summarize
 from shared.policies import (
     POLICY_NAMES,
+    DecodeBatcher,
     RequestView,
     Role,
     RouterDecision,
+    StepPlan,
     WorkerView,
     make_policy,
 )
@@ -131,6 +133,57 @@ def test_a_handoff_joins_the_batch_at_the_next_step_boundary() -> None:
     assert second.kv_ready <= joined.start < second.kv_ready + step
 
 
+@dataclass(frozen=True)
+class AbandonEveryWaiting:
+    """A decode side that gives up on every decode that has to wait for a running batch."""
+
+    inner: DecodeBatcher
+
+    def plan(self, worker: WorkerView, now: float) -> StepPlan:
+        plan = self.inner.plan(worker, now)
+        if worker.batch.size == 0:
+            return plan
+        return replace(plan, admit=(), abandon=tuple(r.id for r in worker.waiting))
+
+
+def test_an_abandoned_decode_ends_as_a_dropped_miss_and_frees_its_kv() -> None:
+    policy = make_policy("distserve", MODEL)
+    policy = replace(policy, batcher=AbandonEveryWaiting(policy.batcher))  # type: ignore[arg-type]
+    # the first request grows to 400 KV tokens of 450: it runs unpreempted only if the abandoned ones' KV was freed
+    requests = [req(0.0, 100, 300), req(0.5, 100, 3), req(1.0, 100, 3)]
+    result = simulate(requests, cluster([Role.PREFILL, Role.DECODE], kv=450), policy)
+    first, second, third = result.timelines
+    assert result.unfinished == 0
+    assert first.finish is not None and not first.dropped and first.preemptions == 0
+    for abandoned in (second, third):
+        assert abandoned.dropped and abandoned.first_token is not None and abandoned.finish is None
+    summary = summarize(result.outcomes())
+    assert summary.dropped == 2 and summary.good == 1
+
+
+@dataclass(frozen=True)
+class AbandonStartedPrompts:
+    """A decode side that gives up on every prompt once its first chunk has run."""
+
+    inner: DecodeBatcher
+
+    def plan(self, worker: WorkerView, now: float) -> StepPlan:
+        started = tuple(r.id for r in worker.prefills if r.prefilled > 0)
+        rest = replace(worker, prefills=tuple(r for r in worker.prefills if r.prefilled == 0))
+        return replace(self.inner.plan(rest, now), abandon=started)
+
+
+def test_an_abandoned_prompt_frees_its_kv_for_the_next() -> None:
+    policy = make_policy("sarathi", MODEL)  # 512-token chunks: the first prompt's first chunk leaves 488 tokens to go
+    policy = replace(policy, batcher=AbandonStartedPrompts(policy.batcher))  # type: ignore[arg-type]
+    # 1000 + 400 KV tokens do not fit in 1300: the second prompt can start only once the first's KV is freed
+    result = simulate([req(0.0, 1000, 5), req(0.001, 400, 5)], cluster([Role.COLOCATED], kv=1300), policy)
+    first, second = result.timelines
+    assert result.unfinished == 0
+    assert first.dropped and first.first_token is None and first.prefill_start == 0.0 and first.prefilled == 512
+    assert not second.dropped and second.finish is not None
+
+
 def random_workload(count: int, seed: int) -> list[SimRequest]:
     rng = random.Random(seed)
     t, out = 0.0, []
@@ -162,13 +215,15 @@ def test_invariants_under_load(name: str) -> None:
         for earlier, later in itertools.pairwise(spans):
             assert later.start >= earlier.end - 1e-12
 
-    # every output token comes from a decode step or from a prefill (the first, or a recompute's)
+    # every output token comes from a decode step or from a prefill (the first, or a recompute's),
+    # including those of requests given up after their first token
+    assert all(t.generated == t.output_tokens and t.prefilled >= t.prompt_tokens for t in finished)
     decoded = sum(s.decodes * s.steps for s in result.step_log)
-    from_prefills = sum(1 + t.preemptions for t in finished)
-    assert decoded + from_prefills == sum(t.output_tokens for t in finished)
+    from_prefills = sum(1 + t.preemptions for t in result.timelines if t.first_token is not None)
+    assert decoded + from_prefills == sum(t.generated for t in result.timelines)
     prompt_tokens = sum(tokens for s in result.step_log for _, tokens in s.chunks)
     if not any(t.preemptions for t in result.timelines):
-        assert prompt_tokens == sum(t.prompt_tokens for t in finished)
+        assert prompt_tokens == sum(t.prefilled for t in result.timelines)
 
     for t in finished:  # nobody beats an idle cluster
         assert t.first_token - t.arrival >= MODEL.prefill_time(t.prompt_tokens) - 1e-9

@@ -11,7 +11,9 @@ One parameterised batcher covers every policy's decoding side:
 - Tropical's multiplexing worker: chunked steps with a large budget (8192), so
   a placed prompt runs in one mixed step.
 - Our own: the allowed step from banked TPOT slack, and the chunk size derived
-  from it instead of fixed.
+  from it instead of fixed; and it gives up on work that can only miss: queued
+  prompts that can no longer meet their TTFT, and waiting decodes so far behind
+  that no running batch can take them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from shared.latency.model import LatencyModel
-from shared.policies.prefill_queue import urgent_first
+from shared.policies.prefill_queue import urgent_first, without_hopeless
 from shared.policies.records import (
     IDLE,
     BatchSummary,
@@ -66,6 +68,7 @@ class _NextBatch(NamedTuple):
     limit: float  # latest end of the step that keeps every protected decode within budget
     tpot: float  # tightest TPOT SLO
     review_at: float | None
+    abandon: tuple[RequestId, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,27 +88,35 @@ class DecodeBatcher:
     repay_steps: float = 64.0  # a decode behind its budget repays 1/repay_steps of the deficit per step (BANKED)
     chunk_fill: float = 1.0  # prompt chunks fill a step up to this fraction of TPOT plus the spendable surplus (slo_chunks)
     min_chunk: int = 0  # prompt tokens a step carries even when the allowed step leaves no room (progress)
+    abandon_after: float | None = None  # seconds behind its budget after which a waiting decode is given up (BANKED)
+    abandon_hopeless: bool = False  # give up on queued prompts that could not meet their TTFT even if run alone now
     kv_watermark: float = 0.01  # fraction of KV kept free when starting a prompt (vLLM's default)
 
     def plan(self, worker: WorkerView, now: float) -> StepPlan:
         batch = self._admit(worker, now)
+        if self.abandon_hopeless:
+            worker, hopeless = without_hopeless(self.model, worker, now)
+            batch = batch._replace(abandon=batch.abandon + hopeless)
         chunks: tuple[tuple[RequestId, int], ...] = ()
         if worker.prefills and self.prefill_mode is PrefillMode.FIRST:
             chunks = self._prompt_step(worker, now)
             if chunks:
-                return StepPlan(chunks=chunks)
+                return StepPlan(chunks=chunks, abandon=batch.abandon)
         if worker.prefills and self.prefill_mode is PrefillMode.CHUNKED:
             chunks = self._chunks(worker, batch, now)
         if batch.size == 0 and not chunks:
-            return StepPlan(review_at=batch.review_at) if batch.review_at is not None else IDLE
-        return StepPlan(decode=batch.size > 0, admit=batch.admit, chunks=chunks, review_at=batch.review_at)
+            if batch.review_at is None and not batch.abandon:
+                return IDLE
+            return StepPlan(abandon=batch.abandon, review_at=batch.review_at)
+        return StepPlan(decode=batch.size > 0, admit=batch.admit, abandon=batch.abandon, chunks=chunks, review_at=batch.review_at)
 
     # --- decodes -----------------------------------------------------------------------
 
     def _admit(self, worker: WorkerView, now: float) -> _NextBatch:
         """Which waiting decodes join, and what the batch looks like once they have."""
         running = worker.batch
-        batch = _NextBatch((), running.size, running.context_tokens, self._batch_limit(running, now), running.tpot_slo, None)
+        abandon = tuple(r.id for r in worker.waiting if self._starved(r, now)) if running.size > 0 else ()
+        batch = _NextBatch((), running.size, running.context_tokens, self._batch_limit(running, now), running.tpot_slo, None, abandon)
         room = self.max_seqs - running.size
         if not worker.waiting or room <= 0:
             return batch
@@ -114,7 +125,8 @@ class DecodeBatcher:
         if self.admission is Admission.ALL:
             candidates = worker.waiting[:room]
         else:
-            candidates = sorted(worker.waiting, key=lambda r: (not (self.protect_late or r.met_ttft), r.context_tokens, r.arrival))
+            waiting = [r for r in worker.waiting if r.id not in abandon] if abandon else worker.waiting
+            candidates = sorted(waiting, key=lambda r: (not (self.protect_late or r.met_ttft), r.context_tokens, r.arrival))
         size, context, limit, tpot = batch.size, batch.context, batch.limit, batch.tpot
         for r in candidates:
             if len(admit) >= room:
@@ -128,7 +140,19 @@ class DecodeBatcher:
         review_at = None
         if len(admit) < len(candidates) and self.allowed_step is AllowedStep.BANKED and math.isfinite(tpot):
             review_at = now + tpot  # banked budgets grow while steps beat TPOT: look again
-        return _NextBatch(tuple(admit), size, context, limit, tpot, review_at)
+        return _NextBatch(tuple(admit), size, context, limit, tpot, review_at, abandon)
+
+    def _starved(self, r: RequestView, now: float) -> bool:
+        """A waiting decode whose paced step ends before now, `abandon_after` seconds behind its budget.
+
+        No running batch can take it: it would join only once the batch has
+        drained, holding its KV all the while. Under sustained load that never
+        happens and such decodes pile up; given up, they end with an error (a
+        miss, as they would be anyway) and free their KV.
+        """
+        if self.abandon_after is None or not (self.protect_late or r.met_ttft):
+            return False
+        return self._own_limit(r, now) <= now and now - r.token_deadline >= self.abandon_after
 
     def _batch_limit(self, running: BatchSummary, now: float) -> float:
         """Latest end of the next step that keeps the running batch within its TPOT budget."""

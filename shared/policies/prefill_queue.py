@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import heapq
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shared.latency.model import LatencyModel
 from shared.policies.records import IDLE, RequestId, RequestView, StepPlan, WorkerView
@@ -84,6 +84,22 @@ def urgent_first(requests: Sequence[RequestView], model: LatencyModel, now: floa
     return recomputes + urgency_order(prompts, model, now)
 
 
+def without_hopeless(model: LatencyModel, worker: WorkerView, now: float) -> tuple[WorkerView, tuple[RequestId, ...]]:
+    """The worker without its hopeless prompts, and their ids.
+
+    A prompt (not a recompute) is hopeless when even running the rest of it
+    alone from now would miss its TTFT. It is a miss whatever happens; given up
+    now, it ends with an error instead of taking steps from prompts that can
+    still make it.
+    """
+    hopeless = tuple(
+        r.id for r in worker.prefills if r.generated == 0 and now + model.chunk_time((r.prefilled, r.prefill_tokens)) > r.ttft_deadline
+    )
+    if not hopeless:
+        return worker, ()
+    return replace(worker, prefills=tuple(r for r in worker.prefills if r.id not in hopeless)), hopeless
+
+
 class PrefillOrder(enum.StrEnum):
     FCFS = "fcfs"  # placement order
     SJF = "sjf"  # fewest prompt tokens first (Tropical's prefill engines)
@@ -113,10 +129,14 @@ class PrefillPlanner:
     batch_tokens: int = 4096
     max_batch: int = 1
     chunk_tokens: int | None = None
+    abandon_hopeless: bool = False  # give up on queued prompts that could not meet their TTFT even if run alone now
 
     def plan(self, worker: WorkerView, now: float) -> StepPlan:
         if not worker.prefills:
             return IDLE
+        abandon: tuple[RequestId, ...] = ()
+        if self.abandon_hopeless:
+            worker, abandon = without_hopeless(self.model, worker, now)
         started = [r for r in worker.prefills if r.prefilled > 0]
         fresh = [r for r in worker.prefills if r.prefilled == 0]
         queue = started + order_prefills(self.order, fresh, self.model, now)
@@ -137,4 +157,6 @@ class PrefillPlanner:
             free -= kv
             budget -= tokens
             chunks.append((r.id, tokens))
-        return StepPlan(chunks=tuple(chunks)) if chunks else IDLE
+        if not chunks:
+            return StepPlan(abandon=abandon) if abandon else IDLE
+        return StepPlan(chunks=tuple(chunks), abandon=abandon)

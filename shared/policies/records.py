@@ -144,11 +144,14 @@ class StepPlan:
     `admit` moves resident waiting decodes into the running batch before the
     step; `decode` runs the whole batch for one token each; `chunks` prefill
     (request, tokens) pieces in the same step. A plan with nothing to run leaves
-    the worker idle until something happens or `review_at`.
+    the worker idle until something happens or `review_at`. `abandon` names
+    waiting decodes the worker gives up on: they end with an error and free
+    their KV instead of waiting, for good, for a place in the batch.
     """
 
     decode: bool = False
     admit: tuple[RequestId, ...] = ()
+    abandon: tuple[RequestId, ...] = ()
     chunks: tuple[tuple[RequestId, int], ...] = ()
     review_at: float | None = None
 

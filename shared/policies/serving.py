@@ -92,6 +92,7 @@ SARATHI_TOKEN_BUDGET = 512  # vLLM's chunked-prefill default, Sarathi's strict-S
 VLLM_TOKEN_BUDGET = 8192  # prompt tokens per prefill step; also Tropical's max_num_batched_tokens
 UNIFIED_TOKEN_BUDGET = 16384  # a cap only: unified sizes its chunks from the allowed step
 UNIFIED_MIN_CHUNK = 64
+UNIFIED_ABANDON_AFTER = 60.0  # seconds a decode may fall behind its TPOT budget while it cannot join any batch
 
 
 def make_policy(name: str, model: LatencyModel, **options: Any) -> ServingPolicy:
@@ -166,16 +167,18 @@ def _unified(model: LatencyModel) -> ServingPolicy:
     return ServingPolicy(
         name="unified",
         router=SlackAwareRouter(model, min_chunk=UNIFIED_MIN_CHUNK),
-        prefill=PrefillPlanner(model, order=PrefillOrder.URGENCY, max_batch=1),
+        prefill=PrefillPlanner(model, order=PrefillOrder.URGENCY, max_batch=1, abandon_hopeless=True),
         batcher=DecodeBatcher(
             model,
             prefill_mode=PrefillMode.CHUNKED,
             token_budget=UNIFIED_TOKEN_BUDGET,
+            abandon_hopeless=True,
             admission=Admission.SLACK,
             allowed_step=AllowedStep.BANKED,
             slo_chunks=True,
             urgent_prompt_first=True,
             protect_late=False,
+            abandon_after=UNIFIED_ABANDON_AFTER,
             min_chunk=UNIFIED_MIN_CHUNK,
         ),
         decode_role=Role.MULTIPLEX,

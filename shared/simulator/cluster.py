@@ -78,6 +78,8 @@ class RequestTimeline:
     preemptions: int = 0
     dropped: bool = False
     infeasible: bool = False
+    generated: int = 0  # output tokens produced: all of them once finished, fewer if it was given up
+    prefilled: int = 0  # tokens whose KV it had computed when it ended (the prompt, unless given up part-way)
 
     def outcome(self) -> RequestOutcome:
         decode_start = self.kv_ready if self.kv_ready is not None else self.first_token

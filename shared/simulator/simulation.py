@@ -153,6 +153,8 @@ class _Job:
             preemptions=self.preemptions,
             dropped=self.dropped,
             infeasible=self.infeasible,
+            generated=self.generated,
+            prefilled=self.prefilled,
         )
 
 
@@ -494,6 +496,16 @@ class Simulation:
 
     def _start_span(self, worker: _Worker, now: float) -> bool:
         plan: StepPlan = self.policy.plan_step(worker.view(now), now)
+        for request_id in plan.abandon:
+            job = worker.waiting.pop(request_id, None)
+            if job is not None:
+                worker.side_prompt -= job.prompt
+            else:
+                job = worker.prefills.pop(request_id)
+                worker.prefill_load -= job.prompt + job.generated - job.prefilled
+            worker.kv_static -= job.kv
+            job.kv = 0
+            job.dropped = True
         for request_id in plan.admit:
             job = worker.waiting.pop(request_id)
             worker.side_prompt -= job.prompt
@@ -520,6 +532,12 @@ class Simulation:
             raise ValueError(f"{self.policy.name} overfilled the KV cache of worker {worker.id}")
         worker.changed()
         if not decode and not chunks:
+            if plan.abandon:  # the freed KV may let a handoff in, or the next plan start something
+                worker.placed_since_step = 0  # it has dealt with what was placed: given up on it
+                if worker.incoming:
+                    self._pull(worker, now)
+                worker.needs_plan = True
+                return True
             if plan.review_at is not None and plan.review_at > now:
                 worker.wake_id += 1
                 self._push(plan.review_at, _WAKE_WORKER, worker, worker.wake_id)
