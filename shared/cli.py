@@ -213,6 +213,8 @@ def sim(
         "slo": setting.slo.describe(),
         "simulated_requests": len(load.requests),
         "wall_seconds": round(wall, 3),
+        "refused_requests": result.refused,
+        "abandoned_requests": result.abandoned,
         **summary.as_vllm_json(),
     }
     lines = [
@@ -222,6 +224,7 @@ def sim(
         f"{'Workers:':<40}{workers}",
         f"{'Successful requests:':<40}{summary.finished}",
         f"{'Infeasible requests (counted as misses):':<40}{summary.infeasible}",
+        f"{'Refused / abandoned (counted as misses):':<40}{result.refused} / {result.abandoned}",
         f"{'Benchmark duration (s):':<40}{summary.duration:.2f}",
         f"{'Request throughput (req/s):':<40}{summary.request_throughput:.3f}",
         f"{'Request goodput (req/s):':<40}{summary.goodput:.3f}",

@@ -17,6 +17,7 @@ from shared.experiments import (
     SloRule,
     capacity_bound,
     policy_goodput,
+    run_policy,
     setting_named,
     workload,
 )
@@ -101,6 +102,16 @@ def test_sim_command_prints_a_summary_and_writes_json(lengths: Path, tmp_path: P
     record = json.loads(out.read_text())
     assert record["policy"] == "distserve" and record["simulated_requests"] == 50
     assert 0.0 <= record["slo_attainment"] <= 1.0 and "p99_tpot_ms" in record
+    assert record["refused_requests"] == record["abandoned_requests"] == 0  # distserve serves every request
+
+
+def test_refused_and_abandoned_requests_are_told_apart(lengths: Path) -> None:
+    setting = setting_named("longbench-70b")
+    result = run_policy(setting, "unified", workload(setting, lengths, rate=20.0), prefill_workers=1)
+    dropped = [t for t in result.timelines if t.dropped]
+    assert result.refused > 0 and result.abandoned > 0  # overloaded: both happen
+    assert result.refused + result.abandoned + sum(t.infeasible for t in dropped) == len(dropped)
+    assert all(t.first_token is None for t in dropped if t.placed is None)
 
 
 def test_goodput_command_writes_the_agreed_json(lengths: Path, tmp_path: Path) -> None:

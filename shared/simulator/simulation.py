@@ -69,6 +69,16 @@ class SimulationResult:
     def outcomes(self) -> list[RequestOutcome]:
         return [t.outcome() for t in self.timelines]
 
+    @property
+    def refused(self) -> int:
+        """Requests the router turned away before placing them (infeasible ones apart)."""
+        return sum(t.dropped and not t.infeasible and t.placed is None for t in self.timelines)
+
+    @property
+    def abandoned(self) -> int:
+        """Requests a worker gave up on after they were placed: queued prompts, or decodes."""
+        return sum(t.dropped and t.placed is not None for t in self.timelines)
+
 
 class _Job:
     __slots__ = (
