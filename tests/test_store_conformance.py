@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 import pytest
@@ -42,6 +43,7 @@ from shared.store import (
     open_store,
 )
 from tests.helpers import eventually
+from tests.tcp_proxy import tcp_proxy
 from tests.messages import T0, latency_model, request_record, worker_status
 from tests.servers import REDIS_URL
 
@@ -583,6 +585,57 @@ async def test_redis_closed_subscription_leaves_the_channel(redis_store: RedisSt
         await eventually(left, WAIT, what="the subscription leaving the channel")
     finally:
         await client.aclose()
+
+
+@pytest.mark.integration
+async def test_redis_subscription_survives_a_lost_connection_and_replays_what_it_missed(redis_store: RedisStore) -> None:
+    client = await connect_redis()
+    try:
+        async with await redis_store.subscribe_latency_models() as updates:
+            await redis_store.set_latency_model(model("m-1"))
+            assert await take(updates, 1) == [model("m-1")]
+            # an update whose publication the subscriber never hears of: stored, not published
+            missed = model("m-2", samples=7)
+            await client.hset(redis_store.latency_models_key, missed.key, encode(missed))
+            killed = await client.client_kill_filter(_type="pubsub", skipme=True)
+            assert killed >= 1
+            replayed = await take(updates, 2)  # every stored model, in key order
+            assert replayed == [model("m-1"), missed]
+            await redis_store.set_latency_model(model("m-3"))
+            assert await take(updates, 1) == [model("m-3")]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.integration
+async def test_redis_subscription_waits_out_an_outage_and_ends_after_a_long_one() -> None:
+    server = urlsplit(REDIS_URL)
+    async with tcp_proxy(server.hostname or "127.0.0.1", server.port or 6379) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}"
+
+        def through_proxy(prefix: str) -> RedisStore:
+            return RedisStore.from_url(url, prefix=prefix, resubscribe_timeout_s=1.0)
+
+        async with redis_store_under_test(through_proxy) as store:
+            writer = await connect_redis()
+            try:
+                updates = await store.subscribe_latency_models()
+                iterator = aiter(updates)
+                # a short outage: the feed subscribes again and replays what was set meanwhile
+                await proxy.cut()
+                while_down = model("m-down")
+                await writer.hset(store.latency_models_key, while_down.key, encode(while_down))
+                await proxy.restore()
+                assert await next_update(iterator) == while_down
+                # a long one: past resubscribe_timeout_s the reader hears of it
+                await proxy.cut()
+                with pytest.raises(StoreError, match="could not renew it within 1.0 s"):
+                    async with asyncio.timeout(WAIT):
+                        await next_update(iterator)
+                await updates.close()
+            finally:
+                await writer.aclose()
+                await proxy.restore()  # lets the store's cleanup reach Redis
 
 
 @pytest.mark.integration

@@ -12,11 +12,14 @@ Everything lives under the deployment's prefix P:
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
 
 from shared.protocol import LatencyModelSpec, RequestRecord, WorkerStatus, encode
 from shared.store.base import LatencyModelUpdates, Store
@@ -25,6 +28,11 @@ from shared.store.feed import QueuedUpdates
 from shared.store.values import check_ttl, decode_listing, decode_value
 
 DEFAULT_SUBSCRIBE_TIMEOUT_S: Final = 5.0
+DEFAULT_RESUBSCRIBE_TIMEOUT_S: Final = 60.0
+RESUBSCRIBE_FIRST_DELAY_S: Final = 0.05
+RESUBSCRIBE_MAX_DELAY_S: Final = 2.0
+
+log = logging.getLogger(__name__)
 
 # Drops ids from the index whose status key is gone. It checks again inside
 # Redis, atomically, so a worker that heartbeats between the listing's read and
@@ -43,7 +51,14 @@ return removed
 class RedisStore(Store):
     """Owns its client: closing the store closes the client's connection pool."""
 
-    def __init__(self, client: Redis, *, prefix: str, subscribe_timeout_s: float = DEFAULT_SUBSCRIBE_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str,
+        subscribe_timeout_s: float = DEFAULT_SUBSCRIBE_TIMEOUT_S,
+        resubscribe_timeout_s: float = DEFAULT_RESUBSCRIBE_TIMEOUT_S,
+    ) -> None:
         if not prefix:
             raise ValueError("the key prefix must not be empty")
         if client.get_connection_kwargs().get("decode_responses"):
@@ -51,13 +66,26 @@ class RedisStore(Store):
         self.prefix = prefix
         self._client = client
         self._subscribe_timeout_s = subscribe_timeout_s
+        self._resubscribe_timeout_s = resubscribe_timeout_s
         self._prune = client.register_script(_PRUNE_SCRIPT)
         self._subscriptions: set[_RedisUpdates] = set()
         self._closed = False
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str, subscribe_timeout_s: float = DEFAULT_SUBSCRIBE_TIMEOUT_S) -> RedisStore:
-        return cls(Redis.from_url(url), prefix=prefix, subscribe_timeout_s=subscribe_timeout_s)
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str,
+        subscribe_timeout_s: float = DEFAULT_SUBSCRIBE_TIMEOUT_S,
+        resubscribe_timeout_s: float = DEFAULT_RESUBSCRIBE_TIMEOUT_S,
+    ) -> RedisStore:
+        return cls(
+            Redis.from_url(url),
+            prefix=prefix,
+            subscribe_timeout_s=subscribe_timeout_s,
+            resubscribe_timeout_s=resubscribe_timeout_s,
+        )
 
     # --- the key layout, public so operators and tests can find the data
     def worker_status_key(self, worker_id: str) -> str:
@@ -144,8 +172,23 @@ class RedisStore(Store):
         return decode_listing(((self.latency_model_location(key), key, data) for key, data in named), LatencyModelSpec)
 
     async def subscribe_latency_models(self) -> LatencyModelUpdates:
-        """Returns only once Redis confirms the subscription, so no later update is missed."""
+        """Returns only once Redis confirms the subscription, so no later update is missed.
+
+        A lost connection does not end the feed: it subscribes again, then
+        replays every stored model, since updates published meanwhile are gone
+        from the channel. A reader may so see a model twice, or an older value
+        just before the current one, but the last update it sees for each key
+        is the stored value. Only when Redis stays out of reach for
+        `resubscribe_timeout_s` does the feed end with a StoreError.
+        """
         self._check_open()
+        updates = _RedisUpdates(
+            await self._subscribed(), self.latency_models_channel, self._subscriptions, self._resubscribe
+        )
+        self._subscriptions.add(updates)
+        return updates
+
+    async def _subscribed(self) -> PubSub:
         pubsub = self._client.pubsub()
         try:
             async with asyncio.timeout(self._subscribe_timeout_s):
@@ -160,9 +203,31 @@ class RedisStore(Store):
         except BaseException:
             await pubsub.aclose()
             raise
-        updates = _RedisUpdates(pubsub, self.latency_models_channel, self._subscriptions)
-        self._subscriptions.add(updates)
-        return updates
+        return pubsub
+
+    async def _resubscribe(self, lost: BaseException) -> tuple[PubSub, list[bytes]]:
+        """A new confirmed subscription and the stored models, retried with backoff until the deadline."""
+        deadline = asyncio.get_running_loop().time() + self._resubscribe_timeout_s
+        delay = RESUBSCRIBE_FIRST_DELAY_S
+        while True:
+            self._check_open()
+            try:
+                pubsub = await self._subscribed()
+                try:
+                    stored = await self._client.hgetall(self.latency_models_key)
+                except BaseException:
+                    await pubsub.aclose()
+                    raise
+                return pubsub, [_raw(data) for _, data in sorted(stored.items())]
+            except (RedisError, OSError, StoreError) as exc:
+                lost = exc
+            if asyncio.get_running_loop().time() + delay > deadline:
+                raise StoreError(
+                    f"lost the subscription to {self.latency_models_channel} and could not renew it"
+                    f" within {self._resubscribe_timeout_s} s: {lost}"
+                ) from lost
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RESUBSCRIBE_MAX_DELAY_S)
 
     # --- request records
     async def put_request_record(self, record: RequestRecord, *, ttl_s: float) -> None:
@@ -192,26 +257,40 @@ class RedisStore(Store):
             raise StoreClosed(f"the Redis store for {self.prefix!r} is closed")
 
 
+Resubscribe = Callable[[BaseException], Awaitable[tuple[PubSub, list[bytes]]]]
+
+
 class _RedisUpdates(QueuedUpdates):
     """A reader task moves messages from the subscription's connection into the queue.
 
     Reading in one task, not in whoever iterates, lets close() stop it at any
-    moment without leaving a half-read reply on the connection.
+    moment without leaving a half-read reply on the connection. When the
+    connection is lost the same task renews the subscription (`resubscribe`).
     """
 
-    def __init__(self, pubsub: PubSub, channel: str, registry: set[_RedisUpdates]) -> None:
+    def __init__(self, pubsub: PubSub, channel: str, registry: set[_RedisUpdates], resubscribe: Resubscribe) -> None:
         super().__init__(f"channel {channel}")
         self._pubsub = pubsub
         self._registry = registry
+        self._resubscribe = resubscribe
         self._reader = asyncio.create_task(self._read(), name=f"store-updates:{channel}")
 
     async def _read(self) -> None:
         try:
             while True:
-                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                try:
+                    message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                except (RedisError, OSError) as exc:
+                    log.warning("lost the subscription to %s (%s); subscribing again", self.source, exc)
+                    await self._pubsub.aclose()
+                    self._pubsub, stored = await self._resubscribe(exc)
+                    for data in stored:
+                        self.push(data)
+                    log.info("subscribed to %s again; replayed %d stored models", self.source, len(stored))
+                    continue
                 if message is not None and message["type"] == "message":
                     self.push(message["data"])
-        except Exception as exc:  # a lost connection: the reader of the feed hears of it
+        except Exception as exc:  # Redis out of reach for good, or the store closed: the reader hears of it
             self.fail(exc)
 
     async def _stop(self) -> None:
