@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     prefetch: Annotated[int, Field(ge=1, le=65535)] = 16
     max_message_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
     status_ttl_s: Annotated[float, Field(gt=0)] = 5.0
+    redis_resubscribe_timeout_s: Annotated[float, Field(gt=0)] = 60.0  # how long a lost update feed keeps trying
     request_record_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
     default_ttft_slo_ms: Annotated[float, Field(gt=0)] = 1000.0
     default_tpot_slo_ms: Annotated[float, Field(gt=0)] = 100.0

@@ -733,9 +733,9 @@ async def test_open_store_chooses_by_the_redis_url() -> None:
     memory = open_store(Settings(redis_url="memory://"))
     assert isinstance(memory, MemoryStore)
     await memory.close()
-    redis_store = open_store(Settings(redis_url=REDIS_URL, namespace="tenant-a"))
+    redis_store = open_store(Settings(redis_url=REDIS_URL, namespace="tenant-a", redis_resubscribe_timeout_s=7.5))
     assert isinstance(redis_store, RedisStore)
-    assert redis_store.prefix == "tenant-a"
+    assert redis_store.prefix == "tenant-a" and redis_store.resubscribe_timeout_s == 7.5
     assert redis_store.worker_status_key("w-1") == "tenant-a:worker_status:w-1"
     await redis_store.close()
 

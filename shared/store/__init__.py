@@ -29,4 +29,6 @@ def open_store(settings: Settings, *, memory: MemoryStore | None = None) -> Stor
     """
     if settings.redis_url.startswith(MEMORY_URL):
         return memory if memory is not None else MemoryStore()
-    return RedisStore.from_url(settings.redis_url, prefix=settings.namespace)
+    return RedisStore.from_url(
+        settings.redis_url, prefix=settings.namespace, resubscribe_timeout_s=settings.redis_resubscribe_timeout_s
+    )

@@ -66,7 +66,7 @@ class RedisStore(Store):
         self.prefix = prefix
         self._client = client
         self._subscribe_timeout_s = subscribe_timeout_s
-        self._resubscribe_timeout_s = resubscribe_timeout_s
+        self.resubscribe_timeout_s = resubscribe_timeout_s
         self._prune = client.register_script(_PRUNE_SCRIPT)
         self._subscriptions: set[_RedisUpdates] = set()
         self._closed = False
@@ -207,7 +207,7 @@ class RedisStore(Store):
 
     async def _resubscribe(self, lost: BaseException) -> tuple[PubSub, list[bytes]]:
         """A new confirmed subscription and the stored models, retried with backoff until the deadline."""
-        deadline = asyncio.get_running_loop().time() + self._resubscribe_timeout_s
+        deadline = asyncio.get_running_loop().time() + self.resubscribe_timeout_s
         delay = RESUBSCRIBE_FIRST_DELAY_S
         while True:
             self._check_open()
@@ -224,7 +224,7 @@ class RedisStore(Store):
             if asyncio.get_running_loop().time() + delay > deadline:
                 raise StoreError(
                     f"lost the subscription to {self.latency_models_channel} and could not renew it"
-                    f" within {self._resubscribe_timeout_s} s: {lost}"
+                    f" within {self.resubscribe_timeout_s} s: {lost}"
                 ) from lost
             await asyncio.sleep(delay)
             delay = min(2 * delay, RESUBSCRIBE_MAX_DELAY_S)
