@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -111,6 +112,15 @@ def test_nnls_satisfies_the_optimality_conditions(a: np.ndarray, b: np.ndarray) 
     # KKT: zero gradient where x > 0, and no descent direction into x ≥ 0 where x = 0.
     assert np.all(np.abs(gradient[x > 0]) <= 1e-7 * scale)
     assert np.all(gradient[x == 0] >= -1e-7 * scale)
+
+
+def test_nnls_ignores_columns_too_small_to_scale() -> None:
+    a = np.full((8, 3), 5e-324)  # subnormal: their norms underflow
+    a[:, 2] = 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = nonnegative_least_squares(a, np.ones(8))
+    assert x[:2].tolist() == [0.0, 0.0] and x[2] == pytest.approx(0.5)
 
 
 # --- online correction -------------------------------------------------------------------

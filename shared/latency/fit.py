@@ -95,15 +95,17 @@ def nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if columns > 12:
         raise ValueError(f"support enumeration is meant for a few columns, got {columns}")
     norms = np.linalg.norm(a, axis=0)
-    norms[norms == 0.0] = 1.0
+    negligible = norms < np.finfo(float).tiny  # zero, or subnormal: no scaling makes such a column usable
+    norms[negligible] = 1.0
     scaled = a / norms  # columns of similar size keep lstsq well conditioned (L² vs 1)
+    scaled[:, negligible] = 0.0
     best = np.zeros(columns)
     best_residual = float(b @ b)
     for size in range(1, columns + 1):
         for support in combinations(range(columns), size):
             index = list(support)
             solution, *_ = np.linalg.lstsq(scaled[:, index], b, rcond=None)
-            if np.any(solution < 0.0):
+            if np.any(solution < 0.0) or not np.all(np.isfinite(solution)):
                 continue
             residual = b - scaled[:, index] @ solution
             value = float(residual @ residual)
