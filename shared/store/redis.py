@@ -72,20 +72,9 @@ class RedisStore(Store):
         self._closed = False
 
     @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        prefix: str,
-        subscribe_timeout_s: float = DEFAULT_SUBSCRIBE_TIMEOUT_S,
-        resubscribe_timeout_s: float = DEFAULT_RESUBSCRIBE_TIMEOUT_S,
-    ) -> RedisStore:
-        return cls(
-            Redis.from_url(url),
-            prefix=prefix,
-            subscribe_timeout_s=subscribe_timeout_s,
-            resubscribe_timeout_s=resubscribe_timeout_s,
-        )
+    def from_url(cls, url: str, *, prefix: str, **timeouts_s: float) -> RedisStore:
+        """`timeouts_s`: `subscribe_timeout_s`, `resubscribe_timeout_s`, as for the constructor."""
+        return cls(Redis.from_url(url), prefix=prefix, **timeouts_s)
 
     # --- the key layout, public so operators and tests can find the data
     def worker_status_key(self, worker_id: str) -> str:
