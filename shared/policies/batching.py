@@ -115,7 +115,9 @@ class DecodeBatcher:
     def _admit(self, worker: WorkerView, now: float) -> _NextBatch:
         """Which waiting decodes join, and what the batch looks like once they have."""
         running = worker.batch
-        abandon = tuple(r.id for r in worker.waiting if self._starved(r, now)) if running.size > 0 else ()
+        abandon: tuple[RequestId, ...] = ()
+        if self.abandon_after is not None and running.size > 0:  # an empty batch takes whatever waits
+            abandon = tuple(r.id for r in worker.waiting if self._starved(r, now, self.abandon_after))
         batch = _NextBatch((), running.size, running.context_tokens, self._batch_limit(running, now), running.tpot_slo, None, abandon)
         room = self.max_seqs - running.size
         if not worker.waiting or room <= 0:
@@ -142,7 +144,7 @@ class DecodeBatcher:
             review_at = now + tpot  # banked budgets grow while steps beat TPOT: look again
         return _NextBatch(tuple(admit), size, context, limit, tpot, review_at, abandon)
 
-    def _starved(self, r: RequestView, now: float) -> bool:
+    def _starved(self, r: RequestView, now: float, abandon_after: float) -> bool:
         """A waiting decode whose paced step ends before now, `abandon_after` seconds behind its budget.
 
         No running batch can take it: it would join only once the batch has
@@ -150,9 +152,9 @@ class DecodeBatcher:
         happens and such decodes pile up; given up, they end with an error (a
         miss, as they would be anyway) and free their KV.
         """
-        if self.abandon_after is None or not (self.protect_late or r.met_ttft):
+        if not (self.protect_late or r.met_ttft):
             return False
-        return self._own_limit(r, now) <= now and now - r.token_deadline >= self.abandon_after
+        return self._own_limit(r, now) <= now and now - r.token_deadline >= abandon_after
 
     def _batch_limit(self, running: BatchSummary, now: float) -> float:
         """Latest end of the next step that keeps the running batch within its TPOT budget."""

@@ -145,8 +145,8 @@ class StepPlan:
     step; `decode` runs the whole batch for one token each; `chunks` prefill
     (request, tokens) pieces in the same step. A plan with nothing to run leaves
     the worker idle until something happens or `review_at`. `abandon` names
-    waiting decodes the worker gives up on: they end with an error and free
-    their KV instead of waiting, for good, for a place in the batch.
+    requests the worker gives up on, queued prompts or waiting decodes that can
+    only miss their SLOs: they end with an error and free their KV.
     """
 
     decode: bool = False
