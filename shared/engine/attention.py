@@ -58,7 +58,8 @@ class AttentionBackend(Protocol):
     name: str
     head_major: bool
 
-    def prepare(self, spans: Sequence[Span], rows: Sequence[int] | None = None) -> AttentionStep: ...
+    def prepare(self, spans: Sequence[Span], rows: Sequence[int] | None = None) -> tuple[AttentionStep, AttentionStep | None]:
+        """The step for every layer, and with `rows` the same step narrowed to those rows (for the last layer)."""
 
 
 def slot_mapping(spans: Sequence[Span], block_size: int) -> list[int]:
@@ -114,10 +115,17 @@ class SdpaAttention:
         self.scale = scale
         self.device = device
 
-    def prepare(self, spans: Sequence[Span], rows: Sequence[int] | None = None) -> AttentionStep:
+    def prepare(self, spans: Sequence[Span], rows: Sequence[int] | None = None) -> tuple[AttentionStep, AttentionStep | None]:
+        slots = torch.tensor(slot_mapping(spans, self.block_size), dtype=torch.long, device=self.device)
+        step = _SdpaStep(slots, self._queries(spans), self.scale, None)
+        if rows is None:
+            return step, None
+        return step, _SdpaStep(slots, self._queries(row_spans(spans, rows)), self.scale, _rows_tensor(rows, self.device))
+
+    def _queries(self, spans: Sequence[Span]) -> list[_Query]:
         queries: list[_Query] = []
         begin = 0
-        for span in spans if rows is None else row_spans(spans, rows):
+        for span in spans:
             keys = context_slots(span, self.block_size, self.device)
             end = begin + span.num_tokens
             if span.num_tokens == 1 or span.start == 0:  # one query sees everything; a fresh prompt is square
@@ -127,8 +135,7 @@ class SdpaAttention:
                 mask = torch.arange(span.context, device=self.device)[None, :] <= positions[:, None]
                 queries.append(_Query(begin, end, keys, mask, False))
             begin = end
-        slots = torch.tensor(slot_mapping(spans, self.block_size), dtype=torch.long, device=self.device)
-        return _SdpaStep(slots, queries, self.scale, _rows_tensor(rows, self.device))
+        return queries
 
 
 @dataclass(frozen=True)
@@ -179,8 +186,14 @@ class FlashAttention:
         self.device = device
         self.paged = block_size % 256 == 0
 
-    def prepare(self, spans: Sequence[Span], rows: Sequence[int] | None = None) -> AttentionStep:
-        queries = list(spans) if rows is None else row_spans(spans, rows)
+    def prepare(self, spans: Sequence[Span], rows: Sequence[int] | None = None) -> tuple[AttentionStep, AttentionStep | None]:
+        slots = torch.tensor(slot_mapping(spans, self.block_size), dtype=torch.long, device=self.device)
+        step = self._step(slots, spans, None)
+        if rows is None:
+            return step, None
+        return step, self._step(slots, row_spans(spans, rows), _rows_tensor(rows, self.device))
+
+    def _step(self, slots: torch.Tensor, queries: Sequence[Span], rows: torch.Tensor | None) -> _FlashStep:
         q_lens = [span.num_tokens for span in queries]
         k_lens = [span.context for span in queries]
         extra: dict[str, Any] = {}
@@ -195,9 +208,9 @@ class FlashAttention:
             keys = torch.cat(ranges) if ranges else torch.empty(0, dtype=torch.long, device=self.device)
         return _FlashStep(
             kernel=self.kernel,
-            slots=torch.tensor(slot_mapping(spans, self.block_size), dtype=torch.long, device=self.device),
+            slots=slots,
             keys=keys,
-            rows=_rows_tensor(rows, self.device),
+            rows=rows,
             arguments=dict(
                 cu_seqlens_q=self._cumulative(q_lens),
                 cu_seqlens_k=self._cumulative(k_lens),

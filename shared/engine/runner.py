@@ -58,13 +58,13 @@ class ModelRunner:
         tokens = [t for c in chunks for t in c.token_ids]
         positions = [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))]
         spans = [Span(c.start, len(c.token_ids), c.block_table) for c in chunks]
-        step = self.attention.prepare(spans)
-        last = None
+        rows: list[int] | None = None
         if not all_logits:
             ends = accumulate(len(c.token_ids) for c in chunks)
             rows = [end - 1 for end, c in zip(ends, chunks) if c.sample]
-            if len(rows) < len(tokens):  # a decode-only step needs every row anyway
-                last = self.attention.prepare(spans, rows)
+            if len(rows) == len(tokens):  # a decode-only step needs every row anyway
+                rows = None
+        step, last = self.attention.prepare(spans, rows)
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, torch.tensor(positions, device=self.device), step, self.kv.layers, last)
         return self.model.logits(hidden)
