@@ -194,7 +194,7 @@ class RedisStore(Store):
             raise
         return pubsub
 
-    async def _resubscribe(self, lost: BaseException) -> tuple[PubSub, list[bytes]]:
+    async def _resubscribe(self) -> tuple[PubSub, list[bytes]]:
         """A new confirmed subscription and the stored models, retried with backoff until the deadline."""
         deadline = asyncio.get_running_loop().time() + self.resubscribe_timeout_s
         delay = RESUBSCRIBE_FIRST_DELAY_S
@@ -209,12 +209,11 @@ class RedisStore(Store):
                     raise
                 return pubsub, [_raw(data) for _, data in sorted(stored.items())]
             except (RedisError, OSError, StoreError) as exc:
-                lost = exc
-            if asyncio.get_running_loop().time() + delay > deadline:
-                raise StoreError(
-                    f"lost the subscription to {self.latency_models_channel} and could not renew it"
-                    f" within {self.resubscribe_timeout_s} s: {lost}"
-                ) from lost
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise StoreError(
+                        f"lost the subscription to {self.latency_models_channel} and could not renew it"
+                        f" within {self.resubscribe_timeout_s} s: {exc}"
+                    ) from exc
             await asyncio.sleep(delay)
             delay = min(2 * delay, RESUBSCRIBE_MAX_DELAY_S)
 
@@ -246,7 +245,7 @@ class RedisStore(Store):
             raise StoreClosed(f"the Redis store for {self.prefix!r} is closed")
 
 
-Resubscribe = Callable[[BaseException], Awaitable[tuple[PubSub, list[bytes]]]]
+Resubscribe = Callable[[], Awaitable[tuple[PubSub, list[bytes]]]]
 
 
 class _RedisUpdates(QueuedUpdates):
@@ -272,7 +271,7 @@ class _RedisUpdates(QueuedUpdates):
                 except (RedisError, OSError) as exc:
                     log.warning("lost the subscription to %s (%s); subscribing again", self.source, exc)
                     await self._pubsub.aclose()
-                    self._pubsub, stored = await self._resubscribe(exc)
+                    self._pubsub, stored = await self._resubscribe()
                     for data in stored:
                         self.push(data)
                     log.info("subscribed to %s again; replayed %d stored models", self.source, len(stored))
