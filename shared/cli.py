@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 from shared.settings import MEMORY_URL, Settings
 
 if TYPE_CHECKING:
-    from shared.experiments import Setting
+    from shared.experiments import Replay, Setting
 
 T = TypeVar("T")
 
@@ -156,6 +157,35 @@ TtftScaleOption = Annotated[float | None, typer.Option("--ttft-slo-scale", help=
 TpotMsOption = Annotated[float | None, typer.Option("--tpot-slo-ms", help="TPOT SLO (ms)")]
 
 
+
+
+class ArrivalProcess(enum.StrEnum):
+    """`load_trace`'s arrival processes for length tables (named here so the CLI starts without numpy)."""
+
+    POISSON = "poisson"
+    GAMMA = "gamma"
+
+
+NumRequestsOption = Annotated[
+    int | None,
+    typer.Option("--num-requests", "--requests", min=1, help="replay the first N requests (default: the setting's count, or all in the window)"),
+]
+StartOption = Annotated[float | None, typer.Option("--start-s", min=0.0, help="replay requests from this many seconds after the trace's first")]
+DurationOption = Annotated[float | None, typer.Option("--duration-s", help="replay only requests arriving within this many seconds")]
+ArrivalOption = Annotated[ArrivalProcess, typer.Option(help="length tables: the arrival process drawn at the rate")]
+CvOption = Annotated[float | None, typer.Option(help="coefficient of variation of Gamma arrival gaps (burstiness; Poisson is 1)")]
+
+
+def _replay(requests: int | None, start_s: float | None, duration_s: float | None, arrival: ArrivalProcess, cv: float | None) -> Replay:
+    from shared.experiments import Replay
+
+    if duration_s is not None and duration_s <= 0.0:
+        raise typer.BadParameter(f"--duration-s must be positive, got {duration_s:g}")
+    if cv is not None and arrival is ArrivalProcess.POISSON:
+        raise typer.BadParameter("--cv needs --arrival gamma: Poisson gaps have a cv of 1")
+    return Replay(requests=requests, start_s=start_s, duration_s=duration_s, arrival=arrival.value, cv=1.0 if cv is None else cv)
+
+
 def _setting(name: str, ttft_ms: float | None, ttft_scale: float | None, tpot_ms: float | None) -> Setting:
     from shared.experiments import setting_named
 
@@ -169,9 +199,13 @@ def _setting(name: str, ttft_ms: float | None, ttft_scale: float | None, tpot_ms
 def sim(
     setting_name: SettingOption,
     policy: Annotated[str, typer.Option(help="vllm, sarathi, distserve, tropical, kairos or unified")],
-    rate: Annotated[float, typer.Option(min=1e-9, help="cluster arrival rate (req/s)")],
+    rate: Annotated[float | None, typer.Option(min=1e-9, help="cluster arrival rate (req/s); default: a timed trace's own")] = None,
     trace: TraceOption = None,
-    requests: Annotated[int | None, typer.Option(min=1, help="requests to replay (default: the setting's)")] = None,
+    requests: NumRequestsOption = None,
+    start_s: StartOption = None,
+    duration_s: DurationOption = None,
+    arrival: ArrivalOption = ArrivalProcess.POISSON,
+    cv: CvOption = None,
     prefill_workers: Annotated[
         int | None,
         typer.Option(help="dedicated prefill workers of a disaggregated policy (default: half; `goodput` finds the best)"),
@@ -193,9 +227,10 @@ def sim(
 
     setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
     trace = trace or setting.trace
+    replay = _replay(requests, start_s, duration_s, arrival, cv)
     started = time.perf_counter()
-    load = workload(setting, trace, rate, requests=requests, seed=seed)
     try:
+        load = workload(setting, trace, rate, replay=replay, seed=seed)
         result = run_policy(setting, policy, load, prefill_workers=prefill_workers, seed=seed, noise=noise)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -211,6 +246,7 @@ def sim(
         "prefill_workers": prefill_workers,
         "workers": dict(roles),
         "slo": setting.slo.describe(),
+        "replay": replay.describe(setting),
         "simulated_requests": len(load.requests),
         "wall_seconds": round(wall, 3),
         "refused_requests": result.refused,
@@ -245,7 +281,11 @@ def goodput(
     policies: Annotated[str, typer.Option(help="comma-separated policy names")] = "vllm,sarathi,distserve,tropical,kairos,unified",
     trace: TraceOption = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
-    requests: Annotated[int | None, typer.Option(min=1, help="requests replayed per evaluated rate (default: the setting's)")] = None,
+    requests: NumRequestsOption = None,
+    start_s: StartOption = None,
+    duration_s: DurationOption = None,
+    arrival: ArrivalOption = ArrivalProcess.POISSON,
+    cv: CvOption = None,
     rel_tolerance: Annotated[float, typer.Option(min=1e-6, help="bisection stops when the bracket is this fraction of the rate")] = 0.02,
     seed: Annotated[int, typer.Option(help="arrival and noise seed")] = 0,
     noise: Annotated[bool, typer.Option(help="perturb step times by the latency model's residual spread")] = False,
@@ -259,7 +299,7 @@ def goodput(
 
     setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
     names = [name.strip() for name in policies.split(",") if name.strip()]
-    search = SearchSettings(requests=requests, rel_tolerance=rel_tolerance, seed=seed, noise=noise)
+    search = SearchSettings(replay=_replay(requests, start_s, duration_s, arrival, cv), rel_tolerance=rel_tolerance, seed=seed, noise=noise)
 
     def progress(found: PolicyGoodput) -> None:
         split = "" if found.prefill_workers is None else f" at {found.prefill_workers} prefill worker(s)"
@@ -279,12 +319,64 @@ def goodput(
         json_path.write_text(json.dumps(report, indent=2) + "\n")
 
 
+@app.command("slo-sweep")
+def slo_sweep(
+    setting_name: SettingOption,
+    rate: Annotated[float, typer.Option(min=1e-9, help="cluster arrival rate (req/s)")],
+    policies: Annotated[str, typer.Option(help="comma-separated policy names")] = "vllm,sarathi,distserve,tropical,kairos,unified",
+    scales: Annotated[str, typer.Option(help="comma-separated multipliers applied to both SLOs")] = "0.5,0.75,1,1.25,1.5,2",
+    trace: TraceOption = None,
+    requests: NumRequestsOption = None,
+    start_s: StartOption = None,
+    duration_s: DurationOption = None,
+    arrival: ArrivalOption = ArrivalProcess.POISSON,
+    cv: CvOption = None,
+    seed: Annotated[int, typer.Option(help="arrival and noise seed")] = 0,
+    noise: Annotated[bool, typer.Option(help="perturb step times by the latency model's residual spread")] = False,
+    ttft_slo_ms: TtftMsOption = None,
+    ttft_slo_scale: TtftScaleOption = None,
+    tpot_slo_ms: TpotMsOption = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    plot: Annotated[Path | None, typer.Option(help="also draw attainment against the scale into this PNG")] = None,
+) -> None:
+    """Joint SLO attainment of each policy at one rate as both SLOs are scaled (tightest scale attaining 90 %)."""
+    from shared.experiments import PolicySloSweep, SearchSettings, slo_sweep_report
+
+    setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
+    names = [name.strip() for name in policies.split(",") if name.strip()]
+    try:
+        factors = [float(x) for x in scales.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--scales must be comma-separated numbers, got {scales!r}") from None
+    search = SearchSettings(replay=_replay(requests, start_s, duration_s, arrival, cv), seed=seed, noise=noise)
+
+    def progress(found: PolicySloSweep) -> None:
+        points = "  ".join(f"{scale:g}:{100 * value:.1f}%" for scale, value in found.sweep.points)
+        tightest = "none" if found.sweep.min_scale is None else f"{found.sweep.min_scale:g}"
+        typer.echo(f"{found.policy:>10}: {points}  (tightest scale attaining: {tightest})")
+
+    try:
+        report = slo_sweep_report(setting, trace or setting.trace, names, rate, factors, search, progress=progress)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if plot:
+        from shared.plots import plot_slo_sweep
+
+        report["figure"] = plot_slo_sweep(setting, report, plot)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 @app.command("ablate")
 def ablate(
     setting_name: SettingOption,
     trace: TraceOption = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
-    requests: Annotated[int | None, typer.Option(min=1, help="requests replayed per evaluated rate (default: the setting's)")] = None,
+    requests: NumRequestsOption = None,
+    start_s: StartOption = None,
+    duration_s: DurationOption = None,
+    arrival: ArrivalOption = ArrivalProcess.POISSON,
+    cv: CvOption = None,
     rel_tolerance: Annotated[float, typer.Option(min=1e-6, help="bisection stops when the bracket is this fraction of the rate")] = 0.02,
     seed: Annotated[int, typer.Option(help="arrival and noise seed")] = 0,
 ) -> None:
@@ -292,11 +384,14 @@ def ablate(
     from shared.experiments import PolicyGoodput, SearchSettings, ablation_report
 
     setting = _setting(setting_name, None, None, None)
-    search = SearchSettings(requests=requests, rel_tolerance=rel_tolerance, seed=seed)
+    search = SearchSettings(replay=_replay(requests, start_s, duration_s, arrival, cv), rel_tolerance=rel_tolerance, seed=seed)
 
     def progress(label: str, found: PolicyGoodput) -> None:
         typer.echo(f"{label:<64} {found.goodput_rps:.4g} req/s  [{found.seconds:.1f} s]")
 
-    report = ablation_report(setting, trace or setting.trace, search, progress=progress)
+    try:
+        report = ablation_report(setting, trace or setting.trace, search, progress=progress)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     if json_path:
         json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -9,8 +9,8 @@ reported at its best split, as DistServe reports its placements.
 
 Goodput is the highest request rate at which at least 90 % of requests meet
 both SLOs, found by bisection over the rate at which the first `requests`
-requests of the trace are replayed (the trace's own arrival pattern, rescaled;
-Poisson arrivals for length tables).
+requests of the trace (or those in a time window) are replayed: the trace's
+own arrival pattern, rescaled; Poisson or Gamma arrivals for length tables.
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ from typing import Any
 
 from shared.latency.model import LatencyModel
 from shared.latency.profiles import load_profile
-from shared.metrics import Summary, find_goodput, summarize
+from shared.metrics import (
+    SloScaleSweep,
+    Summary,
+    find_goodput,
+    slo_scale_sweep,
+    summarize,
+)
 from shared.policies import POLICY_NAMES, ServingPolicy, make_policy
 from shared.simulator import ClusterSpec, SimRequest, SimulationResult, simulate
 from shared.traces import TraceRequest, load_trace
@@ -192,24 +198,80 @@ def setting_named(name: str, *, ttft_slo_ms: float | None = None, ttft_slo_scale
 
 
 @dataclass(frozen=True)
+class Replay:
+    """Which requests of a trace are replayed, and how a length table's arrivals are drawn (see `load_trace`).
+
+    Without a window, the first `requests` (default: the setting's count).
+    With one, every request arriving in it (for a length table: after its
+    arrivals are drawn at the rate), capped by `requests` only when given.
+    """
+
+    requests: int | None = None
+    start_s: float | None = None
+    duration_s: float | None = None
+    arrival: str = "poisson"
+    cv: float = 1.0
+
+    @property
+    def windowed(self) -> bool:
+        return self.start_s is not None or self.duration_s is not None
+
+    def count(self, setting: Setting) -> int | None:
+        """How many requests to keep at most (None: all in the window)."""
+        if self.requests is not None:
+            return self.requests
+        return None if self.windowed else setting.requests
+
+    def describe(self, setting: Setting) -> dict[str, Any]:
+        return {
+            "requests": self.count(setting),
+            "start_s": self.start_s,
+            "duration_s": self.duration_s,
+            "arrival": self.arrival,
+            "cv": self.cv,
+        }
+
+
+@dataclass(frozen=True)
 class Workload:
     """The trace requests to replay, with their SLOs, at one rate."""
 
     trace: Path
-    rate: float
+    rate: float | None  # None: a timed trace at its own rate
     requests: tuple[SimRequest, ...]
 
 
-def workload(setting: Setting, trace: Path, rate: float, *, requests: int | None = None, seed: int = 0, slo: SloRule | None = None) -> Workload:
-    rows = _trace_rows(str(trace), rate, requests or setting.requests, seed)
+def workload(
+    setting: Setting, trace: Path, rate: float | None, *, replay: Replay = Replay(), seed: int = 0, slo: SloRule | None = None
+) -> Workload:
+    rows = _trace_rows(str(trace), rate, replay, replay.count(setting), seed)
+    if not rows:
+        raise ValueError(f"no request of {trace} is left to replay: the window {_window(replay)} holds none")
     model = setting.latency_model()
     rule = slo or setting.slo
     return Workload(trace, rate, tuple(_with_slo(r, rule, model) for r in rows))
 
 
+def _window(replay: Replay) -> str:
+    start = replay.start_s or 0.0
+    end = "the end" if replay.duration_s is None else f"{start + replay.duration_s:g} s"
+    return f"from {start:g} s to {end}"
+
+
 @lru_cache(maxsize=64)
-def _trace_rows(trace: str, rate: float, requests: int, seed: int) -> tuple[TraceRequest, ...]:
-    return tuple(load_trace(trace, rate=rate, num_requests=requests, seed=seed))
+def _trace_rows(trace: str, rate: float | None, replay: Replay, count: int | None, seed: int) -> tuple[TraceRequest, ...]:
+    return tuple(
+        load_trace(
+            trace,
+            rate=rate,
+            arrival=replay.arrival,
+            cv=replay.cv,
+            seed=seed,
+            num_requests=count,
+            start_s=replay.start_s,
+            duration_s=replay.duration_s,
+        )
+    )
 
 
 def _with_slo(r: TraceRequest, rule: SloRule, model: LatencyModel) -> SimRequest:
@@ -263,7 +325,7 @@ class PolicyGoodput:
 
 @dataclass(frozen=True)
 class SearchSettings:
-    requests: int | None = None  # per evaluated rate; None: the setting's
+    replay: Replay = Replay()  # the requests replayed at each evaluated rate
     rel_tolerance: float = 0.02
     target: float = 0.9
     seed: int = 0
@@ -272,7 +334,7 @@ class SearchSettings:
 
 
 def attainment(setting: Setting, trace: Path, policy: str, rate: float, split: int | None, search: SearchSettings, options: dict[str, Any] | None = None) -> tuple[float, Summary]:
-    load = workload(setting, trace, rate, requests=search.requests, seed=search.seed)
+    load = workload(setting, trace, rate, replay=search.replay, seed=search.seed)
     result = run_policy(setting, policy, load, prefill_workers=split, seed=search.seed, noise=search.noise, options=options)
     summary = summarize(result.outcomes())
     return summary.attainment, summary
@@ -372,7 +434,8 @@ def goodput_report(
         "workers": setting.workers,
         "gpus": setting.gpus,
         "slo": setting.slo.describe(),
-        "requests_per_rate": search.requests or setting.requests,
+        "requests_per_rate": search.replay.count(setting),
+        "replay": search.replay.describe(setting),
         "rel_tolerance": search.rel_tolerance,
         "target_attainment": search.target,
         "seed": search.seed,
@@ -392,6 +455,82 @@ def rate_sweep(
 ) -> list[tuple[float, Summary]]:
     """Summaries of one policy at each rate (for the attainment and latency curves)."""
     return [(rate, attainment(setting, trace, policy, rate, prefill_workers, search)[1]) for rate in rates]
+
+
+# --- SLO scale --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicySloSweep:
+    policy: str
+    sweep: SloScaleSweep
+    splits: dict[float, int | None]  # the split that attained most at each scale (None: colocated)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "attainment_at_scale": {f"{scale:g}": value for scale, value in self.sweep.points},
+            "prefill_workers_at_scale": {f"{scale:g}": split for scale, split in self.splits.items()},
+            "min_scale": self.sweep.min_scale,
+        }
+
+
+def policy_slo_sweep(
+    setting: Setting, trace: Path, policy: str, rate: float, scales: Sequence[float], search: SearchSettings = SearchSettings()
+) -> PolicySloSweep:
+    """Joint attainment at one rate with both SLOs multiplied by each scale (DistServe's SLO-scale curves).
+
+    How tight an SLO a policy sustains at a given load is the other half of
+    goodput; each scale takes the policy's best split there, as the goodput
+    search does.
+    """
+    splits = setting.splits(make_policy(policy, setting.latency_model()))
+    chosen: dict[float, int | None] = {}
+
+    def attainment_at(scale: float) -> float:
+        scaled = replace(setting, slo=setting.slo.scaled(scale))
+        value, split = max(((attainment(scaled, trace, policy, rate, split, search)[0], split) for split in splits), key=lambda pair: pair[0])
+        chosen[scale] = split
+        return value
+
+    sweep = slo_scale_sweep(attainment_at, scales, target=search.target)
+    return PolicySloSweep(policy, sweep, dict(sorted(chosen.items())))
+
+
+def slo_sweep_report(
+    setting: Setting,
+    trace: Path,
+    policies: Sequence[str],
+    rate: float,
+    scales: Sequence[float],
+    search: SearchSettings = SearchSettings(),
+    *,
+    progress: Callable[[PolicySloSweep], None] | None = None,
+) -> dict[str, Any]:
+    """The `tropical slo-sweep` JSON: every policy's attainment against the SLO scale at one rate."""
+    unknown = [name for name in policies if name not in POLICY_NAMES]
+    if unknown:
+        raise ValueError(f"unknown policy {unknown[0]!r}; known: {', '.join(POLICY_NAMES)}")
+    if not scales or min(scales) <= 0.0:
+        raise ValueError("SLO scales must be positive and at least one")
+    started = time.perf_counter()
+    results = {}
+    for name in policies:
+        found = policy_slo_sweep(setting, trace, name, rate, scales, search)
+        results[name] = found
+        if progress:
+            progress(found)
+    return {
+        "setting": setting.name,
+        "trace": str(trace),
+        "rate": rate,
+        "slo_at_scale_1": setting.slo.describe(),
+        "scales": sorted(set(scales)),
+        "target_attainment": search.target,
+        "replay": search.replay.describe(setting),
+        "seed": search.seed,
+        "seconds": round(time.perf_counter() - started, 2),
+        "policies": {name: found.as_json() for name, found in results.items()},
+    }
 
 
 # --- ablations of `unified` ------------------------------------------------------------------
@@ -432,7 +571,8 @@ def ablation_report(setting: Setting, trace: Path, search: SearchSettings = Sear
     return {
         "setting": setting.name,
         "trace": str(trace),
-        "requests_per_rate": search.requests or setting.requests,
+        "requests_per_rate": search.replay.count(setting),
+        "replay": search.replay.describe(setting),
         "rel_tolerance": search.rel_tolerance,
         "variants": {
             label: {"goodput_rps": found.goodput_rps, "vs_unified": found.goodput_rps / base if base else None, "prefill_workers": found.prefill_workers}
@@ -473,7 +613,7 @@ def capacity_bound(
     context and W the mean prompt work of the served requests. Queueing,
     bursts, TTFT and the KV of prompts are ignored: no policy can exceed it.
     """
-    offered = _trace_rows(str(trace), 1.0, requests or setting.requests, 0)
+    offered = _trace_rows(str(trace), 1.0, Replay(), requests or setting.requests, 0)
     model = setting.latency_model()
     kv, tpot = setting.kv_capacity, setting.slo.tpot
     feasible = [r for r in offered if r.prompt_tokens + r.output_tokens <= kv]

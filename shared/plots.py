@@ -1,4 +1,4 @@
-"""Goodput curves as PNGs: attainment, P90 TTFT and P90 TPOT against the request rate, every policy."""
+"""Curves as PNGs, every policy: attainment, P90 TTFT and P90 TPOT against the request rate; attainment against the SLO scale."""
 
 from __future__ import annotations
 
@@ -82,3 +82,22 @@ def plot_curves(setting: Setting, curves: dict[str, list[dict[str, float]]], goo
     fig.savefig(latency_path, dpi=120)
     plt.close(fig)
     return [str(attainment_path), str(latency_path)]
+
+
+def plot_slo_sweep(setting: Setting, report: dict[str, Any], path: Path) -> str:
+    """Joint attainment against the SLO scale at the report's rate, one line per policy."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, found in report["policies"].items():
+        points = sorted((float(scale), value) for scale, value in found["attainment_at_scale"].items())
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", ms=3, label=name)
+    ax.axhline(100 * report["target_attainment"], color="grey", ls="--", lw=1)
+    ax.set_xlabel(f"SLO scale (1 = {report['slo_at_scale_1']})")
+    ax.set_ylabel("joint SLO attainment (%)")
+    ax.set_ylim(0, 102)
+    ax.set_title(f"{setting.name}: {setting.model}, {setting.workers}×TP{setting.tensor_parallel}, {report['rate']:g} req/s", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)

@@ -92,9 +92,11 @@ def load_trace(
     arrivals = rows.arrivals
     if arrivals is None:
         if rate is None:
-            raise TraceError(path, "a length table has no arrival times: pass rate= to draw them")
+            raise TraceError(path, "a length table has no arrival times: give a rate to draw them at")
         arrivals = synthetic_arrivals(len(rows.prompts), rate=rate, arrival=arrival, cv=cv, seed=seed)
         rate = None  # already drawn at the requested rate
+    elif arrival != "poisson" or cv != 1.0:
+        raise TraceError(path, "has its own arrival times: an arrival process (Gamma, cv) applies to length tables only")
     order = np.argsort(arrivals, kind="stable")
     arrivals, prompts, outputs = arrivals[order], rows.prompts[order], rows.outputs[order]
 
@@ -177,6 +179,8 @@ def _check_options(
         raise ValueError(f"arrival must be 'poisson' or 'gamma', got {arrival!r}")
     if not (math.isfinite(cv) and cv > 0.0):
         raise ValueError(f"cv must be positive, got {cv}")
+    if arrival == "poisson" and cv != 1.0:
+        raise ValueError(f"cv {cv} needs Gamma arrivals: Poisson gaps have a cv of 1")
     if num_requests is not None and num_requests < 0:
         raise ValueError(f"num_requests must be non-negative, got {num_requests}")
     if start_s is not None and start_s < 0.0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import replace
@@ -13,17 +14,31 @@ from typer.testing import CliRunner
 from shared.cli import app
 from shared.experiments import (
     SETTINGS,
+    Replay,
     SearchSettings,
     SloRule,
     capacity_bound,
     policy_goodput,
     run_policy,
     setting_named,
+    slo_sweep_report,
     workload,
 )
 from shared.latency.model import LatencyModel
 
 MODEL = LatencyModel(c0=0.0, c1=0.001, c2=0.01, d0=0.01, d1=0.001, d2=0.00002)
+
+
+@pytest.fixture
+def timed(tmp_path: Path) -> Path:
+    """An Azure-style trace: 120 requests, one every half second, with a burst of ten at 30 s."""
+    path = tmp_path / "azure.csv"
+    times = [0.5 * i for i in range(110)] + [30.0 + 0.01 * i for i in range(10)]
+    rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"] + [
+        f"2023-11-16 18:{int(t // 60):02d}:{t % 60:09.6f},{200 + 7 * i},{10 + i % 30}" for i, t in enumerate(sorted(times))
+    ]
+    path.write_text("\n".join(rows) + "\n")
+    return path
 
 
 @pytest.fixture
@@ -62,7 +77,7 @@ def test_presets_use_the_same_gpus_for_every_policy() -> None:
 
 def test_workload_rescales_arrivals_and_attaches_slos(lengths: Path) -> None:
     setting = setting_named("chat-13b")
-    load = workload(setting, lengths, rate=4.0, requests=100)
+    load = workload(setting, lengths, rate=4.0, replay=Replay(requests=100))
     assert len(load.requests) == 100 and load.requests[0].arrival == 0.0
     assert load.requests[-1].arrival / 99 == pytest.approx(0.25, rel=0.25)  # mean gap near 1/rate
     model = setting.latency_model()
@@ -152,3 +167,103 @@ def test_capacity_bounds_grow_with_what_a_policy_may_refuse(lengths: Path) -> No
     by_prompt = capacity_bound(setting, lengths, attainment=0.9, refuse_by="prompt").rate
     clairvoyant = capacity_bound(setting, lengths, attainment=0.9, refuse_by="work").rate
     assert everyone < by_prompt <= clairvoyant
+
+
+def test_a_window_replays_every_request_in_it_unless_capped(timed: Path) -> None:
+    setting = replace(setting_named("chat-13b"), requests=50)
+    assert len(workload(setting, timed, None).requests) == 50  # no window: the setting's count
+    window = workload(setting, timed, None, replay=Replay(start_s=10.0, duration_s=30.0))
+    assert len(window.requests) == 60 + 10  # 10 s to 40 s: one every half second, plus the burst
+    assert window.requests[0].arrival == 0.0 and window.requests[-1].arrival == pytest.approx(29.5)
+    capped = workload(setting, timed, None, replay=Replay(requests=5, start_s=10.0, duration_s=30.0))
+    assert [r.prompt_tokens for r in capped.requests] == [r.prompt_tokens for r in window.requests[:5]]
+    faster = workload(setting, timed, 4.0, replay=Replay(start_s=10.0, duration_s=30.0))
+    assert faster.requests[-1].arrival == pytest.approx(69 / 4.0)  # rescaled to 4 req/s, bursts kept
+    with pytest.raises(ValueError, match="holds none"):
+        workload(setting, timed, None, replay=Replay(start_s=500.0))
+
+
+def test_gamma_arrivals_are_burstier_on_a_length_table(lengths: Path) -> None:
+    setting = setting_named("chat-13b")
+
+    def gap_cv(replay: Replay) -> float:
+        times = [r.arrival for r in workload(setting, lengths, 2.0, replay=replay).requests]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        mean = sum(gaps) / len(gaps)
+        return (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5 / mean
+
+    assert gap_cv(Replay(requests=200)) == pytest.approx(1.0, abs=0.25)
+    assert gap_cv(Replay(requests=200, arrival="gamma", cv=3.0)) > 2.0
+
+
+def test_sim_command_replays_a_window_of_a_timed_trace_at_its_own_rate(timed: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sim.json"
+    args = ["sim", "--setting", "chat-13b", "--trace", str(timed), "--policy", "vllm", "--start-s", "10", "--duration-s", "30"]
+    result = CliRunner().invoke(app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["simulated_requests"] == 70 and record["rate"] is None
+    assert record["replay"] == {"requests": None, "start_s": 10.0, "duration_s": 30.0, "arrival": "poisson", "cv": 1.0}
+    result = CliRunner().invoke(app, [*args, "--num-requests", "12", "--rate", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["simulated_requests"] == 12
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        (["--policy", "vllm"], "give a rate"),  # a length table has no arrival times of its own
+        (["--policy", "vllm", "--rate", "2", "--cv", "2"], "--arrival gamma"),
+        (["--policy", "vllm", "--rate", "2", "--duration-s", "0"], "--duration-s must be positive"),
+        (["--policy", "vllm", "--rate", "2", "--start-s", "1e6"], "holds none"),
+        (["--policy", "vllm", "--rate", "2", "--num-requests", "0"], "greater than or equal to 1"),
+    ],
+)
+def test_sim_command_names_bad_replay_options(lengths: Path, extra: list[str], problem: str) -> None:
+    result = CliRunner().invoke(app, ["sim", "--setting", "chat-13b", "--trace", str(lengths), *extra], env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert problem in result.output
+
+
+def test_sim_command_draws_gamma_arrivals_for_a_length_table(lengths: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sim.json"
+    result = CliRunner().invoke(
+        app,
+        ["sim", "--setting", "chat-13b", "--trace", str(lengths), "--policy", "vllm", "--rate", "2",
+         "--arrival", "gamma", "--cv", "2.5", "--requests", "40", "--json", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["replay"]["arrival"] == "gamma" and record["replay"]["cv"] == 2.5 and record["simulated_requests"] == 40
+
+
+def test_slo_sweep_finds_the_tightest_scale_each_policy_sustains(lengths: Path) -> None:
+    setting = replace(setting_named("longbench-70b"), requests=80)
+    report = slo_sweep_report(setting, lengths, ["vllm", "kairos"], 0.5, [0.05, 1.0, 50.0])
+    for found in report["policies"].values():
+        at = found["attainment_at_scale"]
+        assert at["0.05"] == 0.0  # TPOT 5 ms is below any decode step: every request infeasible
+        assert at["50"] == 1.0  # a light load with SLOs fifty times looser: everyone served in time
+        assert found["min_scale"] in (1.0, 50.0) and (found["min_scale"] == 1.0) == (at["1"] >= 0.9)
+    assert report["policies"]["kairos"]["prefill_workers_at_scale"]["1"] == 1  # its only split on two workers
+    assert report["policies"]["vllm"]["prefill_workers_at_scale"]["1"] is None
+    with pytest.raises(ValueError, match="unknown policy"):
+        slo_sweep_report(setting, lengths, ["orca"], 0.5, [1.0])
+    with pytest.raises(ValueError, match="positive"):
+        slo_sweep_report(setting, lengths, ["vllm"], 0.5, [0.0, 1.0])
+
+
+def test_slo_sweep_command_writes_json_and_a_plot(lengths: Path, tmp_path: Path) -> None:
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    result = CliRunner().invoke(
+        app,
+        ["slo-sweep", "--setting", "longbench-70b", "--trace", str(lengths), "--rate", "0.5", "--policies", "distserve,unified",
+         "--scales", "1,2", "--requests", "40", "--json", str(out), "--plot", str(png)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "tightest scale attaining" in result.output
+    report = json.loads(out.read_text())
+    assert set(report["policies"]) == {"distserve", "unified"} and report["scales"] == [1.0, 2.0]
+    assert png.read_bytes().startswith(b"\x89PNG")
+    bad = CliRunner().invoke(app, ["slo-sweep", "--setting", "longbench-70b", "--rate", "1", "--scales", "1,x"], env={"COLUMNS": "300"})
+    assert bad.exit_code == 2 and "comma-separated numbers" in bad.output

@@ -172,6 +172,16 @@ def test_nonsense_options_are_refused(tmp_path: Path, kwargs: dict) -> None:
         load_trace(write(tmp_path, "a.csv", AZURE), **kwargs)
 
 
+def test_arrival_processes_apply_to_length_tables_only(tmp_path: Path) -> None:
+    timed = write(tmp_path, "a.csv", AZURE)
+    with pytest.raises(TraceError, match="own arrival times"):
+        load_trace(timed, arrival="gamma", cv=2.0)
+    table = write(tmp_path, "l.csv", "num_prefill_tokens,num_decode_tokens\n10,5\n20,4\n")
+    with pytest.raises(ValueError, match="Gamma"):
+        load_trace(table, rate=1.0, cv=2.0)  # Poisson gaps have cv 1: a cv asks for Gamma
+    assert len(load_trace(table, rate=1.0, arrival="gamma", cv=2.0)) == 2
+
+
 def test_describe_by_hand() -> None:
     requests = [TraceRequest(0.0, 10, 1), TraceRequest(1.0, 20, 3), TraceRequest(4.0, 30, 5)]
     summary = describe(requests)
