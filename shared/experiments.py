@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from shared.latency.model import LatencyModel
 from shared.latency.profiles import load_profile
@@ -36,6 +36,8 @@ from shared.metrics import (
 from shared.policies import POLICY_NAMES, ServingPolicy, make_policy
 from shared.simulator import ClusterSpec, SimRequest, SimulationResult, simulate
 from shared.traces import TraceRequest, load_trace
+
+M = TypeVar("M")  # what one policy's measurement yields
 
 # the project's data collection sits beside the checkout (as on CI); TROPICAL_DATA_DIR points elsewhere
 DATA = Path(os.environ.get("TROPICAL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -407,6 +409,19 @@ def _none_last(split: int | None) -> int:
     return 0 if split is None else split
 
 
+def _each_policy(policies: Sequence[str], measure: Callable[[str], M], progress: Callable[[M], None] | None) -> dict[str, M]:
+    """Measure each named policy in turn, telling `progress` as each is done; every name is checked before any work."""
+    unknown = [name for name in policies if name not in POLICY_NAMES]
+    if unknown:
+        raise ValueError(f"unknown policy {unknown[0]!r}; known: {', '.join(POLICY_NAMES)}")
+    results = {}
+    for name in policies:
+        results[name] = found = measure(name)
+        if progress:
+            progress(found)
+    return results
+
+
 def goodput_report(
     setting: Setting,
     trace: Path,
@@ -417,14 +432,7 @@ def goodput_report(
 ) -> dict[str, Any]:
     """The `tropical goodput` JSON: every policy's goodput on one setting and trace."""
     started = time.perf_counter()
-    results = {}
-    for name in policies:
-        if name not in POLICY_NAMES:
-            raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}")
-        found = policy_goodput(setting, trace, name, search)
-        results[name] = found
-        if progress:
-            progress(found)
+    results = _each_policy(policies, lambda name: policy_goodput(setting, trace, name, search), progress)
     return {
         "setting": setting.name,
         "trace": str(trace),
@@ -507,18 +515,10 @@ def slo_sweep_report(
     progress: Callable[[PolicySloSweep], None] | None = None,
 ) -> dict[str, Any]:
     """The `tropical slo-sweep` JSON: every policy's attainment against the SLO scale at one rate."""
-    unknown = [name for name in policies if name not in POLICY_NAMES]
-    if unknown:
-        raise ValueError(f"unknown policy {unknown[0]!r}; known: {', '.join(POLICY_NAMES)}")
     if not scales or min(scales) <= 0.0:
         raise ValueError("SLO scales must be positive and at least one")
     started = time.perf_counter()
-    results = {}
-    for name in policies:
-        found = policy_slo_sweep(setting, trace, name, rate, scales, search)
-        results[name] = found
-        if progress:
-            progress(found)
+    results = _each_policy(policies, lambda name: policy_slo_sweep(setting, trace, name, rate, scales, search), progress)
     return {
         "setting": setting.name,
         "trace": str(trace),
