@@ -34,11 +34,11 @@ def request(id: int, prompt: int, *, arrival: float = 0.0, ttft: float = 10.0, t
 
 def worker(id: int, role: Role, *, prefills: tuple[RequestView, ...] = (), batch: BatchSummary = EMPTY_BATCH, busy: bool = False,
            step_end: float = 0.0, waiting: tuple[RequestView, ...] = (), incoming: tuple[RequestView, ...] = (),
-           kv_capacity: int = 100_000, kv_used: int = 0) -> WorkerView:
+           kv_capacity: int = 100_000, kv_used: int = 0, in_step: tuple[tuple[int, int], ...] = ()) -> WorkerView:
     return WorkerView(
         id=id, role=role, kv_capacity=kv_capacity, kv_used=kv_used, busy=busy, step_begin=0.0, step_end=step_end,
         placed_since_step=0, prefills=prefills, prefill_load=sum(r.remaining_prefill for r in prefills), batch=batch,
-        waiting=waiting, incoming=incoming, decode_load=batch.prompt_tokens,
+        waiting=waiting, incoming=incoming, decode_load=batch.prompt_tokens, in_step=in_step,
     )
 
 
@@ -153,18 +153,42 @@ def test_prefers_a_prefill_worker_that_meets_the_deadline() -> None:
     assert [(p.request_id, p.worker_id) for p in router.place([r], [prefill, roomy], 0.0).placements] == [(1, 0)]
     eager = SlackAwareRouter(MODEL, prefer_prefill_workers=False)  # then the earliest finish wins: a tie, the first worker
     assert eager.place([r], [prefill, roomy], 0.0).placements[0].worker_id == 0
-    busy = worker(0, Role.PREFILL, prefills=(request(9, 1990, ttft=3.0),), busy=True, step_end=2.0)  # 2 s of queued work
+    running = request(9, 1990, ttft=3.0)
+    busy = worker(0, Role.PREFILL, prefills=(running,), busy=True, step_end=2.0, in_step=((9, 1990),))  # 2 s step in progress
     assert router.place([r], [busy, roomy], 0.0).placements[0].worker_id == 1  # 0.5 s inline beats 2.5 s > 2.0 deadline
 
 
-def test_counts_queued_prompts_an_insertion_makes_late() -> None:
+def test_counts_the_prompt_in_progress_once() -> None:
+    router = SlackAwareRouter(MODEL)
+    running = request(9, 990, ttft=5.0)  # its 1 s step began at 0 and ends at 1.0
+    r = request(1, 490, ttft=2.0)
+    begun = worker(0, Role.PREFILL, prefills=(running,), busy=True, step_end=1.0, in_step=((9, 990),))
+    assert router.predict(r, begun, [running], now=0.5) == (pytest.approx(1.5), 0)  # after the step, not after it twice
+    assert router.place([r], [begun], 0.5).placements[0].worker_id == 0
+    chunked = worker(0, Role.PREFILL, prefills=(running,), busy=True, step_end=0.5, in_step=((9, 490),))  # 500 tokens left after it
+    assert router.predict(r, chunked, [running], now=0.2) == (pytest.approx(0.5 + 0.51 + 0.5), 0)
+
+
+def test_predicts_the_order_the_worker_will_run() -> None:
     router = SlackAwareRouter(MODEL)
     queued = request(9, 490, ttft=1.0)  # 0.5 s, due at 1.0
     w = worker(0, Role.PREFILL, prefills=(queued,))
-    urgent = request(1, 590, ttft=0.7)  # 0.6 s, due at 0.7: goes first, pushing the queued one to 1.1 > 1.0
-    assert router.predict(urgent, w, [queued], now=0.0) == (pytest.approx(0.6), 1)
-    relaxed = request(2, 90, ttft=0.5)  # 0.1 s: the queued one still finishes at 0.6
+    # 0.6 s due at 0.7: first by deadline, but then the queued one ends at 1.1 > 1.0, and Moore–Hodgson keeps
+    # the shorter one: the worker would run the queued prompt first and this one late
+    urgent = request(1, 590, ttft=0.7)
+    assert router.predict(urgent, w, [queued], now=0.0)[0] > urgent.ttft_deadline
+    assert router.place([urgent], [w], 0.0).drops == (1,)
+    # 0.4 s due at 0.5: it goes first and pushes the longer queued one out of time (1 harmed)
+    shorter = request(2, 390, ttft=0.5)
+    long_queued = request(8, 690, ttft=1.0)  # 0.7 s
+    assert router.predict(shorter, worker(0, Role.PREFILL, prefills=(long_queued,)), [long_queued], now=0.0) == (pytest.approx(0.4), 1)
+    relaxed = request(3, 90, ttft=0.5)  # 0.1 s: the queued one still finishes at 0.6
     assert router.predict(relaxed, w, [queued], now=0.0) == (pytest.approx(0.1), 0)
+    # a queued prompt that cannot make it whatever happens will be abandoned: it delays nobody
+    hopeless = request(7, 990, ttft=0.8)  # 1 s of work due at 0.8
+    assert router.predict(relaxed, worker(0, Role.PREFILL, prefills=(hopeless,)), [hopeless], now=0.0) == (pytest.approx(0.1), 0)
+    patient = request(4, 490, ttft=3.0)  # due after the queued one: waits for it
+    assert router.predict(patient, w, [queued], now=0.0) == (pytest.approx(1.0), 0)
 
 
 def test_refuses_the_unattainable_and_holds_predicted_misses_for_spare_capacity() -> None:

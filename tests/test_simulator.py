@@ -121,6 +121,17 @@ def test_a_mid_span_view_reports_the_batch_at_that_instant() -> None:
     assert view.batch.reserve_deadline == pytest.approx(0.11 + 0.1 * (generated - 1))
 
 
+def test_a_view_names_the_prompt_chunks_of_the_step_in_progress() -> None:
+    distserve = make_policy("distserve", MODEL)
+    recorder = RecordingRouter(distserve.router)
+    # the first prompt's step runs from 0 to 1.01 s; the second arrives during it, the third after it
+    simulate([req(0.0, 1000, 2), req(0.5, 10, 2), req(1.5, 10, 2)], cluster([Role.PREFILL, Role.DECODE]), replace(distserve, router=recorder))
+    during = {now: views[0] for now, views in recorder.seen}
+    assert during[0.5].busy and during[0.5].in_step == ((0, 1000),)
+    assert during[0.5].unstarted_prefill(during[0.5].prefills[0]) == 0  # its prefilled count moves only when the step ends
+    assert during[1.5].in_step == ()
+
+
 def test_a_handoff_joins_the_batch_at_the_next_step_boundary() -> None:
     requests = [req(0.0, 100, 400), req(0.5, 50, 3)]
     result = simulate(requests, cluster([Role.PREFILL, Role.DECODE]), make_policy("distserve", MODEL), record_steps=True)

@@ -116,10 +116,15 @@ class WorkerView:
     waiting: tuple[RequestView, ...]  # decodes resident here, not yet in the batch
     incoming: tuple[RequestView, ...]  # decodes handed here whose KV has not arrived yet
     decode_load: int  # Σ prompt tokens of the batch, `waiting` and `incoming`
+    in_step: tuple[tuple[RequestId, int], ...] = ()  # prompt chunks (request, tokens) the step in progress computes
 
     @property
     def kv_free(self) -> int:
         return self.kv_capacity - self.kv_used
+
+    def unstarted_prefill(self, r: RequestView) -> int:
+        """Prompt tokens of r that no step has begun: `prefilled` counts a chunk only once its step ends."""
+        return r.remaining_prefill - sum(tokens for request, tokens in self.in_step if request == r.id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,9 +6,11 @@ prompts and places it where that meets its TTFT deadline: on a prefill worker
 if one can (it costs the decodes nothing), else on the multiplexing worker
 that finishes it first.
 
-- a prefill worker runs its queue by deadline, so the prompt waits only for
-  queued work due before it (and its arrival may make some of those late,
-  which counts against the placement);
+- a prefill worker runs its queue as its planner will: what a step has begun,
+  then Kairos's on-time set by deadline, so the prompt waits only for work
+  that goes before it there (and its arrival may push some of those out of
+  time, which counts against the placement); prompts already hopeless are
+  abandoned by the worker and cost nothing;
 - a multiplexing worker runs prompts as chunks that spend the banked TPOT
   slack of its decodes first, then fill what each step leaves under one TPOT,
   so the prediction follows the same two phases and no decode is put past its
@@ -29,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shared.latency.model import LatencyModel
-from shared.policies.prefill_queue import PrefillOrder, order_prefills, urgency_order
+from shared.policies.prefill_queue import Job, PrefillOrder, moore_hodgson, order_prefills, urgency_order
 from shared.policies.records import (
     Placement,
     RequestView,
@@ -39,9 +41,10 @@ from shared.policies.records import (
 )
 
 
-def prompt_work(model: LatencyModel, r: RequestView) -> float:
-    """Seconds of prefill compute a prompt still needs, without the per-step cost."""
-    start, end = r.prefilled, r.prefill_tokens
+def prompt_work(model: LatencyModel, r: RequestView, tokens: int | None = None) -> float:
+    """Seconds of prefill compute for the last `tokens` (default: all not yet prefilled) of r's prompt, without the per-step cost."""
+    end = r.prefill_tokens
+    start = end - (r.remaining_prefill if tokens is None else tokens)
     return model.c0 * (end * end - start * start) + model.c1 * (end - start)
 
 
@@ -120,23 +123,45 @@ class SlackAwareRouter:
 
     def predict(self, r: RequestView, w: WorkerView, queued: list[RequestView], now: float) -> tuple[float, int]:
         """When r's first token would come out on w, and how many queued prompts it would make late."""
-        ahead = [q for q in queued if q.generated > 0 or q.ttft_deadline <= r.ttft_deadline]
-        behind = [q for q in queued if q.generated == 0 and q.ttft_deadline > r.ttft_deadline]
-        if w.role is Role.PREFILL:
-            start = max(now, w.step_end) if w.busy else now
-            finish = start + sum(self.model.prefill_time(q.remaining_prefill) for q in ahead) + self.model.prefill_time(r.remaining_prefill)
-            harm = 0
-            if self.count_harm and behind:
-                own = self.model.prefill_time(r.remaining_prefill)
-                t = finish
-                for q in sorted(behind, key=lambda q: q.ttft_deadline):
-                    before = t - own + self.model.prefill_time(q.remaining_prefill)
-                    t += self.model.prefill_time(q.remaining_prefill)
-                    harm += before <= q.ttft_deadline < t
-            return finish, harm
-        work = sum(prompt_work(self.model, q) for q in ahead) + prompt_work(self.model, r)
         start = max(now, w.step_end) if w.busy else now
+        if w.role is Role.PREFILL:
+            return self._on_prefill_worker(r, w, queued, start, now)
+        ahead = [q for q in queued if q.generated > 0 or q.ttft_deadline <= r.ttft_deadline]
+        work = sum(prompt_work(self.model, q, w.unstarted_prefill(q)) for q in ahead) + prompt_work(self.model, r)
         return start + self.inline_time(w, work, start), 0
+
+    def _on_prefill_worker(self, r: RequestView, w: WorkerView, queued: list[RequestView], start: float, now: float) -> tuple[float, int]:
+        """r's finish in the order the worker's planner will run its queue, and the prompts r pushes out of time.
+
+        What a step has begun runs first; then the Moore–Hodgson on-time set
+        by deadline. Prompts that cannot make it even if run now cost nothing:
+        the worker abandons them. Harm is how many queued prompts on time
+        without r no longer are with it.
+        """
+        begun = {request for request, _ in w.in_step}
+        t = start
+        jobs: list[Job] = []
+        for q in queued:
+            if q.prefilled > 0 or q.generated > 0 or q.id in begun:
+                t += self._left(w, q)
+                continue
+            duration = self.model.prefill_time(q.remaining_prefill)
+            if now + duration <= q.ttft_deadline:
+                jobs.append(Job(q.id, duration, q.ttft_deadline))
+        own = Job(r.id, self.model.prefill_time(r.remaining_prefill), r.ttft_deadline)
+        with_r, _ = moore_hodgson([*jobs, own], t)
+        finish = t
+        for job in with_r:
+            finish += job.duration
+            if job.id == r.id:
+                harm = len(moore_hodgson(jobs, t)[0]) + 1 - len(with_r) if self.count_harm else 0
+                return finish, harm
+        return t + sum(job.duration for job in jobs) + own.duration, 0  # demoted behind every prompt on time: a miss
+
+    def _left(self, w: WorkerView, q: RequestView) -> float:
+        """Seconds of prefill q still needs on w once the step in progress ends."""
+        tokens = w.unstarted_prefill(q)
+        return self.model.prefill_time(tokens) if tokens > 0 else 0.0
 
     def inline_time(self, w: WorkerView, work: float, now: float) -> float:
         """Seconds to run `work` of prompt compute as chunks riding on w's decode steps."""

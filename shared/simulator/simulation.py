@@ -334,6 +334,7 @@ class _Worker:
             waiting=tuple(j.view for j in self.waiting.values()),
             incoming=tuple(j.view for j in self.incoming.values()),
             decode_load=self.prompt_sum + self.side_prompt,
+            in_step=tuple((job.id, tokens) for job, tokens in self.span_chunks) if self.busy else (),
         )
         self._view, self._view_steps = view, steps
         return view
