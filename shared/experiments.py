@@ -553,6 +553,7 @@ def unified_ablations(model: LatencyModel) -> dict[str, dict[str, Any]]:
         "- SLO-sized chunks (fixed 512-token budget)": {"slo_chunks": False, "token_budget": 512},
         "- urgency order (FCFS router queue)": {"order": PrefillOrder.FCFS},
         "- predicted placement (Tropical's toggle, urgency order)": {"router": MultiplexingToggle(model, order=PrefillOrder.URGENCY), "min_prefill_workers": 1},
+        "- keeping prompts off workers whose waiting decodes are behind": {"protect_waiting": False},
         "- multiplexing (prefill workers only)": {"multiplexing": False, "min_prefill_workers": 1},
         "- all-multiplexing layout (>= 1 prefill worker)": {"min_prefill_workers": 1},
     }

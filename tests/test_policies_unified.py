@@ -158,6 +158,19 @@ def test_prefers_a_prefill_worker_that_meets_the_deadline() -> None:
     assert router.place([r], [busy, roomy], 0.0).placements[0].worker_id == 1  # 0.5 s inline beats 2.5 s > 2.0 deadline
 
 
+def test_no_prompt_inline_where_a_waiting_decode_is_behind() -> None:
+    router = SlackAwareRouter(MODEL)
+    r = request(1, 90, ttft=2.0)
+    on_time = request(8, 100, arrival=0.0, generated=1, first_token=0.95)  # next token due at 1.05
+    behind = request(9, 100, arrival=0.0, generated=1, first_token=0.5)  # next token was due at 0.6
+    assert router.place([r], [worker(0, Role.MULTIPLEX, waiting=(on_time,))], 1.0).placements[0].worker_id == 0
+    assert router.place([r], [worker(0, Role.MULTIPLEX, waiting=(behind,))], 1.0).drops == (1,)  # nowhere else to go
+    both = [worker(0, Role.MULTIPLEX, waiting=(behind,)), worker(1, Role.MULTIPLEX, waiting=(on_time,))]
+    assert router.place([r], both, 1.0).placements[0].worker_id == 1
+    lenient = SlackAwareRouter(MODEL, protect_waiting=False)
+    assert lenient.place([r], [worker(0, Role.MULTIPLEX, waiting=(behind,))], 1.0).placements[0].worker_id == 0
+
+
 def test_counts_the_prompt_in_progress_once() -> None:
     router = SlackAwareRouter(MODEL)
     running = request(9, 990, ttft=5.0)  # its 1 s step began at 0 and ends at 1.0

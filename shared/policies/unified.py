@@ -14,7 +14,9 @@ that finishes it first.
 - a multiplexing worker runs prompts as chunks that spend the banked TPOT
   slack of its decodes first, then fill what each step leaves under one TPOT,
   so the prediction follows the same two phases and no decode is put past its
-  budget by construction.
+  budget by construction. A worker with a waiting decode already behind its
+  budget takes no prompt: its decodes have no slack to lend (Tropical's
+  inlining check counts waiting decodes too).
 
 A prompt that no worker can finish in time is a miss under the prediction.
 By default it is refused at once (it counts as a miss either way, and serving
@@ -61,6 +63,7 @@ class SlackAwareRouter:
     prefer_prefill_workers: bool = True  # inline only where no prefill worker meets the deadline: decode steps stay short
     window: int = 32  # waiting prompts examined per call beyond those placed
     multiplexing: bool = True  # False: prompts go to prefill workers only
+    protect_waiting: bool = True  # no prompt inline where a waiting decode is already behind its budget: chunks would delay it more
     order: PrefillOrder = PrefillOrder.URGENCY  # the order prompts are considered in
 
     def place(self, queue: Sequence[RequestView], workers: Sequence[WorkerView], now: float) -> RouterDecision:
@@ -114,6 +117,8 @@ class SlackAwareRouter:
         best_key: tuple[float, bool, float] = (math.inf, True, math.inf)
         for w in takers:
             if r.prefill_tokens > free_kv[w.id] and (w.kv_used or queued[w.id]):
+                continue
+            if self.protect_waiting and w.role is not Role.PREFILL and any(q.token_deadline < now for q in w.waiting):
                 continue
             finish, harm = self.predict(r, w, queued[w.id], now)
             key = (harm, self.prefer_prefill_workers and w.role is not Role.PREFILL, finish)
