@@ -80,6 +80,8 @@ class SlackAwareRouter:
             if drops:
                 refused = set(drops)
                 queue = [r for r in queue if r.id not in refused]
+        # a decoding worker with a waiting decode already behind its budget has no slack to lend to prompt chunks
+        lenders = [w for w in takers if not (self.protect_waiting and w.role is not Role.PREFILL and any(q.token_deadline < now for q in w.waiting))]
         passed = 0  # late binding: prompts left waiting in this call; past `window` the rest wait without a look
         if self.order is PrefillOrder.URGENCY:
             ordered = urgency_order(queue, self.model, now, servers=len(takers))
@@ -88,7 +90,7 @@ class SlackAwareRouter:
         for r in ordered:
             if passed >= self.window:
                 break
-            best = self._best_on_time(r, takers, queued, free_kv, now)
+            best = self._best_on_time(r, lenders, queued, free_kv, now)
             if best is None:  # a sure miss: spare capacity only, or refused
                 if self.drop_hopeless:
                     drops.append(r.id)
@@ -117,8 +119,6 @@ class SlackAwareRouter:
         best_key: tuple[float, bool, float] = (math.inf, True, math.inf)
         for w in takers:
             if r.prefill_tokens > free_kv[w.id] and (w.kv_used or queued[w.id]):
-                continue
-            if self.protect_waiting and w.role is not Role.PREFILL and any(q.token_deadline < now for q in w.waiting):
                 continue
             finish, harm = self.predict(r, w, queued[w.id], now)
             key = (harm, self.prefer_prefill_workers and w.role is not Role.PREFILL, finish)
