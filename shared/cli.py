@@ -157,8 +157,6 @@ TtftScaleOption = Annotated[float | None, typer.Option("--ttft-slo-scale", help=
 TpotMsOption = Annotated[float | None, typer.Option("--tpot-slo-ms", help="TPOT SLO (ms)")]
 
 
-
-
 class ArrivalProcess(enum.StrEnum):
     """`load_trace`'s arrival processes for length tables (named here so the CLI starts without numpy)."""
 

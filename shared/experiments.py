@@ -515,8 +515,6 @@ def slo_sweep_report(
     progress: Callable[[PolicySloSweep], None] | None = None,
 ) -> dict[str, Any]:
     """The `tropical slo-sweep` JSON: every policy's attainment against the SLO scale at one rate."""
-    if not scales or min(scales) <= 0.0:
-        raise ValueError("SLO scales must be positive and at least one")
     started = time.perf_counter()
     results = _each_policy(policies, lambda name: policy_slo_sweep(setting, trace, name, rate, scales, search), progress)
     return {
