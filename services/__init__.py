@@ -1,1 +1,1 @@
-"""The deployable services; each is a thin shell over `shared`."""
+"""The deployable services; each is a thin shell over the `tropical` package."""

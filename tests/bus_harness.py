@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from typing import Literal
 
-from shared.bus import Bus, Delivery, MemoryBroker, QueueSpec
+from tropical.bus import Bus, Delivery, MemoryBroker, QueueSpec
 from tests.servers import connect_rabbit
 
 WAIT = 10.0  # seconds any single expected event may take before the test fails

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.protocol import (
+from tropical.protocol import (
     CancelRequest,
     DecodeCoefficients,
     DecodeLoad,

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from shared.bus.base import Bus
+from tropical.bus.base import Bus
 
 RABBITMQ_URL = os.environ.get("TROPICAL_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("TROPICAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -14,7 +14,7 @@ START_HINT = "start it with scripts/services.sh (or deselect with -m 'not integr
 
 
 async def connect_rabbit(url: str = RABBITMQ_URL) -> Bus:
-    from shared.bus.rabbitmq import RabbitBus
+    from tropical.bus.rabbitmq import RabbitBus
 
     try:
         return await RabbitBus.connect(url, connect_timeout=5.0)

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from shared.bus import (
+from tropical.bus import (
     Bus,
     BusClosed,
     Delivery,
@@ -18,8 +18,8 @@ from shared.bus import (
     Unroutable,
     dead_letter_queue,
 )
-from shared.queues import declare_requests_queue
-from shared.settings import Settings
+from tropical.queues import declare_requests_queue
+from tropical.settings import Settings
 from tests.bus_harness import WAIT, Broker, Inbox
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from shared.cli import app
-from shared.engine import ModelConfig
-from shared.engine.bench import make_requests, run_engine_benchmark
+from tropical.cli import app
+from tropical.engine import ModelConfig
+from tropical.engine.bench import make_requests, run_engine_benchmark
 
 SMALL = ModelConfig.tiny(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 

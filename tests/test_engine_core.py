@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.engine import Engine, EngineConfig, InvalidRequest, KvExport, ModelConfig, share_cuda
-from shared.engine.block_manager import BlockManager, OutOfBlocks
-from shared.engine.loader import load_model, random_model, save_hf
-from shared.engine.sampler import Sampler
-from shared.engine.tokenizer import ByteTokenizer, HfTokenizer
-from shared.protocol import FinishReason, SamplingParams
+from tropical.engine import Engine, EngineConfig, InvalidRequest, KvExport, ModelConfig, share_cuda
+from tropical.engine.block_manager import BlockManager, OutOfBlocks
+from tropical.engine.loader import load_model, random_model, save_hf
+from tropical.engine.sampler import Sampler
+from tropical.engine.tokenizer import ByteTokenizer, HfTokenizer
+from tropical.protocol import FinishReason, SamplingParams
 
 SMALL = ModelConfig.tiny(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, max_position=512

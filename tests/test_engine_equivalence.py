@@ -15,9 +15,9 @@ import torch
 from tests.hf_reference import FAMILIES, build_reference, reference_logits, save_reference
 from transformers import PreTrainedModel
 
-from shared.engine import Engine, EngineConfig, KvExport, kv_from_bytes, kv_to_bytes
-from shared.engine.scheduler import ScheduledChunk
-from shared.protocol import SamplingParams
+from tropical.engine import Engine, EngineConfig, KvExport, kv_from_bytes, kv_to_bytes
+from tropical.engine.scheduler import ScheduledChunk
+from tropical.protocol import SamplingParams
 
 TOLERANCE = 1e-4
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)

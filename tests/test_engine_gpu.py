@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
-from shared.engine import CudaIpcHandle, Engine, EngineConfig, KvExport, open_cuda, share_cuda
-from shared.engine.attention import flash_attn_available
-from shared.protocol import SamplingParams
+from tropical.engine import CudaIpcHandle, Engine, EngineConfig, KvExport, open_cuda, share_cuda
+from tropical.engine.attention import flash_attn_available
+from tropical.protocol import SamplingParams
 from tests.hf_reference import FAMILIES, build_reference, reference_logits, save_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from shared.cli import app
-from shared.experiments import (
+from tropical.cli import app
+from tropical.experiments import (
     SETTINGS,
     Replay,
     SearchSettings,
@@ -24,7 +24,7 @@ from shared.experiments import (
     slo_sweep_report,
     workload,
 )
-from shared.latency.model import LatencyModel
+from tropical.latency.model import LatencyModel
 
 MODEL = LatencyModel(c0=0.0, c1=0.001, c2=0.01, d0=0.01, d1=0.001, d2=0.00002)
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from shared.latency import LatencyModel, OnlineCorrection
-from shared.latency.fit import fit_decode, fit_latency_model, fit_prefill, nonnegative_least_squares
+from tropical.latency import LatencyModel, OnlineCorrection
+from tropical.latency.fit import fit_decode, fit_latency_model, fit_prefill, nonnegative_least_squares
 
 
 def test_prefill_fit_recovers_known_coefficients() -> None:

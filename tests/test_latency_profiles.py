@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.latency import LatencyModel, available_profiles, load_profile
-from shared.latency.profiles import (
+from tropical.latency import LatencyModel, available_profiles, load_profile
+from tropical.latency.profiles import (
     ProfileKey,
     distserve_fit,
     distserve_model,
@@ -27,7 +27,7 @@ from shared.latency.profiles import (
 )
 from tests.shared_data import REPO_ROOT, shared_data
 
-PACKAGE_PROFILES = REPO_ROOT / "shared" / "latency" / "profiles"
+PACKAGE_PROFILES = REPO_ROOT / "shared" / "tropical" / "latency" / "profiles"
 ALL_KEYS = available_profiles()
 
 
@@ -338,7 +338,7 @@ def test_readme_names_every_packaged_file() -> None:
 
 def test_pyproject_ships_every_profile_file() -> None:
     config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["shared.latency"]
-    package_dir = REPO_ROOT / "shared" / "latency"
+    patterns = config["tool"]["setuptools"]["package-data"]["tropical.latency"]
+    package_dir = REPO_ROOT / "shared" / "tropical" / "latency"
     shipped = {path for pattern in patterns for path in package_dir.glob(pattern)}
     assert set(_packaged_files()) <= shipped

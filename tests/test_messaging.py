@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.bus import Bus, Delivery, QueueSpec, dead_letter_queue
-from shared.messaging import MessageConsumer, send
-from shared.protocol import (
+from tropical.bus import Bus, Delivery, QueueSpec, dead_letter_queue
+from tropical.messaging import MessageConsumer, send
+from tropical.protocol import (
     ErrorCode,
     ErrorReply,
     GenerateRequest,
@@ -99,13 +99,13 @@ async def test_bad_message_is_dead_lettered_answered_and_logged_once(
     service: Service, case: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     payload, code = BAD_PAYLOADS[case]
-    with caplog.at_level(logging.WARNING, logger="shared.messaging"):
+    with caplog.at_level(logging.WARNING, logger="tropical.messaging"):
         await service.client.publish(service.queue, payload, reply_to=service.replies)
         assert (await service.dead_inbox.next()).body == payload
         reply = await service.next_reply()
     assert reply.code == code
     assert reply.request_id is None
-    assert len([r for r in caplog.records if r.name == "shared.messaging"]) == 1
+    assert len([r for r in caplog.records if r.name == "tropical.messaging"]) == 1
     assert service.consumer.rejected == 1
     await service.still_serves()
 

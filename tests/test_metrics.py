@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from shared.metrics import RequestOutcome, find_goodput, slo_scale_sweep, summarize
+from tropical.metrics import RequestOutcome, find_goodput, slo_scale_sweep, summarize
 
 
 def outcome(

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from shared.latency.model import LatencyModel
-from shared.policies import (
+from tropical.latency.model import LatencyModel
+from tropical.policies import (
     Admission,
     AllowedStep,
     BatchSummary,
@@ -28,7 +28,7 @@ from shared.policies import (
     moore_hodgson,
     urgency_order,
 )
-from shared.policies.records import EMPTY_BATCH
+from tropical.policies.records import EMPTY_BATCH
 
 # prefill: 10 ms + 1 ms per token; decode: 10 ms + 1 ms per sequence + 20 µs per KV token
 MODEL = LatencyModel(c0=0.0, c1=0.001, c2=0.01, d0=0.01, d1=0.001, d2=0.00002)

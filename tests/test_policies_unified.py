@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from shared.latency.model import LatencyModel
-from shared.policies import (
+from tropical.latency.model import LatencyModel
+from tropical.policies import (
     Admission,
     PrefillPlanner,
     AllowedStep,
@@ -19,9 +19,9 @@ from shared.policies import (
     RouterDecision,
     WorkerView,
 )
-from shared.policies.prefill_queue import urgent_first
-from shared.policies.records import EMPTY_BATCH
-from shared.policies.unified import SlackAwareRouter, prompt_work
+from tropical.policies.prefill_queue import urgent_first
+from tropical.policies.records import EMPTY_BATCH
+from tropical.policies.unified import SlackAwareRouter, prompt_work
 
 # prefill: 10 ms + 1 ms per token; decode: 10 ms + 1 ms per sequence + 20 µs per KV token
 MODEL = LatencyModel(c0=0.0, c1=0.001, c2=0.01, d0=0.01, d1=0.001, d2=0.00002)

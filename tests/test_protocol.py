@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.protocol import (
+from tropical.protocol import (
     MESSAGE_TYPES,
     SCHEMA_VERSION,
     ErrorCode,

@@ -10,8 +10,8 @@ from contextlib import AsyncExitStack
 import pytest
 from yarl import URL
 
-from shared.bus.base import Delivery, QueueSpec
-from shared.bus.rabbitmq import RabbitBus
+from tropical.bus.base import Delivery, QueueSpec
+from tropical.bus.rabbitmq import RabbitBus
 from tests.servers import RABBITMQ_URL, connect_rabbit
 
 pytestmark = pytest.mark.integration

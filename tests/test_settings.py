@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from shared.cli import app
-from shared.settings import Settings
+from tropical.cli import app
+from tropical.settings import Settings
 
 
 def test_defaults_point_at_localhost(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from shared.latency.model import LatencyModel
-from shared.metrics import summarize
-from shared.policies import (
+from tropical.latency.model import LatencyModel
+from tropical.metrics import summarize
+from tropical.policies import (
     POLICY_NAMES,
     DecodeBatcher,
     RequestView,
@@ -22,7 +22,7 @@ from shared.policies import (
     WorkerView,
     make_policy,
 )
-from shared.simulator import ClusterSpec, SimRequest, simulate
+from tropical.simulator import ClusterSpec, SimRequest, simulate
 
 # prefill: 10 ms + 1 ms per token; decode: 10 ms + 1 ms per sequence + 20 µs per KV token
 MODEL = LatencyModel(c0=0.0, c1=0.001, c2=0.01, d0=0.01, d1=0.001, d2=0.00002)

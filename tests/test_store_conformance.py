@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from shared.protocol import (
+from tropical.protocol import (
     CancelRequest,
     DecodeLoad,
     ErrorCode,
@@ -31,8 +31,8 @@ from shared.protocol import (
     WorkerStatus,
     encode,
 )
-from shared.settings import Settings
-from shared.store import (
+from tropical.settings import Settings
+from tropical.store import (
     CorruptValue,
     LatencyModelUpdates,
     MemoryStore,

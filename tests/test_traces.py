@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.traces import TraceError, TraceRequest, describe, load_trace, synthetic_arrivals
+from tropical.traces import TraceError, TraceRequest, describe, load_trace, synthetic_arrivals
 from tests.shared_data import shared_data
 
 

@@ -1,5 +1,0 @@
-"""Model code: one decoder covers the Llama, Mistral, Qwen2 and Qwen3 families."""
-
-from shared.engine.models.llama import CausalLM
-
-__all__ = ["CausalLM"]

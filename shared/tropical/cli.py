@@ -1,0 +1,395 @@
+"""The `tropical` command: one entry point for services, benchmarks and tools."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import os
+import platform
+import sys
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+
+from tropical.settings import MEMORY_URL, Settings
+
+if TYPE_CHECKING:
+    from tropical.experiments import Replay, Setting
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="Tropical: SLO-aware LLM serving.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # plain tracebacks: no local variables (URLs with passwords) printed
+)
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where it is installed: it is the faster loop for a bus-bound service."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    broker_url: Annotated[str | None, typer.Option(help="AMQP URL, or memory:// (env TROPICAL_BROKER_URL)")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Redis URL, or memory:// (env TROPICAL_REDIS_URL)")] = None,
+    namespace: Annotated[str | None, typer.Option(help="prefix of queue and key names (env TROPICAL_NAMESPACE)")] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ... (env TROPICAL_LOG_LEVEL)")] = None,
+) -> None:
+    """Settings come from TROPICAL_* variables; these flags override them."""
+    try:
+        settings = Settings().with_overrides(broker_url=broker_url, redis_url=redis_url, namespace=namespace, log_level=log_level)
+    except ValidationError as exc:
+        typer.echo(f"error: invalid settings:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = settings
+
+
+@app.command("settings")
+def show_settings(ctx: typer.Context) -> None:
+    """Print the effective settings (passwords masked) as JSON."""
+    typer.echo(json.dumps(ctx.obj.redacted(), indent=2))
+
+
+@app.command("bench-bus")
+def bench_bus(
+    ctx: typer.Context,
+    messages: Annotated[int, typer.Option(min=1, help="round trips per run")] = 2000,
+    batches: Annotated[str, typer.Option(help="comma-separated batch sizes; 1 means unbatched")] = "1,32",
+    memory_only: Annotated[bool, typer.Option(help="skip RabbitMQ")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the results here")] = None,
+) -> None:
+    """Measure bus round trips per second, in memory and on RabbitMQ, with and without batching."""
+    from tropical.bus import Bus, MemoryBroker
+    from tropical.bus.benchmark import measure_round_trips
+
+    settings: Settings = ctx.obj
+    try:
+        sizes = [int(size) for size in batches.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"not a list of whole numbers: {batches!r}", param_hint="--batches") from None
+    if any(size < 1 for size in sizes):
+        raise typer.BadParameter("batch sizes must be at least 1", param_hint="--batches")
+    rabbit = None if memory_only or settings.broker_url.startswith(MEMORY_URL) else settings.broker_url
+
+    async def measure() -> list[dict[str, Any]]:
+        memory = MemoryBroker()
+
+        async def memory_bus() -> Bus:
+            return memory.connect()
+
+        async def rabbit_bus() -> Bus:
+            from tropical.bus.rabbitmq import RabbitBus
+
+            return await RabbitBus.connect(rabbit or "")
+
+        targets = [("memory", memory_bus)] + ([("rabbitmq", rabbit_bus)] if rabbit else [])
+        results = []
+        for name, connect in targets:
+            for size in sizes:
+                result = await measure_round_trips(name, connect, messages=messages, batch=size)
+                typer.echo(
+                    f"{name:>9} batch {size:>4}: {result.round_trips_per_s:>10.1f} round trips/s"
+                    f"  p50 {result.p50_ms:.3f} ms  p99 {result.p99_ms:.3f} ms"
+                )
+                results.append(result.as_dict())
+        return results
+
+    results = run_async(measure())
+    if json_path:
+        record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": _machine(), "results": results}
+        json_path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+@app.command("bench-engine")
+def bench_engine(
+    num_requests: Annotated[int, typer.Option(min=1, help="requests served by each side")] = 64,
+    seed: Annotated[int, typer.Option(help="fixes prompts, lengths and weights")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="running sequences (ours) and static batch size (HF)")] = 32,
+    max_num_batched_tokens: Annotated[int, typer.Option(min=16, help="tokens per engine step")] = 512,
+    repeats: Annotated[int, typer.Option(min=1, help="turns each side takes; the fastest counts")] = 2,
+    no_hf: Annotated[bool, typer.Option("--no-hf", help="time the engine only")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report here")] = None,
+) -> None:
+    """Tokens per second of the engine (continuous batching) against Hugging Face `generate` on the same requests."""
+    from tropical.engine.bench import run_engine_benchmark
+
+    report = run_engine_benchmark(
+        num_requests,
+        seed,
+        batch_size=batch_size,
+        max_num_batched_tokens=max_num_batched_tokens,
+        with_hf=not no_hf,
+        repeats=repeats,
+    )
+    typer.echo(f"ours: {report['ours_tok_s']:.1f} tok/s")
+    if "hf_tok_s" in report:
+        typer.echo(f"hf:   {report['hf_tok_s']:.1f} tok/s\nspeedup: {report['speedup']:.2f}x")
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, {platform.platform(terse=True)}"
+
+
+# --- simulation ------------------------------------------------------------------------------
+
+SettingOption = Annotated[str, typer.Option("--setting", help="preset: longbench-70b, long-66b or chat-13b")]
+TraceOption = Annotated[Path | None, typer.Option("--trace", help="trace or length table (default: the setting's)")]
+TtftMsOption = Annotated[float | None, typer.Option("--ttft-slo-ms", help="fixed TTFT SLO for every request (ms)")]
+TtftScaleOption = Annotated[float | None, typer.Option("--ttft-slo-scale", help="TTFT SLO as a multiple of the request's isolated prefill time")]
+TpotMsOption = Annotated[float | None, typer.Option("--tpot-slo-ms", help="TPOT SLO (ms)")]
+
+
+class ArrivalProcess(enum.StrEnum):
+    """`load_trace`'s arrival processes for length tables (named here so the CLI starts without numpy)."""
+
+    POISSON = "poisson"
+    GAMMA = "gamma"
+
+
+NumRequestsOption = Annotated[
+    int | None,
+    typer.Option("--num-requests", "--requests", min=1, help="replay the first N requests (default: the setting's count, or all in the window)"),
+]
+StartOption = Annotated[float | None, typer.Option("--start-s", min=0.0, help="replay requests from this many seconds after the trace's first")]
+DurationOption = Annotated[float | None, typer.Option("--duration-s", help="replay only requests arriving within this many seconds")]
+ArrivalOption = Annotated[ArrivalProcess, typer.Option(help="length tables: the arrival process drawn at the rate")]
+CvOption = Annotated[float | None, typer.Option(help="coefficient of variation of Gamma arrival gaps (burstiness; Poisson is 1)")]
+
+
+def _replay(requests: int | None, start_s: float | None, duration_s: float | None, arrival: ArrivalProcess, cv: float | None) -> Replay:
+    from tropical.experiments import Replay
+
+    if duration_s is not None and duration_s <= 0.0:
+        raise typer.BadParameter(f"--duration-s must be positive, got {duration_s:g}")
+    if cv is not None and arrival is ArrivalProcess.POISSON:
+        raise typer.BadParameter("--cv needs --arrival gamma: Poisson gaps have a cv of 1")
+    return Replay(requests=requests, start_s=start_s, duration_s=duration_s, arrival=arrival.value, cv=1.0 if cv is None else cv)
+
+
+def _setting(name: str, ttft_ms: float | None, ttft_scale: float | None, tpot_ms: float | None) -> Setting:
+    from tropical.experiments import setting_named
+
+    try:
+        return setting_named(name, ttft_slo_ms=ttft_ms, ttft_slo_scale=ttft_scale, tpot_slo_ms=tpot_ms)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command("sim")
+def sim(
+    setting_name: SettingOption,
+    policy: Annotated[str, typer.Option(help="vllm, sarathi, distserve, tropical, kairos or unified")],
+    rate: Annotated[float | None, typer.Option(min=1e-9, help="cluster arrival rate (req/s); default: a timed trace's own")] = None,
+    trace: TraceOption = None,
+    requests: NumRequestsOption = None,
+    start_s: StartOption = None,
+    duration_s: DurationOption = None,
+    arrival: ArrivalOption = ArrivalProcess.POISSON,
+    cv: CvOption = None,
+    prefill_workers: Annotated[
+        int | None,
+        typer.Option(help="dedicated prefill workers of a disaggregated policy (default: half; `goodput` finds the best)"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="arrival and noise seed")] = 0,
+    noise: Annotated[bool, typer.Option(help="perturb step times by the latency model's residual spread")] = False,
+    ttft_slo_ms: TtftMsOption = None,
+    ttft_slo_scale: TtftScaleOption = None,
+    tpot_slo_ms: TpotMsOption = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the summary here")] = None,
+) -> None:
+    """Simulate one policy at one rate and print a `vllm bench serve`-style summary."""
+    import time
+    from collections import Counter
+
+    from tropical.experiments import run_policy, workload
+    from tropical.metrics import summarize
+    from tropical.policies import make_policy
+
+    setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
+    trace = trace or setting.trace
+    replay = _replay(requests, start_s, duration_s, arrival, cv)
+    started = time.perf_counter()
+    try:
+        load = workload(setting, trace, rate, replay=replay, seed=seed)
+        result = run_policy(setting, policy, load, prefill_workers=prefill_workers, seed=seed, noise=noise)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    wall = time.perf_counter() - started
+    roles = Counter(role.value for role in make_policy(policy, setting.latency_model()).roles(setting.workers, prefill_workers))
+    workers = " + ".join(f"{count} {role}" for role, count in roles.items())
+    summary = summarize(result.outcomes())
+    record = {
+        "setting": setting.name,
+        "trace": str(trace),
+        "policy": policy,
+        "rate": rate,
+        "prefill_workers": prefill_workers,
+        "workers": dict(roles),
+        "slo": setting.slo.describe(),
+        "replay": replay.describe(setting),
+        "simulated_requests": len(load.requests),
+        "wall_seconds": round(wall, 3),
+        "refused_requests": result.refused,
+        "abandoned_requests": result.abandoned,
+        **summary.as_vllm_json(),
+    }
+    lines = [
+        f"{' Simulated Serving Result ':=^60}",
+        f"{'Setting:':<40}{setting.name} ({setting.slo.describe()})",
+        f"{'Policy:':<40}{policy}",
+        f"{'Workers:':<40}{workers}",
+        f"{'Successful requests:':<40}{summary.finished}",
+        f"{'Infeasible requests (counted as misses):':<40}{summary.infeasible}",
+        f"{'Refused / abandoned (counted as misses):':<40}{result.refused} / {result.abandoned}",
+        f"{'Benchmark duration (s):':<40}{summary.duration:.2f}",
+        f"{'Request throughput (req/s):':<40}{summary.request_throughput:.3f}",
+        f"{'Request goodput (req/s):':<40}{summary.goodput:.3f}",
+        f"{'SLO attainment (both / TTFT / TPOT):':<40}{summary.attainment:.3f} / {summary.ttft_attainment:.3f} / {summary.tpot_attainment:.3f}",
+        f"{'Mean / P90 / P99 TTFT (ms):':<40}{summary.mean_ttft_ms:.1f} / {summary.p90_ttft_ms:.1f} / {summary.p99_ttft_ms:.1f}",
+        f"{'Mean / P90 / P99 TPOT (ms):':<40}{summary.mean_tpot_ms:.1f} / {summary.p90_tpot_ms:.1f} / {summary.p99_tpot_ms:.1f}",
+        f"{'Simulated in (s):':<40}{wall:.2f}",
+        "=" * 60,
+    ]
+    typer.echo("\n".join(lines))
+    if json_path:
+        json_path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+@app.command("goodput")
+def goodput(
+    setting_name: SettingOption,
+    policies: Annotated[str, typer.Option(help="comma-separated policy names")] = "vllm,sarathi,distserve,tropical,kairos,unified",
+    trace: TraceOption = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    requests: NumRequestsOption = None,
+    start_s: StartOption = None,
+    duration_s: DurationOption = None,
+    arrival: ArrivalOption = ArrivalProcess.POISSON,
+    cv: CvOption = None,
+    rel_tolerance: Annotated[float, typer.Option(min=1e-6, help="bisection stops when the bracket is this fraction of the rate")] = 0.02,
+    seed: Annotated[int, typer.Option(help="arrival and noise seed")] = 0,
+    noise: Annotated[bool, typer.Option(help="perturb step times by the latency model's residual spread")] = False,
+    ttft_slo_ms: TtftMsOption = None,
+    ttft_slo_scale: TtftScaleOption = None,
+    tpot_slo_ms: TpotMsOption = None,
+    plot: Annotated[Path | None, typer.Option(help="also sweep rates and write PNG curves with this path prefix")] = None,
+) -> None:
+    """Find each policy's goodput (highest rate with >= 90 % joint SLO attainment) by bisection."""
+    from tropical.experiments import PolicyGoodput, SearchSettings, goodput_report
+
+    setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
+    names = [name.strip() for name in policies.split(",") if name.strip()]
+    search = SearchSettings(replay=_replay(requests, start_s, duration_s, arrival, cv), rel_tolerance=rel_tolerance, seed=seed, noise=noise)
+
+    def progress(found: PolicyGoodput) -> None:
+        split = "" if found.prefill_workers is None else f" at {found.prefill_workers} prefill worker(s)"
+        typer.echo(
+            f"{found.policy:>10}: {found.goodput_rps:.4g} req/s ({found.per_gpu:.4g} per GPU){split}  [{found.seconds:.1f} s]"
+        )
+
+    try:
+        report = goodput_report(setting, trace or setting.trace, names, search, progress=progress)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if plot:
+        from tropical.plots import sweep_and_plot
+
+        report["figures"] = sweep_and_plot(setting, trace or setting.trace, report, plot, search)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+@app.command("slo-sweep")
+def slo_sweep(
+    setting_name: SettingOption,
+    rate: Annotated[float, typer.Option(min=1e-9, help="cluster arrival rate (req/s)")],
+    policies: Annotated[str, typer.Option(help="comma-separated policy names")] = "vllm,sarathi,distserve,tropical,kairos,unified",
+    scales: Annotated[str, typer.Option(help="comma-separated multipliers applied to both SLOs")] = "0.5,0.75,1,1.25,1.5,2",
+    trace: TraceOption = None,
+    requests: NumRequestsOption = None,
+    start_s: StartOption = None,
+    duration_s: DurationOption = None,
+    arrival: ArrivalOption = ArrivalProcess.POISSON,
+    cv: CvOption = None,
+    seed: Annotated[int, typer.Option(help="arrival and noise seed")] = 0,
+    noise: Annotated[bool, typer.Option(help="perturb step times by the latency model's residual spread")] = False,
+    ttft_slo_ms: TtftMsOption = None,
+    ttft_slo_scale: TtftScaleOption = None,
+    tpot_slo_ms: TpotMsOption = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    plot: Annotated[Path | None, typer.Option(help="also draw attainment against the scale into this PNG")] = None,
+) -> None:
+    """Joint SLO attainment of each policy at one rate as both SLOs are scaled (tightest scale attaining 90 %)."""
+    from tropical.experiments import PolicySloSweep, SearchSettings, slo_sweep_report
+
+    setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
+    names = [name.strip() for name in policies.split(",") if name.strip()]
+    try:
+        factors = [float(x) for x in scales.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--scales must be comma-separated numbers, got {scales!r}") from None
+    search = SearchSettings(replay=_replay(requests, start_s, duration_s, arrival, cv), seed=seed, noise=noise)
+
+    def progress(found: PolicySloSweep) -> None:
+        points = "  ".join(f"{scale:g}:{100 * value:.1f}%" for scale, value in found.sweep.points)
+        tightest = "none" if found.sweep.min_scale is None else f"{found.sweep.min_scale:g}"
+        typer.echo(f"{found.policy:>10}: {points}  (tightest scale attaining: {tightest})")
+
+    try:
+        report = slo_sweep_report(setting, trace or setting.trace, names, rate, factors, search, progress=progress)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if plot:
+        from tropical.plots import plot_slo_sweep
+
+        report["figure"] = plot_slo_sweep(setting, report, plot)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+@app.command("ablate")
+def ablate(
+    setting_name: SettingOption,
+    trace: TraceOption = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    requests: NumRequestsOption = None,
+    start_s: StartOption = None,
+    duration_s: DurationOption = None,
+    arrival: ArrivalOption = ArrivalProcess.POISSON,
+    cv: CvOption = None,
+    rel_tolerance: Annotated[float, typer.Option(min=1e-6, help="bisection stops when the bracket is this fraction of the rate")] = 0.02,
+    seed: Annotated[int, typer.Option(help="arrival and noise seed")] = 0,
+) -> None:
+    """Goodput of `unified` with each of its ideas taken out in turn."""
+    from tropical.experiments import PolicyGoodput, SearchSettings, ablation_report
+
+    setting = _setting(setting_name, None, None, None)
+    search = SearchSettings(replay=_replay(requests, start_s, duration_s, arrival, cv), rel_tolerance=rel_tolerance, seed=seed)
+
+    def progress(label: str, found: PolicyGoodput) -> None:
+        typer.echo(f"{label:<64} {found.goodput_rps:.4g} req/s  [{found.seconds:.1f} s]")
+
+    try:
+        report = ablation_report(setting, trace or setting.trace, search, progress=progress)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,654 @@
+"""Settings presets and the goodput search: what `tropical sim` and `tropical goodput` run.
+
+A setting fixes the hardware (model, GPU, TP degree, worker count, KV capacity,
+KV link) and the SLO rule; the trace and the policies vary. Every policy in a
+setting runs on the same GPUs: colocated policies use every worker the same
+way, disaggregated ones split them into prefill and decoding workers. With
+more than two workers the split is searched per policy and each policy is
+reported at its best split, as DistServe reports its placements.
+
+Goodput is the highest request rate at which at least 90 % of requests meet
+both SLOs, found by bisection over the rate at which the first `requests`
+requests of the trace (or those in a time window) are replayed: the trace's
+own arrival pattern, rescaled; Poisson or Gamma arrivals for length tables.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tropical.latency.model import LatencyModel
+from tropical.latency.profiles import load_profile
+from tropical.metrics import (
+    SloScaleSweep,
+    Summary,
+    find_goodput,
+    slo_scale_sweep,
+    summarize,
+)
+from tropical.policies import POLICY_NAMES, ServingPolicy, make_policy
+from tropical.simulator import ClusterSpec, SimRequest, SimulationResult, simulate
+from tropical.traces import TraceRequest, load_trace
+
+M = TypeVar("M")  # what one policy's measurement yields
+
+# the project's data collection sits beside the checkout (as on CI); TROPICAL_DATA_DIR points elsewhere
+DATA = Path(os.environ.get("TROPICAL_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
+GIB = 1024**3
+A100_NVLINK_BYTES_PER_S = 150e9  # per GPU pair: half of NVLink 3's 300 GB/s per direction, what bulk copies see
+
+
+def kv_bytes_per_token(layers: int, kv_width: int) -> int:
+    """K and V, fp16, every layer: 2 · layers · (KV heads · head dim) · 2 bytes."""
+    return 2 * layers * kv_width * 2
+
+
+@dataclass(frozen=True)
+class SloRule:
+    """TTFT = max(floor, scale × the request's isolated prefill time) or a fixed value; TPOT fixed."""
+
+    ttft_scale: float | None = 5.0
+    ttft_floor: float = 0.0
+    ttft_fixed: float | None = None
+    tpot: float = 0.1
+
+    def ttft(self, model: LatencyModel, prompt_tokens: int) -> float:
+        if self.ttft_fixed is not None:
+            return self.ttft_fixed
+        return max(self.ttft_floor, (self.ttft_scale or 1.0) * model.prefill_time(prompt_tokens))
+
+    def scaled(self, factor: float) -> SloRule:
+        """Both SLOs times `factor` (DistServe's SLO scale)."""
+        return SloRule(
+            ttft_scale=None if self.ttft_scale is None else self.ttft_scale * factor,
+            ttft_floor=self.ttft_floor * factor,
+            ttft_fixed=None if self.ttft_fixed is None else self.ttft_fixed * factor,
+            tpot=self.tpot * factor,
+        )
+
+    def describe(self) -> str:
+        if self.ttft_fixed is not None:
+            ttft = f"{self.ttft_fixed * 1000:g} ms"
+        else:
+            ttft = f"{self.ttft_scale:g}x isolated prefill"
+            if self.ttft_floor > 0:
+                ttft = f"max({self.ttft_floor * 1000:g} ms, {ttft})"
+        return f"TTFT {ttft}, TPOT {self.tpot * 1000:g} ms"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    model: str  # a load_profile name
+    tensor_parallel: int
+    workers: int
+    kv_capacity: int  # KV tokens per worker
+    kv_bytes_per_token: int
+    slo: SloRule
+    trace: Path  # the default trace
+    rate_bounds: tuple[float, float]  # cluster req/s bracketing every policy's goodput (the search widens it if not)
+    requests: int = 2000  # requests replayed per evaluated rate
+    hardware: str = "a100-80g"
+    note: str = ""
+
+    @property
+    def gpus(self) -> int:
+        return self.workers * self.tensor_parallel
+
+    def latency_model(self) -> LatencyModel:
+        return _latency_model(self.model, self.hardware, self.tensor_parallel)
+
+    def cluster(self, policy: ServingPolicy, prefill_workers: int | None = None) -> ClusterSpec:
+        return ClusterSpec(
+            roles=policy.roles(self.workers, prefill_workers),
+            model=self.latency_model(),
+            kv_capacity=self.kv_capacity,
+            kv_bytes_per_token=self.kv_bytes_per_token,
+            link_bandwidth=A100_NVLINK_BYTES_PER_S * self.tensor_parallel,
+            tensor_parallel=self.tensor_parallel,
+        )
+
+    def splits(self, policy: ServingPolicy) -> list[int | None]:
+        """Prefill-worker counts to try: all of them with more than two workers, else the only one."""
+        if not policy.disaggregated:
+            return [None]
+        low = policy.min_prefill_workers
+        if self.workers <= 2:
+            return list(range(low, 2))
+        return list(range(low, self.workers))
+
+
+@lru_cache(maxsize=16)
+def _latency_model(model: str, hardware: str, tensor_parallel: int) -> LatencyModel:
+    return load_profile(model, hardware, tensor_parallel)
+
+
+# KV capacities: OPT from DistServe's own A100-80GB table (max_num_tokens.csv, pp = 1);
+# Llama-2-70B on 4 A100-80GB: 90 % of 320 GiB, less 138 GB of fp16 weights and
+# 2 GiB of activations per GPU, over 327,680 bytes per token.
+LLAMA2_70B_TP4_KV = int((0.9 * 4 * 80 * GIB - 137.96e9 - 4 * 2 * GIB) / kv_bytes_per_token(80, 8 * 128))
+
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        Setting(
+            name="longbench-70b",
+            model="llama-2-70b",
+            tensor_parallel=4,
+            workers=2,
+            kv_capacity=LLAMA2_70B_TP4_KV,
+            kv_bytes_per_token=kv_bytes_per_token(80, 8 * 128),
+            slo=SloRule(ttft_scale=5.0, tpot=0.1),
+            trace=DATA / "lengths/arxiv_summarization_llama2_tokenizer.csv",
+            rate_bounds=(0.2, 3.0),
+            note="Tropical's own setting (its README table): Llama-2-70B, A100-80GB, 2 workers of TP4",
+        ),
+        Setting(
+            name="long-66b",
+            model="opt-66b",
+            tensor_parallel=4,
+            workers=2,
+            kv_capacity=78_496,
+            kv_bytes_per_token=kv_bytes_per_token(64, 9216),
+            slo=SloRule(ttft_scale=5.0, tpot=0.1),
+            trace=DATA / "traces/mooncake_conversation_fast25.jsonl",
+            rate_bounds=(0.02, 0.5),
+            requests=1000,
+            note="long-context traces on OPT-66B with DistServe's A100 coefficients, 2 workers of TP4",
+        ),
+        Setting(
+            name="chat-13b",
+            model="opt-13b",
+            tensor_parallel=1,
+            workers=8,
+            kv_capacity=66_144,
+            kv_bytes_per_token=kv_bytes_per_token(40, 5120),
+            slo=SloRule(ttft_scale=3.0, ttft_floor=0.25, tpot=0.1),
+            trace=DATA / "traces/azure_conv_2023.csv",
+            rate_bounds=(2.0, 24.0),
+            note="chat on OPT-13B with DistServe's A100 coefficients, 8 single-GPU workers",
+        ),
+    )
+}
+
+
+def setting_named(name: str, *, ttft_slo_ms: float | None = None, ttft_slo_scale: float | None = None, tpot_slo_ms: float | None = None) -> Setting:
+    """A preset, with any SLO flag overriding the preset's rule."""
+    if name not in SETTINGS:
+        raise ValueError(f"unknown setting {name!r}; known: {', '.join(SETTINGS)}")
+    setting = SETTINGS[name]
+    slo = setting.slo
+    if ttft_slo_ms is not None and ttft_slo_scale is not None:
+        raise ValueError("give --ttft-slo-ms or --ttft-slo-scale, not both")
+    if ttft_slo_ms is not None:
+        slo = replace(slo, ttft_fixed=ttft_slo_ms / 1000.0, ttft_scale=None, ttft_floor=0.0)
+    if ttft_slo_scale is not None:
+        slo = replace(slo, ttft_scale=ttft_slo_scale, ttft_fixed=None)
+    if tpot_slo_ms is not None:
+        slo = replace(slo, tpot=tpot_slo_ms / 1000.0)
+    return replace(setting, slo=slo)
+
+
+# --- one run -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Which requests of a trace are replayed, and how a length table's arrivals are drawn (see `load_trace`).
+
+    Without a window, the first `requests` (default: the setting's count).
+    With one, every request arriving in it (for a length table: after its
+    arrivals are drawn at the rate), capped by `requests` only when given.
+    """
+
+    requests: int | None = None
+    start_s: float | None = None
+    duration_s: float | None = None
+    arrival: str = "poisson"
+    cv: float = 1.0
+
+    @property
+    def windowed(self) -> bool:
+        return self.start_s is not None or self.duration_s is not None
+
+    def count(self, setting: Setting) -> int | None:
+        """How many requests to keep at most (None: all in the window)."""
+        if self.requests is not None:
+            return self.requests
+        return None if self.windowed else setting.requests
+
+    def describe(self, setting: Setting) -> dict[str, Any]:
+        return {
+            "requests": self.count(setting),
+            "start_s": self.start_s,
+            "duration_s": self.duration_s,
+            "arrival": self.arrival,
+            "cv": self.cv,
+        }
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The trace requests to replay, with their SLOs, at one rate."""
+
+    trace: Path
+    rate: float | None  # None: a timed trace at its own rate
+    requests: tuple[SimRequest, ...]
+
+
+def workload(
+    setting: Setting, trace: Path, rate: float | None, *, replay: Replay = Replay(), seed: int = 0, slo: SloRule | None = None
+) -> Workload:
+    rows = _trace_rows(str(trace), rate, replay, replay.count(setting), seed)
+    if not rows:
+        raise ValueError(f"no request of {trace} is left to replay: the window {_window(replay)} holds none")
+    model = setting.latency_model()
+    rule = slo or setting.slo
+    return Workload(trace, rate, tuple(_with_slo(r, rule, model) for r in rows))
+
+
+def _window(replay: Replay) -> str:
+    start = replay.start_s or 0.0
+    end = "the end" if replay.duration_s is None else f"{start + replay.duration_s:g} s"
+    return f"from {start:g} s to {end}"
+
+
+@lru_cache(maxsize=64)
+def _trace_rows(trace: str, rate: float | None, replay: Replay, count: int | None, seed: int) -> tuple[TraceRequest, ...]:
+    return tuple(
+        load_trace(
+            trace,
+            rate=rate,
+            arrival=replay.arrival,
+            cv=replay.cv,
+            seed=seed,
+            num_requests=count,
+            start_s=replay.start_s,
+            duration_s=replay.duration_s,
+        )
+    )
+
+
+def _with_slo(r: TraceRequest, rule: SloRule, model: LatencyModel) -> SimRequest:
+    return SimRequest(r.arrival, r.prompt_tokens, r.output_tokens, rule.ttft(model, r.prompt_tokens), rule.tpot)
+
+
+def run_policy(
+    setting: Setting,
+    policy_name: str,
+    load: Workload,
+    *,
+    prefill_workers: int | None = None,
+    seed: int = 0,
+    noise: bool = False,
+    options: dict[str, Any] | None = None,
+) -> SimulationResult:
+    policy = make_policy(policy_name, setting.latency_model(), **(options or {}))
+    result = simulate(load.requests, setting.cluster(policy, prefill_workers), policy, seed=seed, noise=noise)
+    if result.unfinished:
+        raise RuntimeError(f"{policy_name} left {result.unfinished} requests unfinished on {setting.name} at {load.rate} req/s")
+    return result
+
+
+# --- goodput -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyGoodput:
+    policy: str
+    goodput_rps: float
+    per_gpu: float
+    prefill_workers: int | None  # the split it was measured at (None: colocated)
+    converged: bool
+    attainment_at: dict[float, float]  # every evaluated rate at the chosen split
+    splits: dict[int, float] = field(default_factory=dict)  # highest rate each split passed: its goodput for the best, a lower bound for splits dropped early
+    infeasible: int = 0  # requests refused as unservable within SLO even on an idle cluster (at the goodput rate)
+    seconds: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "goodput_rps": self.goodput_rps,
+            "goodput_per_gpu": self.per_gpu,
+            "prefill_workers": self.prefill_workers,
+            "converged": self.converged,
+            "attainment_at": {f"{rate:.4f}": att for rate, att in sorted(self.attainment_at.items())},
+            "goodput_by_prefill_workers": {str(k): v for k, v in sorted(self.splits.items())},
+            "infeasible_requests": self.infeasible,
+            "search_seconds": round(self.seconds, 2),
+        }
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    replay: Replay = Replay()  # the requests replayed at each evaluated rate
+    rel_tolerance: float = 0.02
+    target: float = 0.9
+    seed: int = 0
+    noise: bool = False
+    max_evaluations: int = 30
+
+
+def attainment(setting: Setting, trace: Path, policy: str, rate: float, split: int | None, search: SearchSettings, options: dict[str, Any] | None = None) -> tuple[float, Summary]:
+    load = workload(setting, trace, rate, replay=search.replay, seed=search.seed)
+    result = run_policy(setting, policy, load, prefill_workers=split, seed=search.seed, noise=search.noise, options=options)
+    summary = summarize(result.outcomes())
+    return summary.attainment, summary
+
+
+def policy_goodput(
+    setting: Setting,
+    trace: Path,
+    policy: str,
+    search: SearchSettings = SearchSettings(),
+    *,
+    options: dict[str, Any] | None = None,
+    splits: Sequence[int | None] | None = None,
+) -> PolicyGoodput:
+    """Goodput of one policy, at its best prefill:decode split when the setting has a choice.
+
+    With several splits, one bisection runs over the rate with, at each rate,
+    the best attainment over the splits still in contention (a split passes a
+    rate if any evaluation there reaches the target): the highest rate some
+    split sustains is the best split's goodput. Splits that fail a rate that
+    another passes are dropped from later evaluations at higher rates.
+    """
+    started = time.perf_counter()
+    model = setting.latency_model()
+    candidates = list(splits) if splits is not None else setting.splits(make_policy(policy, model, **(options or {})))
+    per_split: dict[int | None, dict[float, float]] = {s: {} for s in candidates}
+    alive = list(candidates)
+    summaries: dict[tuple[int | None, float], Summary] = {}
+
+    def best_at(rate: float) -> float:
+        nonlocal alive
+        best = -1.0
+        passing = []
+        for split in alive:
+            value, summary = attainment(setting, trace, policy, rate, split, search, options)
+            per_split[split][rate] = value
+            summaries[(split, rate)] = summary
+            best = max(best, value)
+            if value >= search.target:
+                passing.append(split)
+        if passing:
+            alive = passing  # a split failing where another passes cannot have the higher goodput
+        return best
+
+    low, high = setting.rate_bounds
+    result = find_goodput(best_at, target=search.target, low=low, high=high, rel_tolerance=search.rel_tolerance, max_evaluations=search.max_evaluations)
+    best_split = max(candidates, key=lambda s: (_split_goodput(per_split[s], search.target), -_none_last(s)))
+    by_split = {s: _split_goodput(per_split[s], search.target) for s in candidates if s is not None}
+    summary = summaries.get((best_split, result.rate))
+    return PolicyGoodput(
+        policy=policy,
+        goodput_rps=result.rate,
+        per_gpu=result.rate / setting.gpus,
+        prefill_workers=best_split,
+        converged=result.converged,
+        attainment_at=dict(per_split[best_split]),
+        splits=by_split,
+        infeasible=summary.infeasible if summary else 0,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _split_goodput(points: dict[float, float], target: float) -> float:
+    """Highest evaluated rate this split passed (0 if none)."""
+    passed = [rate for rate, value in points.items() if value >= target]
+    return max(passed, default=0.0)
+
+
+def _none_last(split: int | None) -> int:
+    return 0 if split is None else split
+
+
+def _each_policy(policies: Sequence[str], measure: Callable[[str], M], progress: Callable[[M], None] | None) -> dict[str, M]:
+    """Measure each named policy in turn, telling `progress` as each is done; every name is checked before any work."""
+    unknown = [name for name in policies if name not in POLICY_NAMES]
+    if unknown:
+        raise ValueError(f"unknown policy {unknown[0]!r}; known: {', '.join(POLICY_NAMES)}")
+    results = {}
+    for name in policies:
+        results[name] = found = measure(name)
+        if progress:
+            progress(found)
+    return results
+
+
+def goodput_report(
+    setting: Setting,
+    trace: Path,
+    policies: Sequence[str],
+    search: SearchSettings = SearchSettings(),
+    *,
+    progress: Callable[[PolicyGoodput], None] | None = None,
+) -> dict[str, Any]:
+    """The `tropical goodput` JSON: every policy's goodput on one setting and trace."""
+    started = time.perf_counter()
+    results = _each_policy(policies, lambda name: policy_goodput(setting, trace, name, search), progress)
+    return {
+        "setting": setting.name,
+        "trace": str(trace),
+        "description": setting.note,
+        "model": setting.model,
+        "tensor_parallel": setting.tensor_parallel,
+        "workers": setting.workers,
+        "gpus": setting.gpus,
+        "slo": setting.slo.describe(),
+        "requests_per_rate": search.replay.count(setting),
+        "replay": search.replay.describe(setting),
+        "rel_tolerance": search.rel_tolerance,
+        "target_attainment": search.target,
+        "seed": search.seed,
+        "search_seconds": round(time.perf_counter() - started, 2),
+        "policies": {name: found.as_json() for name, found in results.items()},
+    }
+
+
+def rate_sweep(
+    setting: Setting,
+    trace: Path,
+    policy: str,
+    rates: Sequence[float],
+    *,
+    prefill_workers: int | None = None,
+    search: SearchSettings = SearchSettings(),
+) -> list[tuple[float, Summary]]:
+    """Summaries of one policy at each rate (for the attainment and latency curves)."""
+    return [(rate, attainment(setting, trace, policy, rate, prefill_workers, search)[1]) for rate in rates]
+
+
+# --- SLO scale --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicySloSweep:
+    policy: str
+    sweep: SloScaleSweep
+    splits: dict[float, int | None]  # the split that attained most at each scale (None: colocated)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "attainment_at_scale": {f"{scale:g}": value for scale, value in self.sweep.points},
+            "prefill_workers_at_scale": {f"{scale:g}": split for scale, split in self.splits.items()},
+            "min_scale": self.sweep.min_scale,
+        }
+
+
+def policy_slo_sweep(
+    setting: Setting, trace: Path, policy: str, rate: float, scales: Sequence[float], search: SearchSettings = SearchSettings()
+) -> PolicySloSweep:
+    """Joint attainment at one rate with both SLOs multiplied by each scale (DistServe's SLO-scale curves).
+
+    How tight an SLO a policy sustains at a given load is the other half of
+    goodput; each scale takes the policy's best split there, as the goodput
+    search does.
+    """
+    splits = setting.splits(make_policy(policy, setting.latency_model()))
+    chosen: dict[float, int | None] = {}
+
+    def attainment_at(scale: float) -> float:
+        scaled = replace(setting, slo=setting.slo.scaled(scale))
+        value, split = max(((attainment(scaled, trace, policy, rate, split, search)[0], split) for split in splits), key=lambda pair: pair[0])
+        chosen[scale] = split
+        return value
+
+    sweep = slo_scale_sweep(attainment_at, scales, target=search.target)
+    return PolicySloSweep(policy, sweep, dict(sorted(chosen.items())))
+
+
+def slo_sweep_report(
+    setting: Setting,
+    trace: Path,
+    policies: Sequence[str],
+    rate: float,
+    scales: Sequence[float],
+    search: SearchSettings = SearchSettings(),
+    *,
+    progress: Callable[[PolicySloSweep], None] | None = None,
+) -> dict[str, Any]:
+    """The `tropical slo-sweep` JSON: every policy's attainment against the SLO scale at one rate."""
+    started = time.perf_counter()
+    results = _each_policy(policies, lambda name: policy_slo_sweep(setting, trace, name, rate, scales, search), progress)
+    return {
+        "setting": setting.name,
+        "trace": str(trace),
+        "rate": rate,
+        "slo_at_scale_1": setting.slo.describe(),
+        "scales": sorted(set(scales)),
+        "target_attainment": search.target,
+        "replay": search.replay.describe(setting),
+        "seed": search.seed,
+        "seconds": round(time.perf_counter() - started, 2),
+        "policies": {name: found.as_json() for name, found in results.items()},
+    }
+
+
+# --- ablations of `unified` ------------------------------------------------------------------
+
+
+def unified_ablations(model: LatencyModel) -> dict[str, dict[str, Any]]:
+    """`unified` with one idea taken out (or, for the last ones, one more put in): option sets for make_policy."""
+    from tropical.policies import AllowedStep, MultiplexingToggle, PrefillOrder
+
+    return {
+        "unified (all ideas)": {},
+        "- refusing predicted TTFT misses (they wait for spare capacity)": {"drop_hopeless": False},
+        "- every refusal (serve all, late ones on spare capacity)": {
+            "drop_hopeless": False, "reject_unattainable": False, "abandon_hopeless": False, "abandon_after": None,
+        },
+        "- abandoning queued prompts that can no longer meet their TTFT": {"abandon_hopeless": False},
+        "- banked slack (per-step TPOT instead)": {"allowed_step": AllowedStep.TPOT},
+        "- ignoring decodes that missed TTFT": {"protect_late": True},
+        "- abandoning starved decodes (they wait until the batch drains)": {"abandon_after": None},
+        "- SLO-sized chunks (fixed 512-token budget)": {"slo_chunks": False, "token_budget": 512},
+        "- urgency order (FCFS router queue)": {"order": PrefillOrder.FCFS},
+        "- predicted placement (Tropical's toggle, urgency order)": {"router": MultiplexingToggle(model, order=PrefillOrder.URGENCY), "min_prefill_workers": 1},
+        "- keeping prompts off workers whose waiting decodes are behind": {"protect_waiting": False},
+        "- multiplexing (prefill workers only)": {"multiplexing": False, "min_prefill_workers": 1},
+        "- all-multiplexing layout (>= 1 prefill worker)": {"min_prefill_workers": 1},
+    }
+
+
+def ablation_report(setting: Setting, trace: Path, search: SearchSettings = SearchSettings(), *, progress: Callable[[str, PolicyGoodput], None] | None = None) -> dict[str, Any]:
+    """Goodput of `unified` and of each ablation, every one at its own best split."""
+    model = setting.latency_model()
+    rows = {}
+    for label, options in unified_ablations(model).items():
+        found = policy_goodput(setting, trace, "unified", search, options=options)
+        rows[label] = found
+        if progress:
+            progress(label, found)
+    base = rows["unified (all ideas)"].goodput_rps
+    return {
+        "setting": setting.name,
+        "trace": str(trace),
+        "requests_per_rate": search.replay.count(setting),
+        "replay": search.replay.describe(setting),
+        "rel_tolerance": search.rel_tolerance,
+        "variants": {
+            label: {"goodput_rps": found.goodput_rps, "vs_unified": found.goodput_rps / base if base else None, "prefill_workers": found.prefill_workers}
+            for label, found in rows.items()
+        },
+    }
+
+
+# --- how much any policy could get -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CapacityBound:
+    """An upper bound on the goodput any policy could reach, from work alone (no queueing, perfect packing)."""
+
+    rate: float  # req/s, the best layout
+    decoding_workers: int  # in that layout; the rest prefill whole prompts
+    by_layout: dict[int, float]
+
+
+def capacity_bound(
+    setting: Setting, trace: Path, *, requests: int | None = None, attainment: float = 1.0, refuse_by: str = "prompt"
+) -> CapacityBound:
+    """Highest offered rate at which the cluster's time covers the work of the requests it must serve.
+
+    To reach `attainment`, a policy must serve that fraction of all requests
+    offered (infeasible ones included); it may refuse the rest. The bound lets
+    it refuse the most expensive ones: by prompt work (`refuse_by="prompt"`,
+    all a router can see) or by total work, prompt and decode (`"work"`,
+    clairvoyant about output lengths). `attainment=1` serves every feasible one.
+
+    With k decoding workers (prompts that the W − k prefill workers cannot
+    absorb ride as chunks on decode steps, paying no per-step cost of their
+    own), each decoding worker runs n steps a second, n ≥ 1/TPOT (a decode
+    step may not exceed one TPOT on average) and n ≥ the steps needed to hold
+    its share of decodes in KV; time: n·d0 + (λ/k)·O·(d1 + d2·C) + (λ_inline/k)·W ≤ 1,
+    where λ is the served rate, O the mean output, C the output-weighted mean
+    context and W the mean prompt work of the served requests. Queueing,
+    bursts, TTFT and the KV of prompts are ignored: no policy can exceed it.
+    """
+    offered = _trace_rows(str(trace), 1.0, Replay(), requests or setting.requests, 0)
+    model = setting.latency_model()
+    kv, tpot = setting.kv_capacity, setting.slo.tpot
+    feasible = [r for r in offered if r.prompt_tokens + r.output_tokens <= kv]
+    keep = len(feasible) if attainment >= 1.0 else math.ceil(attainment * len(offered))
+    if keep > len(feasible) or keep == 0:
+        return CapacityBound(0.0, 1, {})
+
+    def cost(r: TraceRequest) -> float:
+        prompt = model.prefill_time(r.prompt_tokens)
+        if refuse_by == "prompt":
+            return prompt
+        return prompt + r.output_tokens * (model.d1 + model.d2 * (r.prompt_tokens + r.output_tokens / 2))
+
+    rows = sorted(feasible, key=cost)[:keep]
+    served = keep / len(offered) if attainment < 1.0 else 1.0
+    count = len(rows)
+    output = sum(r.output_tokens for r in rows) / count
+    context = sum((r.prompt_tokens + r.output_tokens / 2) * r.output_tokens for r in rows) / (output * count)
+    prefill = sum(model.prefill_time(r.prompt_tokens) for r in rows) / count
+    work = prefill - model.c2
+    per_token = model.d1 + model.d2 * context
+
+    def fits(rate: float, k: int) -> bool:
+        rate *= served
+        inline = max(0.0, rate - (setting.workers - k) / prefill)
+        steps = max(1.0 / tpot, rate * output * context / (k * kv))
+        return steps * model.d0 + (rate / k) * output * per_token + (inline / k) * work <= 1.0
+
+    by_layout = {}
+    for k in range(1, setting.workers + 1):
+        low, high = 0.0, 1.0
+        while fits(high, k):
+            high *= 2.0
+        for _ in range(60):
+            middle = (low + high) / 2.0
+            low, high = (middle, high) if fits(middle, k) else (low, middle)
+        by_layout[k] = low
+    best = max(by_layout, key=by_layout.__getitem__)
+    return CapacityBound(by_layout[best], best, by_layout)

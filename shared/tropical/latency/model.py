@@ -1,0 +1,101 @@
+"""Step-time models: what a prefill, a decode step or a mixed step costs on one worker.
+
+    prefill of tokens [a, b) of one prompt:  c0·(b² − a²) + c1·(b − a)   (+ c2 once per step)
+    decode step of B sequences, Σctx tokens: d0 + d1·B + d2·Σctx
+    mixed step: the decode step plus the prefill chunks' token terms (d0 already pays the step)
+
+The quadratic term is attention over the prompt; a chunk starting at `a` pays for
+attending to the `a` tokens before it, which is why chunking a prompt costs a
+little more than prefilling it whole (c2 per extra step). Every scheduling
+policy reasons with these few numbers, so they are plain data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from tropical.protocol import DecodeCoefficients, LatencyModelSpec, PrefillCoefficients
+
+Chunk = tuple[int, int]  # [start, end) token positions of one prompt prefilled in a step
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    c0: float
+    c1: float
+    c2: float
+    d0: float
+    d1: float
+    d2: float
+    prefill_std: float = 0.0  # relative residual spread of prefill predictions (std of actual/predicted − 1)
+    decode_std: float = 0.0  # the same for decode steps
+    name: str = ""
+
+    def prefill_time(self, tokens: int) -> float:
+        """A whole prompt prefilled alone in one step: the isolated prefill time."""
+        return self.chunk_time((0, tokens))
+
+    def chunk_time(self, chunk: Chunk) -> float:
+        """One chunk prefilled alone in one step."""
+        return self.c2 + self._chunk_tokens_time(chunk)
+
+    def decode_time(self, batch: int, context_tokens: int) -> float:
+        """One decode step of `batch` sequences holding `context_tokens` KV tokens together."""
+        if batch <= 0:
+            return 0.0
+        return self.d0 + self.d1 * batch + self.d2 * context_tokens
+
+    def step_time(self, batch: int, context_tokens: int, chunks: Iterable[Chunk] = ()) -> float:
+        """A step of `batch` decodes plus prefill chunks of any number of prompts."""
+        chunk_cost = sum(self._chunk_tokens_time(chunk) for chunk in chunks)
+        if batch > 0:
+            return self.decode_time(batch, context_tokens) + chunk_cost
+        return self.c2 + chunk_cost if chunk_cost > 0 else 0.0
+
+    def scaled(self, factor: float) -> LatencyModel:
+        """Every time multiplied by `factor` (an online correction, or a slower device)."""
+        return replace(
+            self,
+            c0=self.c0 * factor,
+            c1=self.c1 * factor,
+            c2=self.c2 * factor,
+            d0=self.d0 * factor,
+            d1=self.d1 * factor,
+            d2=self.d2 * factor,
+        )
+
+    def _chunk_tokens_time(self, chunk: Chunk) -> float:
+        start, end = chunk
+        if end <= start:
+            return 0.0
+        return self.c0 * (end * end - start * start) + self.c1 * (end - start)
+
+    # --- the wire form, published by the profiler and read by the router and workers
+    def to_spec(self, *, model: str, hardware: str, tensor_parallel: int, samples: int, fitted_at: float) -> LatencyModelSpec:
+        return LatencyModelSpec(
+            model=model,
+            hardware=hardware,
+            tensor_parallel=tensor_parallel,
+            prefill=PrefillCoefficients(c0=self.c0, c1=self.c1, c2=self.c2),
+            decode=DecodeCoefficients(d0=self.d0, d1=self.d1, d2=self.d2),
+            prefill_residual=self.prefill_std,
+            decode_residual=self.decode_std,
+            samples=samples,
+            fitted_at=fitted_at,
+        )
+
+    @classmethod
+    def from_spec(cls, spec: LatencyModelSpec) -> LatencyModel:
+        model = cls(
+            c0=spec.prefill.c0,
+            c1=spec.prefill.c1,
+            c2=spec.prefill.c2,
+            d0=spec.decode.d0,
+            d1=spec.decode.d1,
+            d2=spec.decode.d2,
+            prefill_std=spec.prefill_residual,
+            decode_std=spec.decode_residual,
+            name=spec.key,
+        )
+        return model.scaled(spec.correction) if spec.correction != 1.0 else model

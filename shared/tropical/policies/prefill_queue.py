@@ -1,0 +1,162 @@
+"""Prefill ordering: FCFS, shortest first, and deadline-count maximisation (Moore–Hodgson).
+
+Kairos's prefill side asks which prompts to run, and in which order, so that as
+many as possible meet their TTFT deadline. On one machine with known processing
+times that is the scheduling problem 1||ΣU_j, solved exactly by Moore and
+Hodgson's algorithm: walk the jobs in deadline order and, whenever the
+schedule runs late, drop the longest job kept so far. The dropped jobs are not
+abandoned, only moved behind every job that can still make it.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from tropical.latency.model import LatencyModel
+from tropical.policies.records import IDLE, RequestId, RequestView, StepPlan, WorkerView
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: RequestId
+    duration: float
+    deadline: float
+
+
+def moore_hodgson(jobs: Sequence[Job], start: float) -> tuple[list[Job], list[Job]]:
+    """Split `jobs` into a largest on-time set (in EDF order) and the rest (in EDF order).
+
+    Running the first list back to back from `start` meets every deadline in it,
+    and no other order or selection meets more deadlines.
+    """
+    kept: list[Job] = []
+    longest: list[tuple[float, int]] = []  # max-heap of (−duration, index into kept)
+    dropped: set[int] = set()
+    finish = start
+    for job in sorted(jobs, key=lambda j: (j.deadline, j.duration)):
+        kept.append(job)
+        heapq.heappush(longest, (-job.duration, len(kept) - 1))
+        finish += job.duration
+        if finish > job.deadline:
+            _, index = heapq.heappop(longest)
+            dropped.add(index)
+            finish -= kept[index].duration
+    on_time = [job for index, job in enumerate(kept) if index not in dropped]
+    late = [job for index, job in enumerate(kept) if index in dropped]
+    return on_time, late
+
+
+def urgency_order(requests: Sequence[RequestView], model: LatencyModel, now: float, *, start: float | None = None, servers: int = 1) -> list[RequestView]:
+    """Kairos's prefill order: the Moore–Hodgson on-time set by deadline, then the rest.
+
+    Requests whose laxity is already negative (deadline − now − own prefill time)
+    cannot be saved by any order; they go last, shortest first, as best effort.
+    With several prefill servers, the queue is treated as one server `servers`
+    times as fast (an approximation; exact for one server).
+    """
+    start = now if start is None else start
+    by_id = {r.id: r for r in requests}
+    hopeless: list[RequestView] = []
+    jobs: list[Job] = []
+    for r in requests:
+        duration = model.prefill_time(r.remaining_prefill)
+        if r.ttft_deadline - now - duration < 0.0:
+            hopeless.append(r)
+        else:
+            jobs.append(Job(r.id, duration / servers, r.ttft_deadline))
+    on_time, late = moore_hodgson(jobs, start)
+    hopeless.sort(key=lambda r: (r.remaining_prefill, r.arrival))
+    return [by_id[j.id] for j in on_time] + [by_id[j.id] for j in late] + hopeless
+
+
+def urgent_first(requests: Sequence[RequestView], model: LatencyModel, now: float) -> list[RequestView]:
+    """A worker's own queue, preemptively: recomputes of preempted decodes, then Kairos's urgency order.
+
+    Started prompts get no precedence: a more urgent arrival overtakes them at
+    the next chunk boundary, while a prompt that can no longer meet its TTFT
+    falls behind every one that can.
+    """
+    recomputes = [r for r in requests if r.generated > 0]
+    prompts = [r for r in requests if r.generated == 0]
+    return recomputes + urgency_order(prompts, model, now)
+
+
+def without_hopeless(model: LatencyModel, worker: WorkerView, now: float) -> tuple[WorkerView, tuple[RequestId, ...]]:
+    """The worker without its hopeless prompts, and their ids.
+
+    A prompt (not a recompute) is hopeless when even running the rest of it
+    alone from now would miss its TTFT. It is a miss whatever happens; given up
+    now, it ends with an error instead of taking steps from prompts that can
+    still make it.
+    """
+    hopeless = tuple(
+        r.id for r in worker.prefills if r.generated == 0 and now + model.chunk_time((r.prefilled, r.prefill_tokens)) > r.ttft_deadline
+    )
+    if not hopeless:
+        return worker, ()
+    return replace(worker, prefills=tuple(r for r in worker.prefills if r.id not in hopeless)), hopeless
+
+
+class PrefillOrder(enum.StrEnum):
+    FCFS = "fcfs"  # placement order
+    SJF = "sjf"  # fewest prompt tokens first (Tropical's prefill engines)
+    URGENCY = "urgency"  # Moore–Hodgson over TTFT deadlines (Kairos)
+
+
+def order_prefills(order: PrefillOrder, requests: Sequence[RequestView], model: LatencyModel, now: float) -> list[RequestView]:
+    if order is PrefillOrder.FCFS:
+        return list(requests)
+    if order is PrefillOrder.SJF:
+        return sorted(requests, key=lambda r: (r.remaining_prefill, r.arrival))
+    return urgency_order(requests, model, now)
+
+
+@dataclass(frozen=True)
+class PrefillPlanner:
+    """A prefill worker's step: prompts in `order`, batched whole while they fit `batch_tokens`.
+
+    A prompt already started (a chunked one) keeps its place at the front. The
+    first prompt always runs if its KV fits, however long; `max_batch` = 1 runs
+    one prompt per step, as Tropical's prefill engines do to keep step times
+    predictable. `chunk_tokens` caps the tokens of one step for long prompts.
+    """
+
+    model: LatencyModel
+    order: PrefillOrder = PrefillOrder.FCFS
+    batch_tokens: int = 4096
+    max_batch: int = 1
+    chunk_tokens: int | None = None
+    abandon_hopeless: bool = False  # give up on queued prompts that could not meet their TTFT even if run alone now
+
+    def plan(self, worker: WorkerView, now: float) -> StepPlan:
+        if not worker.prefills:
+            return IDLE
+        abandon: tuple[RequestId, ...] = ()
+        if self.abandon_hopeless:
+            worker, abandon = without_hopeless(self.model, worker, now)
+        started = [r for r in worker.prefills if r.prefilled > 0]
+        fresh = [r for r in worker.prefills if r.prefilled == 0]
+        queue = started + order_prefills(self.order, fresh, self.model, now)
+        free = worker.kv_free
+        budget = self.batch_tokens
+        chunks: list[tuple[RequestId, int]] = []
+        for r in queue:
+            if len(chunks) >= self.max_batch:
+                break
+            tokens = r.remaining_prefill
+            if self.chunk_tokens is not None:
+                tokens = min(tokens, self.chunk_tokens)
+            if chunks and tokens > budget:
+                break
+            kv = r.prefill_tokens if r.prefilled == 0 else 0
+            if kv > free:
+                break
+            free -= kv
+            budget -= tokens
+            chunks.append((r.id, tokens))
+        if not chunks:
+            return StepPlan(abandon=abandon) if abandon else IDLE
+        return StepPlan(chunks=tuple(chunks), abandon=abandon)

@@ -1,0 +1,204 @@
+"""A serving policy: a router, a prefill planner and a decode batcher, put together by name.
+
+The four decision points a live deployment has, one method each:
+
+- `place(queue, workers, now)`: the router's placement of waiting prompts;
+- `plan_step(worker, now)`: any worker's next step (a prefill worker's order
+  and batch; a decoding worker's admissions, decodes and prompt chunks);
+- `route_decode(request, workers, now)`: where a request prefilled on a
+  prefill worker decodes;
+- `roles(workers, prefill_workers)`: how the cluster's workers are split.
+
+Every named policy is a configuration of the same few pieces, never a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from tropical.latency.model import LatencyModel
+from tropical.policies.batching import Admission, AllowedStep, DecodeBatcher, PrefillMode
+from tropical.policies.prefill_queue import PrefillOrder, PrefillPlanner
+from tropical.policies.records import (
+    RequestView,
+    Role,
+    RouterDecision,
+    StepPlan,
+    WorkerView,
+)
+from tropical.policies.routing import (
+    LeastLoadedRouter,
+    MultiplexingToggle,
+    UrgencyRouter,
+    least_decode_load,
+)
+from tropical.policies.unified import SlackAwareRouter
+
+
+class Router(Protocol):
+    def place(self, queue: Sequence[RequestView], workers: Sequence[WorkerView], now: float) -> RouterDecision: ...
+
+
+DecodeRoute = Callable[[RequestView, Sequence[WorkerView], float], "int | None"]
+
+
+@dataclass(frozen=True)
+class ServingPolicy:
+    name: str
+    router: Router
+    prefill: PrefillPlanner
+    batcher: DecodeBatcher
+    decode_role: Role  # COLOCATED for colocated policies
+    decode_route: DecodeRoute = least_decode_load
+    min_prefill_workers: int = 1  # 0: every worker may multiplex, no dedicated prefill worker needed
+    clairvoyant: bool = False  # True only for variants that read true output lengths (reported apart)
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.decode_role is not Role.COLOCATED
+
+    def roles(self, workers: int, prefill_workers: int | None = None) -> tuple[Role, ...]:
+        """Colocated: every worker the same. Disaggregated: `prefill_workers` (default half) prefill, the rest decode."""
+        if workers < 1:
+            raise ValueError("a cluster needs at least one worker")
+        if not self.disaggregated:
+            return (Role.COLOCATED,) * workers
+        low = self.min_prefill_workers
+        if workers < low + 1:
+            raise ValueError(f"{self.name} needs at least {low} prefill and one decoding worker")
+        prefill = max(low, workers // 2) if prefill_workers is None else prefill_workers
+        if not low <= prefill < workers:
+            raise ValueError(f"{self.name}: prefill workers must be between {low} and {workers - 1}, got {prefill}")
+        return (Role.PREFILL,) * prefill + (self.decode_role,) * (workers - prefill)
+
+    def place(self, queue: Sequence[RequestView], workers: Sequence[WorkerView], now: float) -> RouterDecision:
+        return self.router.place(queue, workers, now)
+
+    def plan_step(self, worker: WorkerView, now: float) -> StepPlan:
+        if worker.role is Role.PREFILL:
+            return self.prefill.plan(worker, now)
+        return self.batcher.plan(worker, now)
+
+    def route_decode(self, request: RequestView, workers: Sequence[WorkerView], now: float) -> int | None:
+        return self.decode_route(request, workers, now)
+
+
+POLICY_NAMES = ("vllm", "sarathi", "distserve", "tropical", "kairos", "unified")
+
+DISAGGREGATED_PREFILL_BATCH = 4096  # tokens a DistServe/Kairos prefill step batches (first prompt always runs)
+SARATHI_TOKEN_BUDGET = 512  # vLLM's chunked-prefill default, Sarathi's strict-SLO budget
+VLLM_TOKEN_BUDGET = 8192  # prompt tokens per prefill step; also Tropical's max_num_batched_tokens
+UNIFIED_TOKEN_BUDGET = 16384  # a cap only: unified sizes its chunks from the allowed step
+UNIFIED_MIN_CHUNK = 64
+UNIFIED_ABANDON_AFTER = 60.0  # seconds a decode may fall behind its TPOT budget while it cannot join any batch
+
+
+def make_policy(name: str, model: LatencyModel, **options: Any) -> ServingPolicy:
+    """The named policy over `model`. `options` override fields of the batcher, planner or router by name."""
+    builders = {
+        "vllm": _vllm,
+        "sarathi": _sarathi,
+        "distserve": _distserve,
+        "tropical": _tropical,
+        "kairos": _kairos,
+        "unified": _unified,
+    }
+    if name not in builders:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}")
+    policy = builders[name](model)
+    return _with_options(policy, options) if options else policy
+
+
+def _vllm(model: LatencyModel) -> ServingPolicy:
+    return ServingPolicy(
+        name="vllm",
+        router=LeastLoadedRouter(Role.COLOCATED),
+        prefill=PrefillPlanner(model),
+        batcher=DecodeBatcher(model, prefill_mode=PrefillMode.FIRST, token_budget=VLLM_TOKEN_BUDGET),
+        decode_role=Role.COLOCATED,
+    )
+
+
+def _sarathi(model: LatencyModel) -> ServingPolicy:
+    return ServingPolicy(
+        name="sarathi",
+        router=LeastLoadedRouter(Role.COLOCATED),
+        prefill=PrefillPlanner(model),
+        batcher=DecodeBatcher(model, prefill_mode=PrefillMode.CHUNKED, token_budget=SARATHI_TOKEN_BUDGET),
+        decode_role=Role.COLOCATED,
+    )
+
+
+def _distserve(model: LatencyModel) -> ServingPolicy:
+    return ServingPolicy(
+        name="distserve",
+        router=LeastLoadedRouter(Role.PREFILL),
+        prefill=PrefillPlanner(model, order=PrefillOrder.FCFS, batch_tokens=DISAGGREGATED_PREFILL_BATCH, max_batch=256),
+        batcher=DecodeBatcher(model, prefill_mode=PrefillMode.FIRST),
+        decode_role=Role.DECODE,
+    )
+
+
+def _tropical(model: LatencyModel) -> ServingPolicy:
+    return ServingPolicy(
+        name="tropical",
+        router=MultiplexingToggle(model),
+        prefill=PrefillPlanner(model, order=PrefillOrder.SJF, max_batch=1),
+        batcher=DecodeBatcher(
+            model, prefill_mode=PrefillMode.CHUNKED, token_budget=VLLM_TOKEN_BUDGET, shortest_prompt_first=True
+        ),
+        decode_role=Role.MULTIPLEX,
+    )
+
+
+def _kairos(model: LatencyModel) -> ServingPolicy:
+    return ServingPolicy(
+        name="kairos",
+        router=UrgencyRouter(model, batch_tokens=DISAGGREGATED_PREFILL_BATCH),
+        prefill=PrefillPlanner(model, order=PrefillOrder.FCFS, batch_tokens=DISAGGREGATED_PREFILL_BATCH, max_batch=256),
+        batcher=DecodeBatcher(model, prefill_mode=PrefillMode.FIRST, admission=Admission.SLACK, allowed_step=AllowedStep.TPOT),
+        decode_role=Role.DECODE,
+    )
+
+
+def _unified(model: LatencyModel) -> ServingPolicy:
+    return ServingPolicy(
+        name="unified",
+        router=SlackAwareRouter(model, min_chunk=UNIFIED_MIN_CHUNK),
+        prefill=PrefillPlanner(model, order=PrefillOrder.URGENCY, max_batch=1, abandon_hopeless=True),
+        batcher=DecodeBatcher(
+            model,
+            prefill_mode=PrefillMode.CHUNKED,
+            token_budget=UNIFIED_TOKEN_BUDGET,
+            abandon_hopeless=True,
+            admission=Admission.SLACK,
+            allowed_step=AllowedStep.BANKED,
+            slo_chunks=True,
+            urgent_prompt_first=True,
+            protect_late=False,
+            abandon_after=UNIFIED_ABANDON_AFTER,
+            min_chunk=UNIFIED_MIN_CHUNK,
+        ),
+        decode_role=Role.MULTIPLEX,
+        min_prefill_workers=0,
+    )
+
+
+def _with_options(policy: ServingPolicy, options: dict[str, Any]) -> ServingPolicy:
+    """Apply each option to whichever part has a field of that name (policy first, then its parts)."""
+    parts: dict[str, Any] = {"router": policy.router, "prefill": policy.prefill, "batcher": policy.batcher}
+    changes: dict[str, dict[str, Any]] = {key: {} for key in parts}
+    own: dict[str, Any] = {}
+    for key, value in options.items():
+        if key in ServingPolicy.__dataclass_fields__:
+            own[key] = value
+            continue
+        owners = [part for part, obj in parts.items() if key in getattr(obj, "__dataclass_fields__", {})]
+        if not owners:
+            raise ValueError(f"{policy.name} has no option {key!r}")
+        for part in owners:
+            changes[part][key] = value
+    updated: dict[str, Any] = {part: replace(parts[part], **fields) for part, fields in changes.items() if fields}
+    return replace(policy, **updated, **own)

@@ -1,0 +1,187 @@
+"""Our placement: Tropical's multiplexing with Kairos's urgency, one notion of slack, and predicted completions.
+
+For each waiting prompt, most urgent first (Moore–Hodgson order), the router
+predicts when its first token would come out on every worker that takes
+prompts and places it where that meets its TTFT deadline: on a prefill worker
+if one can (it costs the decodes nothing), else on the multiplexing worker
+that finishes it first.
+
+- a prefill worker runs its queue as its planner will: what a step has begun,
+  then Kairos's on-time set by deadline, so the prompt waits only for work
+  that goes before it there (and its arrival may push some of those out of
+  time, which counts against the placement); prompts already hopeless are
+  abandoned by the worker and cost nothing;
+- a multiplexing worker runs prompts as chunks that spend the banked TPOT
+  slack of its decodes first, then fill what each step leaves under one TPOT,
+  so the prediction follows the same two phases and no decode is put past its
+  budget by construction. A worker with a waiting decode already behind its
+  budget takes no prompt: its decodes have no slack to lend (Tropical's
+  inlining check counts waiting decodes too).
+
+A prompt that no worker can finish in time is a miss under the prediction.
+By default it is refused at once (it counts as a miss either way, and serving
+it late only takes capacity from prompts that can still make it); with
+`drop_hopeless` off it waits until some worker has nothing to do. Prompts that
+not even an idle worker could prefill in time are refused in any case unless
+`reject_unattainable` is off.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tropical.latency.model import LatencyModel
+from tropical.policies.prefill_queue import Job, PrefillOrder, moore_hodgson, order_prefills, urgency_order
+from tropical.policies.records import (
+    Placement,
+    RequestView,
+    Role,
+    RouterDecision,
+    WorkerView,
+)
+
+
+def prompt_work(model: LatencyModel, r: RequestView, tokens: int | None = None) -> float:
+    """Seconds of prefill compute for the last `tokens` (default: all not yet prefilled) of r's prompt, without the per-step cost."""
+    end = r.prefill_tokens
+    start = end - (r.remaining_prefill if tokens is None else tokens)
+    return model.c0 * (end * end - start * start) + model.c1 * (end - start)
+
+
+@dataclass(frozen=True)
+class SlackAwareRouter:
+    model: LatencyModel
+    reserve_tpots: float = 0.0  # as in the batcher: banked TPOTs every decode keeps
+    bank_steps: float = 1.0  # as in the batcher: a step spends 1/bank_steps of the banked surplus
+    repay_steps: float = 64.0  # as in the batcher
+    min_chunk: int = 64  # as in the batcher: the smallest chunk a full step still carries
+    drop_hopeless: bool = True  # refuse prompts predicted to miss (otherwise they wait for spare capacity)
+    reject_unattainable: bool = True  # refuse prompts no schedule could save: now + isolated prefill > TTFT deadline
+    count_harm: bool = True  # charge a prefill-worker placement for queued prompts it makes late
+    prefer_prefill_workers: bool = True  # inline only where no prefill worker meets the deadline: decode steps stay short
+    window: int = 32  # waiting prompts examined per call beyond those placed
+    multiplexing: bool = True  # False: prompts go to prefill workers only
+    protect_waiting: bool = True  # no prompt inline where a waiting decode is already behind its budget: chunks would delay it more
+    order: PrefillOrder = PrefillOrder.URGENCY  # the order prompts are considered in
+
+    def place(self, queue: Sequence[RequestView], workers: Sequence[WorkerView], now: float) -> RouterDecision:
+        takers = [w for w in workers if w.role is Role.PREFILL or (self.multiplexing and w.role.takes_prompts)]
+        if not takers or not queue:
+            return RouterDecision()
+        queued: dict[int, list[RequestView]] = {w.id: list(w.prefills) for w in takers}
+        free_kv = {w.id: w.kv_free - sum(r.prefill_tokens for r in w.prefills if r.prefilled == 0) for w in takers}
+        placements: list[Placement] = []
+        drops: list[int] = []
+        if self.reject_unattainable:
+            prefill_time = self.model.prefill_time
+            drops.extend(r.id for r in queue if now + prefill_time(r.remaining_prefill) > r.ttft_deadline)
+            if drops:
+                refused = set(drops)
+                queue = [r for r in queue if r.id not in refused]
+        # a decoding worker with a waiting decode already behind its budget has no slack to lend to prompt chunks
+        lenders = [w for w in takers if not (self.protect_waiting and w.role is not Role.PREFILL and any(q.token_deadline < now for q in w.waiting))]
+        passed = 0  # late binding: prompts left waiting in this call; past `window` the rest wait without a look
+        if self.order is PrefillOrder.URGENCY:
+            ordered = urgency_order(queue, self.model, now, servers=len(takers))
+        else:
+            ordered = order_prefills(self.order, queue, self.model, now)
+        for r in ordered:
+            if passed >= self.window:
+                break
+            best = self._best_on_time(r, lenders, queued, free_kv, now)
+            if best is None:  # a sure miss: spare capacity only, or refused
+                if self.drop_hopeless:
+                    drops.append(r.id)
+                    continue
+                spare = [w for w in takers if self._spare(w, queued[w.id]) and (r.prefill_tokens <= free_kv[w.id] or not w.kv_used)]
+                if not spare:
+                    passed += 1
+                    continue
+                best = min(spare, key=lambda w: self.predict(r, w, [], now)[0])
+            placements.append(Placement(r.id, best.id))
+            queued[best.id].append(r)
+            free_kv[best.id] -= r.prefill_tokens
+        return RouterDecision(tuple(placements), tuple(drops))
+
+    @staticmethod
+    def _spare(w: WorkerView, queued: list[RequestView]) -> bool:
+        """Nothing for it to do: no prompt queued, and no decode either on a decoding worker."""
+        return not queued and (w.role is Role.PREFILL or (w.batch.size == 0 and not w.waiting))
+
+    def _best_on_time(
+        self, r: RequestView, takers: list[WorkerView], queued: dict[int, list[RequestView]], free_kv: dict[int, int], now: float
+    ) -> WorkerView | None:
+        if now + self.model.prefill_time(r.remaining_prefill) > r.ttft_deadline:
+            return None  # not even an idle worker could make it
+        best: WorkerView | None = None
+        best_key: tuple[float, bool, float] = (math.inf, True, math.inf)
+        for w in takers:
+            if r.prefill_tokens > free_kv[w.id] and (w.kv_used or queued[w.id]):
+                continue
+            finish, harm = self.predict(r, w, queued[w.id], now)
+            key = (harm, self.prefer_prefill_workers and w.role is not Role.PREFILL, finish)
+            if finish <= r.ttft_deadline and key < best_key:
+                best, best_key = w, key
+        return best
+
+    def predict(self, r: RequestView, w: WorkerView, queued: list[RequestView], now: float) -> tuple[float, int]:
+        """When r's first token would come out on w, and how many queued prompts it would make late."""
+        start = max(now, w.step_end) if w.busy else now
+        if w.role is Role.PREFILL:
+            return self._on_prefill_worker(r, w, queued, start, now)
+        ahead = [q for q in queued if q.generated > 0 or q.ttft_deadline <= r.ttft_deadline]
+        work = sum(prompt_work(self.model, q, w.unstarted_prefill(q)) for q in ahead) + prompt_work(self.model, r)
+        return start + self.inline_time(w, work, start), 0
+
+    def _on_prefill_worker(self, r: RequestView, w: WorkerView, queued: list[RequestView], start: float, now: float) -> tuple[float, int]:
+        """r's finish in the order the worker's planner will run its queue, and the prompts r pushes out of time.
+
+        What a step has begun runs first; then the Moore–Hodgson on-time set
+        by deadline. Prompts that cannot make it even if run now cost nothing:
+        the worker abandons them. Harm is how many queued prompts on time
+        without r no longer are with it.
+        """
+        begun = {request for request, _ in w.in_step}
+        t = start
+        jobs: list[Job] = []
+        for q in queued:
+            if q.prefilled > 0 or q.generated > 0 or q.id in begun:
+                t += self._left(w, q)
+                continue
+            duration = self.model.prefill_time(q.remaining_prefill)
+            if now + duration <= q.ttft_deadline:
+                jobs.append(Job(q.id, duration, q.ttft_deadline))
+        own = Job(r.id, self.model.prefill_time(r.remaining_prefill), r.ttft_deadline)
+        with_r, _ = moore_hodgson([*jobs, own], t)
+        finish = t
+        for job in with_r:
+            finish += job.duration
+            if job.id == r.id:
+                harm = len(moore_hodgson(jobs, t)[0]) + 1 - len(with_r) if self.count_harm else 0
+                return finish, harm
+        return t + sum(job.duration for job in jobs) + own.duration, 0  # demoted behind every prompt on time: a miss
+
+    def _left(self, w: WorkerView, q: RequestView) -> float:
+        """Seconds of prefill q still needs on w once the step in progress ends."""
+        tokens = w.unstarted_prefill(q)
+        return self.model.prefill_time(tokens) if tokens > 0 else 0.0
+
+    def inline_time(self, w: WorkerView, work: float, now: float) -> float:
+        """Seconds to run `work` of prompt compute as chunks riding on w's decode steps."""
+        batch = w.batch
+        decodes = batch.size + len(w.waiting)
+        if decodes == 0:
+            return work + self.model.c2
+        context = batch.context_tokens + sum(q.context_tokens for q in w.waiting)
+        step = self.model.decode_time(decodes, context)
+        tpot = min(batch.tpot_slo, min((q.tpot_slo for q in w.waiting), default=math.inf))
+        deadline = min(batch.on_time_deadline, min((q.token_deadline for q in w.waiting if q.met_ttft), default=math.inf))
+        if math.isinf(deadline):
+            return work + step
+        # the first step spends the spendable share of the bank; later ones carry what one TPOT leaves after the decodes
+        surplus = max(0.0, deadline - self.reserve_tpots * tpot - now - tpot)
+        first = min(work, max(0.0, tpot + surplus / self.bank_steps - step))
+        floor = max(tpot - step, self.model.c0 * self.min_chunk**2 + self.model.c1 * self.min_chunk)
+        return first + step + (work - first) * (step + floor) / floor

@@ -1,0 +1,11 @@
+"""Discrete-event simulator: the same policy objects as the live router, on a modelled cluster."""
+
+from tropical.simulator.cluster import ClusterSpec, RequestTimeline, SimRequest
+from tropical.simulator.simulation import (
+    Simulation,
+    SimulationResult,
+    StepRecord,
+    simulate,
+)
+
+__all__ = ["ClusterSpec", "RequestTimeline", "SimRequest", "Simulation", "SimulationResult", "StepRecord", "simulate"]
