@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from pathlib import Path
@@ -11,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tropical.traces import TraceError, TraceRequest, describe, load_trace, synthetic_arrivals
-from tests.shared_data import shared_data
+from tropical.data import shipped_file
+from tropical.traces import TraceError, TraceRequest, describe, load_trace, locate_trace, synthetic_arrivals
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -23,6 +24,12 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 def arrivals(requests: list[TraceRequest]) -> list[float]:
     return [r.arrival for r in requests]
+
+
+def original_text(path: Path) -> str:
+    """A shipped file's text as published: gunzipped when stored compressed."""
+    content = path.read_bytes()
+    return (gzip.decompress(content) if path.suffix == ".gz" else content).decode()
 
 
 AZURE = """TIMESTAMP,ContextTokens,GeneratedTokens
@@ -163,6 +170,66 @@ def test_missing_files_and_directories(tmp_path: Path) -> None:
         load_trace(tmp_path)
 
 
+# --- compressed files and data-file names --------------------------------------------------
+
+MOONCAKE = (
+    '{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [0]}\n'
+    '{"timestamp": 3000, "input_length": 11, "output_length": 2, "hash_ids": [0, 1]}\n'
+)
+
+
+def write_gzip(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode(), mtime=0))
+    return path
+
+
+@pytest.mark.parametrize(("name", "text"), [("a.csv", AZURE), ("m.jsonl", MOONCAKE)])
+def test_gzip_files_read_like_their_plain_originals(tmp_path: Path, name: str, text: str) -> None:
+    plain = load_trace(write(tmp_path, name, text))
+    assert len(plain) > 1
+    assert load_trace(write_gzip(tmp_path, name + ".gz", text)) == plain
+    # the content says it is compressed, not the name
+    assert load_trace(write_gzip(tmp_path, "renamed.txt", text)) == plain
+
+
+def test_a_missing_file_is_read_from_its_gzip_twin(tmp_path: Path) -> None:
+    write_gzip(tmp_path, "a.csv.gz", AZURE)
+    assert locate_trace(tmp_path / "a.csv") == tmp_path / "a.csv.gz"
+    assert load_trace(tmp_path / "a.csv") == load_trace(write(tmp_path, "b.csv", AZURE))
+
+
+def test_a_broken_gzip_file_is_a_trace_error(tmp_path: Path) -> None:
+    path = tmp_path / "a.csv.gz"
+    path.write_bytes(gzip.compress(AZURE.encode())[:40])
+    with pytest.raises(TraceError, match="cannot be decompressed") as error:
+        load_trace(path)
+    assert error.value.path == str(path)
+
+
+def test_a_shipped_name_loads_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TROPICAL_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    name = "traces/distserve_sharegpt_opt13b.csv"
+    assert locate_trace(name) == shipped_file(name)
+    assert load_trace(name) == load_trace(shipped_file(name))
+    write(tmp_path, "distserve_sharegpt_opt13b.csv", "arrival_s,prompt_len,output_len\n0.0,5,3\n")
+    assert load_trace("distserve_sharegpt_opt13b.csv") == [TraceRequest(0.0, 5, 3)]  # a file here wins
+
+
+def test_a_relative_name_is_looked_up_in_the_configured_data_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    collection = tmp_path / "collection"
+    collection.mkdir()
+    write_gzip(collection, "azure.csv.gz", AZURE)
+    monkeypatch.setenv("TROPICAL_DATA_DIR", str(collection))
+    monkeypatch.chdir(tmp_path)
+    assert locate_trace("azure.csv") == collection / "azure.csv.gz"
+    assert len(load_trace("azure.csv")) == 4
+    with pytest.raises(TraceError, match="no such file") as error:
+        load_trace("traces/absent.csv")
+    assert error.value.path == "traces/absent.csv"
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"rate": 0.0}, {"rate": -1.0}, {"arrival": "uniform"}, {"cv": 0.0}, {"num_requests": -1}, {"duration_s": 0.0}, {"start_s": -1.0}],
@@ -205,7 +272,7 @@ def test_describe_by_hand() -> None:
 def test_real_traces_load_quickly_and_match_their_statistics(
     relative: str, count: int, prompt_mean: float, output_mean: float, rate: float | None
 ) -> None:
-    path = shared_data(relative)
+    path = shipped_file(relative)
     started = time.perf_counter()
     requests = load_trace(path)
     elapsed = time.perf_counter() - started
@@ -219,8 +286,8 @@ def test_real_traces_load_quickly_and_match_their_statistics(
 
 
 def test_mooncake_replay_spreads_each_request_within_its_own_bucket() -> None:
-    path = shared_data("traces/mooncake_conversation_fast25.jsonl")
-    stamps = np.array([json.loads(line)["timestamp"] / 1000 for line in path.read_text().splitlines()])
+    path = shipped_file("traces/mooncake_conversation_fast25.jsonl")
+    stamps = np.array([json.loads(line)["timestamp"] / 1000 for line in original_text(path).splitlines()])
     replayed = np.array(arrivals(load_trace(path)))
     assert np.all(np.diff(replayed) > 0.0), "no two requests arrive at once"
     offset = replayed - (stamps - stamps[0])  # the file is sorted, so the order is the file's
@@ -228,7 +295,7 @@ def test_mooncake_replay_spreads_each_request_within_its_own_bucket() -> None:
 
 
 def test_real_length_table_with_gamma_arrivals() -> None:
-    requests = load_trace(shared_data("lengths/sharegpt_8k_llama2_tokenizer.csv"), rate=4.0, arrival="gamma", cv=2.0, num_requests=2_000)
+    requests = load_trace(shipped_file("lengths/sharegpt_8k_llama2_tokenizer.csv"), rate=4.0, arrival="gamma", cv=2.0, num_requests=2_000)
     assert len(requests) == 2_000
     assert describe(requests)["rate"] == pytest.approx(4.0, rel=0.15)
     assert requests[0] == TraceRequest(0.0, 74, 918)

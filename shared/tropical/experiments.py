@@ -16,7 +16,6 @@ own arrival pattern, rescaled; Poisson or Gamma arrivals for length tables.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tropical.data import data_dir, data_file
 from tropical.latency.model import LatencyModel
 from tropical.latency.profiles import load_profile
 from tropical.metrics import (
@@ -39,8 +39,7 @@ from tropical.traces import TraceRequest, load_trace
 
 M = TypeVar("M")  # what one policy's measurement yields
 
-# the project's data collection sits beside the checkout (as on CI); TROPICAL_DATA_DIR points elsewhere
-DATA = Path(os.environ.get("TROPICAL_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
+DATA = data_dir()  # the traces shipped with the package, unless TROPICAL_DATA_DIR points elsewhere
 GIB = 1024**3
 A100_NVLINK_BYTES_PER_S = 150e9  # per GPU pair: half of NVLink 3's 300 GB/s per direction, what bulk copies see
 
@@ -146,7 +145,7 @@ SETTINGS: dict[str, Setting] = {
             kv_capacity=LLAMA2_70B_TP4_KV,
             kv_bytes_per_token=kv_bytes_per_token(80, 8 * 128),
             slo=SloRule(ttft_scale=5.0, tpot=0.1),
-            trace=DATA / "lengths/arxiv_summarization_llama2_tokenizer.csv",
+            trace=data_file("lengths/arxiv_summarization_llama2_tokenizer.csv", DATA),
             rate_bounds=(0.2, 3.0),
             note="Tropical's own setting (its README table): Llama-2-70B, A100-80GB, 2 workers of TP4",
         ),
@@ -158,7 +157,7 @@ SETTINGS: dict[str, Setting] = {
             kv_capacity=78_496,
             kv_bytes_per_token=kv_bytes_per_token(64, 9216),
             slo=SloRule(ttft_scale=5.0, tpot=0.1),
-            trace=DATA / "traces/mooncake_conversation_fast25.jsonl",
+            trace=data_file("traces/mooncake_conversation_fast25.jsonl", DATA),
             rate_bounds=(0.02, 0.5),
             requests=1000,
             note="long-context traces on OPT-66B with DistServe's A100 coefficients, 2 workers of TP4",
@@ -171,7 +170,7 @@ SETTINGS: dict[str, Setting] = {
             kv_capacity=66_144,
             kv_bytes_per_token=kv_bytes_per_token(40, 5120),
             slo=SloRule(ttft_scale=3.0, ttft_floor=0.25, tpot=0.1),
-            trace=DATA / "traces/azure_conv_2023.csv",
+            trace=data_file("traces/azure_conv_2023.csv", DATA),
             rate_bounds=(2.0, 24.0),
             note="chat on OPT-13B with DistServe's A100 coefficients, 8 single-GPU workers",
         ),

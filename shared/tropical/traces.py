@@ -12,6 +12,12 @@ loudly instead of being half-understood. Four shapes are known:
 - length tables `num_prefill_tokens, num_decode_tokens` without times, which
   get synthetic Poisson or Gamma arrivals at a given rate.
 
+A file may be gzip compressed (`azure.csv.gz`, `mooncake.jsonl.gz`): it is
+recognised by its first bytes and decompressed in memory, then read by its
+columns like any other. A relative path that names no file here may name a
+data file (`traces/azure_conv_2023.csv`): one shipped with the package, or in
+`TROPICAL_DATA_DIR` when that is set; it is read from there, compressed or not.
+
 Every request must have at least one prompt token and one output token: the
 prefill itself produces the first token, so a zero-token output cannot be
 replayed faithfully, and we refuse the file rather than guess what it meant.
@@ -20,8 +26,10 @@ replayed faithfully, and we refuse the file rather than guess what it meant.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,6 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from tropical.data import data_file
+
+GZIP_MAGIC = b"\x1f\x8b"
 MOONCAKE_BUCKET_S = 3.0  # the Mooncake conversation trace stamps arrivals in 3-second buckets
 
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -86,7 +97,7 @@ def load_trace(
     request at 0; then the window and count cuts apply as above. `arrival`,
     `cv` and `seed` matter only here: a timed trace keeps its own arrival process.
     """
-    path = Path(path)
+    path = locate_trace(path)
     _check_options(rate, arrival, cv, num_requests, start_s, duration_s)
     rows = _read(path)
     arrivals = rows.arrivals
@@ -118,6 +129,23 @@ def load_trace(
         TraceRequest(arrival=float(a), prompt_tokens=int(p), output_tokens=int(o))
         for a, p, o in zip(arrivals.tolist(), prompts.tolist(), outputs.tolist(), strict=True)
     ]
+
+
+def locate_trace(path: str | Path) -> Path:
+    """The file `load_trace` reads for `path`: the path itself, its `.gz` twin, or a data file of that name.
+
+    A path that exists is read as given; otherwise its compressed twin
+    (`path` + '.gz') beside it; otherwise, for a relative path, the data file
+    of that name (`tropical.data.data_file`: shipped, or in `TROPICAL_DATA_DIR`),
+    so `--trace traces/azure_conv_2023.csv` works from any directory. A path
+    found nowhere is returned unchanged, for the error to name.
+    """
+    given = Path(path)
+    beside = data_file(given.name, given.parent)
+    if beside.exists() or given.is_absolute():
+        return beside
+    named = data_file(given)
+    return named if named.exists() else given
 
 
 def synthetic_arrivals(count: int, *, rate: float, arrival: str = "poisson", cv: float = 1.0, seed: int = 0) -> np.ndarray:
@@ -191,7 +219,7 @@ def _check_options(
 
 def _read(path: Path) -> _Rows:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _decompressed(path, path.read_bytes()).decode("utf-8")
     except FileNotFoundError:
         raise TraceError(path, "no such file") from None
     except IsADirectoryError:
@@ -205,6 +233,16 @@ def _read(path: Path) -> _Rows:
     if len(rows.prompts) == 0:
         raise TraceError(path, "no requests after the header")
     return rows
+
+
+def _decompressed(path: Path, content: bytes) -> bytes:
+    """The file's bytes, gunzipped when they start with the gzip magic number, whatever the file is called."""
+    if not content.startswith(GZIP_MAGIC):
+        return content
+    try:
+        return gzip.decompress(content)
+    except (OSError, EOFError, zlib.error):
+        raise TraceError(path, "starts like a gzip file but cannot be decompressed") from None
 
 
 def _read_csv(path: Path, text: str) -> _Rows:
