@@ -1,0 +1,125 @@
+"""Workers and the router together, as one process sees a whole cluster: events and `now` in, actions out.
+
+This is everything the simulator used to do besides keeping time: where a
+placement lands, what happens when a step ends, where a prefilled request
+decodes (a prefill worker's finished prompt is routed to a decoding worker,
+which pulls its KV when it has room), and letting the router and every idle
+worker act until nothing more happens at one instant. The driver feeds it
+arrivals, step ends, KV arrivals and wake-ups on its own clock, and carries out
+the actions it leaves in `out`, in order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from tropical.core.actions import Action
+from tropical.core.request import RequestState
+from tropical.core.router import RouterState, feasible
+from tropical.core.worker import Perturb, WorkerState, no_perturbation
+from tropical.latency.model import LatencyModel
+from tropical.policies.records import Role, WorkerView
+from tropical.policies.serving import ServingPolicy
+
+SETTLE_ROUNDS = 1000
+
+
+class ClusterCore:
+    """One policy over a set of workers sharing one latency model and one KV capacity per worker."""
+
+    def __init__(
+        self,
+        policy: ServingPolicy,
+        roles: Sequence[Role],
+        kv_capacity: int,
+        model: LatencyModel,
+        *,
+        perturb: Perturb = no_perturbation,
+    ) -> None:
+        self.policy = policy
+        self.model = model
+        self.kv_capacity = kv_capacity
+        self.out: list[Action] = []
+        self.workers = [WorkerState(i, role, kv_capacity, model, self.out, perturb) for i, role in enumerate(roles)]
+        self.router = RouterState(policy, self.out)
+        self.stranded: list[tuple[RequestState, WorkerState]] = []  # prefilled, no decoding worker chosen yet
+        self._tokens = itertools.count(1)
+        self._next_token = self._tokens.__next__
+
+    def drain(self) -> list[Action]:
+        """The actions made since the last drain, oldest first."""
+        actions, self.out[:] = list(self.out), []
+        return actions
+
+    # --- events --------------------------------------------------------------------------
+
+    def arrive(self, job: RequestState) -> bool:
+        """A request arrives; False when no idle cluster could serve it in SLO (it is refused)."""
+        if not feasible(job, self.model, self.kv_capacity):
+            job.infeasible = job.dropped = True
+            return False
+        self.router.enqueue(job)
+        return True
+
+    def step_ended(self, worker_id: int, span_id: int, now: float) -> bool:
+        """A worker's step (span) ended; False for a span that was since replaced (cut short)."""
+        worker = self.workers[worker_id]
+        if not (worker.busy and worker.span_id == span_id):
+            return False
+        worker.end_step(now, self._hand_off)
+        return True
+
+    def kv_arrived(self, job: RequestState, source: int, target: int, now: float) -> None:
+        self.workers[source].handed_over(job, now)
+        self.workers[target].kv_arrived(job, now)
+
+    def worker_woken(self, worker_id: int, wake_id: int) -> None:
+        worker = self.workers[worker_id]
+        if worker.wake_id == wake_id and not worker.busy:
+            worker.needs_plan = True
+
+    def router_woken(self, now: float) -> None:
+        self.router.woken(now)
+
+    # --- reacting ------------------------------------------------------------------------
+
+    def views(self, now: float) -> list[WorkerView]:
+        return [w.view(now) for w in self.workers]
+
+    def settle(self, now: float) -> None:
+        """Let the router and every idle worker act until nothing more happens at `now`."""
+        router, workers = self.router, self.workers
+        for _ in range(SETTLE_ROUNDS):
+            progressed = False
+            if self.stranded:
+                progressed |= self._retry_stranded(now)
+            if router.queue:
+                progressed |= router.route(self.views(now), now, self._place)
+            for worker in workers:
+                if worker.needs_plan and not worker.busy:
+                    worker.needs_plan = False
+                    progressed |= worker.start_step(self.policy, self._next_token, now)
+            if not progressed:
+                return
+        raise RuntimeError(f"the cluster did not settle at t={now}: a policy keeps changing its mind")
+
+    def _place(self, job: RequestState, worker_id: int, now: float) -> None:
+        self.workers[worker_id].place(job, now)
+
+    def _retry_stranded(self, now: float) -> bool:
+        stranded, self.stranded = self.stranded, []
+        for job, source in stranded:
+            self._hand_off(job, source, now)
+        return len(self.stranded) < len(stranded)
+
+    def _hand_off(self, job: RequestState, source: WorkerState, now: float) -> None:
+        """Route a prompt prefilled on a prefill worker to a decoding worker (or keep it until one is chosen)."""
+        target_id = self.policy.route_decode(job.view, self.views(now), now)
+        if target_id is None:
+            self.stranded.append((job, source))
+            return
+        target = self.workers[target_id]
+        if not target.role.decodes:
+            raise ValueError(f"{self.policy.name} handed request {job.id} to {target.role} worker {target.id}")
+        target.receive(job, source.id, now)

@@ -1,0 +1,438 @@
+"""What one worker holds and how its step plans are applied: clock-free, shared by every driver.
+
+A worker has prompts placed on it (`prefills`), a running decode batch,
+decodes resident but outside the batch (`waiting`) and decodes handed to it
+whose KV has not arrived (`incoming`). The running batch is kept in closed
+form: after `steps` decode steps a member that joined at step s with g tokens
+has g + steps − s, so a step costs O(1) bookkeeping however large the batch.
+
+Mechanism, not policy, lives here: KV accounting (a prompt's KV is reserved
+when its first chunk starts; a decode grows by one token per step; when a step
+would overflow the cache the most recently admitted decode is preempted and
+later recomputed, as vLLM does) and the pull rule of a KV handoff (the
+receiver pulls, oldest first, once it has room; the sender keeps the KV until
+the transfer ends). Whatever needs a clock or a device leaves as an action.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+
+from tropical.core.actions import Action, StepScheduled, TransferStarted, WorkerWake
+from tropical.core.request import RequestState
+from tropical.latency.model import LatencyModel
+from tropical.policies.records import EMPTY_BATCH, BatchSummary, Role, StepPlan, WorkerView
+from tropical.policies.serving import ServingPolicy
+
+PULL_HEADROOM = 0.01  # fraction of a worker's KV left free when pulling a handoff in
+
+Perturb = Callable[[bool], float]  # a step's time factor, given whether it prefills (the simulator's noise)
+HandOff = Callable[[RequestState, "WorkerState", float], None]  # a prefill worker's finished prompt, to route
+
+
+def no_perturbation(prefill: bool) -> float:
+    return 1.0
+
+
+class WorkerState:
+    """One worker: its queues, its running batch (kept in closed form) and the step in progress.
+
+    A step in progress is a span of `span_n` steps whose i-th (from 1) ends at
+    span_start + i·a + b·i(i−1)/2: the simulator advances an unchanging decode
+    batch many steps at once; a live worker runs one step at a time (n = 1).
+    """
+
+    def __init__(
+        self,
+        index: int,
+        role: Role,
+        capacity: int,
+        model: LatencyModel,
+        out: list[Action],
+        perturb: Perturb = no_perturbation,
+    ) -> None:
+        self.model = model
+        self.out = out  # the core's actions, drained by the driver
+        self.perturb = perturb
+        self.id = index
+        self.role = role
+        self.capacity = capacity
+        self.kv_static = 0  # KV of requests outside the running batch
+        # running batch: generated(job) = join_gen + steps − join_step
+        self.running: dict[int, RequestState] = {}
+        self.ctx_offset = 0  # Σ (prompt + join_gen − join_step): batch KV = ctx_offset + size·steps
+        self.prompt_sum = 0
+        self.steps = 0  # decode steps this worker has run
+        self.finishes: list[tuple[int, int, RequestState]] = []  # (step it finishes at, token, job)
+        # (tpot, met its TTFT) → heap of (next token deadline − tpot·steps, token, job), and its live members
+        self.deadlines: dict[tuple[float, bool], list[tuple[float, int, RequestState]]] = {}
+        self.members: dict[tuple[float, bool], int] = {}
+        self.prefills: dict[int, RequestState] = {}
+        self.prefill_load = 0
+        self.waiting: dict[int, RequestState] = {}
+        self.incoming: dict[int, RequestState] = {}
+        self.sources: dict[int, int] = {}  # incoming request → the worker holding its KV until it is pulled
+        self.side_prompt = 0  # Σ prompt of waiting and incoming
+        # the span in progress
+        self.busy = False
+        self.span_id = 0
+        self.span_start = 0.0
+        self.span_a = 0.0
+        self.span_b = 0.0
+        self.span_n = 0
+        self.span_end = 0.0
+        self.span_decode = False
+        self.span_chunks: tuple[tuple[RequestState, int], ...] = ()
+        self.placed_since_step = 0
+        self.needs_plan = False
+        self.wake_id = 0
+        self.version = 0
+        self._view: WorkerView | None = None
+        self._view_steps = -1
+
+    # --- running batch in closed form ----------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return len(self.running)
+
+    def join(self, job: RequestState, token: int) -> None:
+        steps = self.steps
+        job.join_step, job.join_gen, job.token = steps, job.generated, token
+        self.running[job.id] = job
+        self.ctx_offset += job.prompt + job.generated - steps
+        self.prompt_sum += job.prompt
+        heapq.heappush(self.finishes, (steps + job.output - job.generated, token, job))
+        tpot, first = job.tpot_slo, job.first_token
+        assert first is not None, "only prefilled requests decode"
+        group = (tpot, job.met_ttft)
+        heap = self.deadlines.get(group)
+        if heap is None:
+            heap = self.deadlines[group] = []
+        heapq.heappush(heap, (first + tpot * (job.generated - steps), token, job))
+        self.members[group] = self.members.get(group, 0) + 1
+
+    def leave(self, job: RequestState) -> None:
+        del self.running[job.id]
+        job.generated = job.join_gen + self.steps - job.join_step
+        job.token = 0
+        job.changed()
+        self.ctx_offset -= job.prompt + job.join_gen - job.join_step
+        self.prompt_sum -= job.prompt
+        self.members[(job.tpot_slo, job.met_ttft)] -= 1
+
+    def batch_kv(self, steps: int) -> int:
+        return self.ctx_offset + len(self.running) * steps
+
+    def summary(self, steps: int) -> BatchSummary:
+        if not self.running:
+            return EMPTY_BATCH
+        earliest = reserve = tightest = on_time = math.inf
+        for (tpot, met_ttft), heap in self.deadlines.items():
+            if not self.members[(tpot, met_ttft)]:
+                continue
+            while heap[0][2].token != heap[0][1]:
+                heapq.heappop(heap)
+            deadline = heap[0][0] + tpot * steps
+            earliest = min(earliest, deadline)
+            reserve = min(reserve, deadline - tpot)
+            tightest = min(tightest, tpot)
+            if met_ttft:
+                on_time = min(on_time, deadline)
+        return BatchSummary(len(self.running), self.batch_kv(steps), self.prompt_sum, earliest, reserve, tightest, on_time)
+
+    # --- span arithmetic ------------------------------------------------------------------
+
+    def span_time(self, m: int) -> float:
+        """End of the m-th step of the current span."""
+        return self.span_start + m * self.span_a + self.span_b * m * (m - 1) / 2.0
+
+    def steps_done(self, now: float) -> int:
+        """Steps of the current span completed by `now`."""
+        if not self.busy or now >= self.span_end:
+            return self.span_n if self.busy else 0
+        m = self._steps_for(now - self.span_start)
+        while m > 0 and self.span_time(m) > now:
+            m -= 1
+        while m + 1 < self.span_n and self.span_time(m + 1) <= now:
+            m += 1
+        return m
+
+    def boundary_after(self, now: float) -> int:
+        """The first step boundary of the current span at or after `now` (as a step count ≥ 1)."""
+        m = max(1, self.steps_done(now))
+        if self.span_time(m) < now:
+            m += 1
+        return min(m, self.span_n)
+
+    def _steps_for(self, elapsed: float) -> int:
+        a, b = self.span_a, self.span_b
+        if b <= 0.0:
+            return int(elapsed / a) if a > 0.0 else self.span_n
+        half = a - b / 2.0
+        return int((-half + math.sqrt(half * half + 2.0 * b * elapsed)) / b)
+
+    def current_steps(self, now: float) -> int:
+        """Decode steps run by `now`, counting the completed part of a decode span."""
+        if self.busy and self.span_decode and self.span_n > 1:
+            return self.steps + self.steps_done(now)
+        return self.steps
+
+    # --- the view a policy sees -----------------------------------------------------------
+
+    def changed(self) -> None:
+        self.version += 1
+        self._view = None
+
+    def view(self, now: float) -> WorkerView:
+        steps = self.current_steps(now)
+        view = self._view
+        if view is not None and self._view_steps == steps:
+            return view
+        if self.busy and self.span_n > 1:
+            done = steps - self.steps if self.span_decode else 0
+            begin, end = self.span_time(done), self.span_time(min(done + 1, self.span_n))
+        elif self.busy:
+            begin, end = self.span_start, self.span_end
+        else:
+            begin = end = self.span_end
+        prefills = self.prefills.values()
+        ordered = (
+            [j.view for j in prefills if j.prefilled > 0]
+            + [j.view for j in prefills if j.prefilled == 0 and j.generated > 0]
+            + [j.view for j in prefills if j.prefilled == 0 and j.generated == 0]
+        )
+        view = WorkerView(
+            id=self.id,
+            role=self.role,
+            kv_capacity=self.capacity,
+            kv_used=self.kv_static + self.batch_kv(steps),
+            busy=self.busy,
+            step_begin=begin,
+            step_end=end,
+            placed_since_step=self.placed_since_step,
+            prefills=tuple(ordered),
+            prefill_load=self.prefill_load,
+            batch=self.summary(steps),
+            waiting=tuple(j.view for j in self.waiting.values()),
+            incoming=tuple(j.view for j in self.incoming.values()),
+            decode_load=self.prompt_sum + self.side_prompt,
+            in_step=tuple((job.id, tokens) for job, tokens in self.span_chunks) if self.busy else (),
+        )
+        self._view, self._view_steps = view, steps
+        return view
+
+    # --- what arrives at the worker ---------------------------------------------------------
+
+    def place(self, job: RequestState, now: float) -> None:
+        """The router put `job`'s prompt here."""
+        job.placed = now
+        self.prefills[job.id] = job
+        self.prefill_load += job.prompt + job.generated
+        self.placed_since_step += 1
+        self.poke(now)
+
+    def receive(self, job: RequestState, source: int, now: float) -> None:
+        """`job` was prefilled on worker `source` and decodes here: it waits for its KV to be pulled."""
+        job.decode_worker = self.id
+        job.in_transfer = False
+        self.incoming[job.id] = job
+        self.sources[job.id] = source
+        self.side_prompt += job.prompt
+        self.poke(now)
+        if not self.busy:
+            self.pull(now)
+
+    def poke(self, now: float) -> None:
+        """Something concerns this worker: re-plan it now if idle, else at its next step boundary."""
+        self.changed()
+        if not self.busy:
+            self.needs_plan = True
+            return
+        if self.span_n > 1 and self.span_end > now:
+            m = self.boundary_after(now)
+            if m < self.span_n:
+                self.span_n = m
+                self.span_end = self.span_time(m)
+                self.span_id += 1
+                self.out.append(StepScheduled(self.id, self.span_id, self.span_end))
+
+    # --- a step ---------------------------------------------------------------------------
+
+    def start_step(self, policy: ServingPolicy, token: Callable[[], int], now: float) -> bool:
+        """Plan the next step with `policy` and apply the plan; whether anything changed.
+
+        `token` numbers memberships of running batches (unique across workers).
+        """
+        plan: StepPlan = policy.plan_step(self.view(now), now)
+        for request_id in plan.abandon:
+            self._abandon(request_id)
+        for request_id in plan.admit:
+            job = self.waiting.pop(request_id)
+            self.side_prompt -= job.prompt
+            self.kv_static -= job.kv
+            job.kv = 0
+            self.join(job, token())
+        chunks = []
+        for request_id, tokens in plan.chunks:
+            job = self.prefills[request_id]
+            if tokens <= 0 or tokens > job.remaining_prefill:
+                raise ValueError(f"{policy.name} planned {tokens} prompt tokens for request {request_id}")
+            if job.prefilled == 0:
+                job.kv = job.prompt + job.generated
+                self.kv_static += job.kv
+                if job.prefill_start is None:
+                    job.prefill_start, job.prefill_worker = now, self.id
+            chunks.append((job, tokens))
+        decode = (plan.decode or bool(plan.admit)) and bool(self.running)
+        if decode:
+            self.make_room()
+            decode = bool(self.running)
+        if self.kv_static + self.batch_kv(self.steps) > self.capacity:
+            raise ValueError(f"{policy.name} overfilled the KV cache of worker {self.id}")
+        self.changed()
+        if not decode and not chunks:
+            if plan.abandon:  # the freed KV may let a handoff in, or the next plan start something
+                self.placed_since_step = 0  # it has dealt with what was placed: given up on it
+                if self.incoming:
+                    self.pull(now)
+                self.needs_plan = True
+                return True
+            if plan.review_at is not None and plan.review_at > now:
+                self.wake_id += 1
+                self.out.append(WorkerWake(self.id, self.wake_id, plan.review_at))
+            return False
+        self._begin(decode, tuple(chunks), plan.review_at, now)
+        return True
+
+    def _abandon(self, request_id: int) -> None:
+        job = self.waiting.pop(request_id, None)
+        if job is not None:
+            self.side_prompt -= job.prompt
+        else:
+            job = self.prefills.pop(request_id)
+            self.prefill_load -= job.prompt + job.generated - job.prefilled
+        self.kv_static -= job.kv
+        job.kv = 0
+        job.dropped = True
+
+    def _begin(self, decode: bool, chunks: tuple[tuple[RequestState, int], ...], review_at: float | None, now: float) -> None:
+        """Time the step: one step with prompt chunks, or a span of decode steps up to the next change."""
+        model = self.model
+        size = self.size if decode else 0
+        context = self.batch_kv(self.steps) if decode else 0
+        factor = self.perturb(bool(chunks))
+        if chunks:
+            a = factor * model.step_time(size, context, [(job.prefilled, job.prefilled + tokens) for job, tokens in chunks])
+            b, n = 0.0, 1
+        else:
+            a = factor * model.decode_time(size, context)
+            b = factor * model.d2 * size
+            finishes = self.finishes
+            while finishes[0][2].token != finishes[0][1]:
+                heapq.heappop(finishes)
+            n = finishes[0][0] - self.steps
+            room = self.capacity - self.kv_static - context
+            n = max(1, min(n, room // size))
+        self.busy = True
+        self.span_id += 1
+        self.span_start, self.span_a, self.span_b, self.span_n = now, a, b, n
+        self.span_decode, self.span_chunks = decode, chunks
+        if review_at is not None and n > 1 and self.span_time(n) > review_at:
+            self.span_n = n = self.boundary_after(review_at)
+        self.span_end = self.span_time(n)
+        self.placed_since_step = 0
+        self.changed()
+        self.out.append(StepScheduled(self.id, self.span_id, self.span_end))
+
+    def make_room(self) -> None:
+        """Preempt the most recently admitted decodes until one more step's KV fits (vLLM's recompute)."""
+        while self.running and self.kv_static + self.batch_kv(self.steps) + self.size > self.capacity:
+            victim = next(reversed(self.running.values()))
+            self.leave(victim)
+            victim.prefilled = 0
+            victim.preemptions += 1
+            self.prefills[victim.id] = victim
+            self.prefill_load += victim.prompt + victim.generated
+
+    def end_step(self, now: float, hand_off: HandOff) -> None:
+        """The step in progress ended at `now`: advance the batch, finish requests, complete prompts."""
+        n = self.span_n
+        self.busy = False
+        if self.span_decode:
+            self.steps += n
+            finishes = self.finishes
+            while finishes and finishes[0][0] <= self.steps:
+                _, token, job = heapq.heappop(finishes)
+                if job.token != token:
+                    continue
+                self.leave(job)
+                job.finish = now
+        for job, tokens in self.span_chunks:
+            job.prefilled += tokens
+            job.changed()
+            self.prefill_load -= tokens
+            if job.prefilled == job.prompt + job.generated:
+                del self.prefills[job.id]
+                self._prefilled(job, now, hand_off)
+        self.span_chunks = ()
+        self.needs_plan = True
+        self.changed()
+        if self.incoming:
+            self.pull(now)
+
+    def _prefilled(self, job: RequestState, now: float, hand_off: HandOff) -> None:
+        """A prompt (or a preempted request's recompute) is done: its step produced a token."""
+        if job.generated == 0:
+            job.first_token = now
+            job.met_ttft = now - job.arrival <= job.ttft_slo
+        job.generated += 1
+        job.changed()
+        if job.generated >= job.output:
+            job.finish = now
+            self.kv_static -= job.kv
+            job.kv = 0
+            if job.decode_worker is None:
+                job.decode_worker = self.id
+                job.kv_ready = now
+            return
+        if self.role is Role.PREFILL:
+            hand_off(job, self, now)
+            return
+        if job.decode_worker is None:
+            job.decode_worker, job.kv_ready = self.id, now
+        self.waiting[job.id] = job
+        self.side_prompt += job.prompt
+
+    # --- KV handoff -------------------------------------------------------------------------
+
+    def pull(self, now: float) -> None:
+        """Start transfers into this worker, oldest first, while its KV has room."""
+        used = self.kv_static + self.batch_kv(self.current_steps(now))
+        free = self.capacity - used - PULL_HEADROOM * self.capacity
+        for job in self.incoming.values():
+            if job.in_transfer:
+                continue
+            if job.kv > free and not (used == 0 and job.kv <= self.capacity):  # an empty worker takes any request that fits
+                break
+            used += job.kv
+            free -= job.kv
+            job.in_transfer = True
+            self.kv_static += job.kv
+            self.changed()
+            self.out.append(TransferStarted(job.id, self.sources.pop(job.id), self.id, job.kv))
+
+    def handed_over(self, job: RequestState, now: float) -> None:
+        """`job`'s KV reached its decoding worker: the sender frees its copy."""
+        self.kv_static -= job.kv
+        self.poke(now)
+
+    def kv_arrived(self, job: RequestState, now: float) -> None:
+        """`job`'s KV is resident here: it waits to be admitted to the batch."""
+        del self.incoming[job.id]
+        job.in_transfer = False
+        job.kv_ready = now
+        self.waiting[job.id] = job
+        self.poke(now)
