@@ -10,6 +10,7 @@ sender learns the most useful reason its message was refused.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Annotated, Final, Literal
 
 import msgspec
@@ -221,6 +222,7 @@ class ErrorReply(Message, tag="error", kw_only=True, frozen=True):
 
 class WorkerRole(enum.StrEnum):
     PREFILL = "prefill"
+    DECODE = "decode"
     MULTIPLEX = "multiplex"
     COLOCATED = "colocated"
 
@@ -234,7 +236,48 @@ class DecodeLoad(Record, kw_only=True, frozen=True):
     slack_s: float  # banked TPOT budget: may be negative when the decode is behind
 
 
+class RequestSnapshot(Record, kw_only=True, frozen=True):
+    """A request held by a worker, as much as a scheduling policy may know of it (never its output length).
+
+    Times are on the deployment's clock (Unix seconds live); `prefilled` counts
+    the tokens of prompt + generated whose KV exists.
+    """
+
+    request_id: Id
+    arrival: float
+    prompt_tokens: Count
+    ttft_slo_s: Positive
+    tpot_slo_s: Positive
+    prefilled: Count = 0
+    generated: Count = 0
+    first_token: float | None = None
+
+
+class BatchSnapshot(Record, kw_only=True, frozen=True):
+    """A running decode batch in the few numbers placement and admission use (deadlines may be inf)."""
+
+    size: Count = 0
+    context_tokens: Count = 0
+    prompt_tokens: Count = 0
+    next_token_deadline: float = math.inf
+    reserve_deadline: float = math.inf
+    tpot_slo_s: float = math.inf
+    on_time_deadline: float = math.inf
+
+
+class ChunkInStep(Record, kw_only=True, frozen=True):
+    request_id: Id
+    tokens: Annotated[int, msgspec.Meta(ge=1)]
+
+
 class WorkerStatus(Message, tag="worker_status", kw_only=True, frozen=True):
+    """A worker's heartbeat: everything the router's view of it needs (see `tropical.core.status`).
+
+    The first fields are the summary any dashboard reads; the rest carry the
+    worker's queues and the step in progress, so the router decides on the
+    same view a worker's own planner sees.
+    """
+
     worker_id: Id
     role: WorkerRole
     queue: QueueName
@@ -242,10 +285,21 @@ class WorkerStatus(Message, tag="worker_status", kw_only=True, frozen=True):
     kv_capacity_tokens: Count
     kv_free_tokens: Count
     queued_prefills: Count = 0
-    queued_prefill_tokens: Count = 0
+    queued_prefill_tokens: Count = 0  # Σ prompt tokens of `prefills` not computed yet
     decodes: list[DecodeLoad] = []
     busy_until: Timestamp = 0.0  # predicted end of the work already accepted
     draining: bool = False
+    busy: bool = False  # a step is in progress
+    step_begin: float = 0.0  # start of the step in progress (or of the last one)
+    step_end: float = 0.0  # its predicted end
+    placed_since_step: Count = 0
+    prefills: list[RequestSnapshot] = []  # prompts placed here, not fully prefilled; started ones first
+    batch: BatchSnapshot = BatchSnapshot()
+    waiting: list[RequestSnapshot] = []  # decodes resident here, outside the running batch
+    incoming: list[RequestSnapshot] = []  # decodes handed here whose KV has not arrived
+    decode_load: Count = 0  # Σ prompt tokens of the batch, waiting and incoming
+    in_step: list[ChunkInStep] = []  # prompt chunks the step in progress computes
+    accepted: list[Id] = []  # requests taken since the previous status (confirms the router's dispatches)
 
 
 class PrefillCoefficients(Record, kw_only=True, frozen=True):

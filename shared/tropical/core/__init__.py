@@ -5,16 +5,18 @@ simulator drives it on a virtual clock, the live services on the real one:
 same policy objects, same core, two clocks.
 """
 
-from tropical.core.actions import Action, RouterWake, StepScheduled, TransferStarted, WorkerWake
+from tropical.core.actions import Abandoned, Action, Preempted, RouterWake, StepScheduled, TransferStarted, WorkerWake
 from tropical.core.cluster import ClusterCore
 from tropical.core.request import RequestState
 from tropical.core.router import DispatchLedger, RouterState, feasible
 from tropical.core.worker import WorkerState
 
 __all__ = [
+    "Abandoned",
     "Action",
     "ClusterCore",
     "DispatchLedger",
+    "Preempted",
     "RequestState",
     "RouterState",
     "RouterWake",

@@ -53,4 +53,20 @@ class TransferStarted:
     kv_tokens: int
 
 
-Action = StepScheduled | WorkerWake | RouterWake | TransferStarted
+@dataclass(frozen=True, slots=True)
+class Preempted:
+    """Worker `worker` dropped request `request`'s KV to make room; it is recomputed from its prompt and outputs."""
+
+    worker: int
+    request: RequestId
+
+
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    """Worker `worker` gave up on request `request` (it could only miss its SLOs); its KV is freed."""
+
+    worker: int
+    request: RequestId
+
+
+Action = StepScheduled | WorkerWake | RouterWake | TransferStarted | Preempted | Abandoned

@@ -36,12 +36,14 @@ class ClusterCore:
         model: LatencyModel,
         *,
         perturb: Perturb = no_perturbation,
+        spans: bool = True,
     ) -> None:
+        """`spans=False` runs every decode step on its own, as live workers do (the simulator batches them)."""
         self.policy = policy
         self.model = model
         self.kv_capacity = kv_capacity
         self.out: list[Action] = []
-        self.workers = [WorkerState(i, role, kv_capacity, model, self.out, perturb) for i, role in enumerate(roles)]
+        self.workers = [WorkerState(i, role, kv_capacity, model, self.out, perturb, spans=spans) for i, role in enumerate(roles)]
         self.router = RouterState(policy, self.out)
         self.stranded: list[tuple[RequestState, WorkerState]] = []  # prefilled, no decoding worker chosen yet
         self._tokens = itertools.count(1)

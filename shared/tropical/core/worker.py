@@ -20,7 +20,7 @@ import heapq
 import math
 from collections.abc import Callable
 
-from tropical.core.actions import Action, StepScheduled, TransferStarted, WorkerWake
+from tropical.core.actions import Abandoned, Action, Preempted, StepScheduled, TransferStarted, WorkerWake
 from tropical.core.request import RequestState
 from tropical.latency.model import LatencyModel
 from tropical.policies.records import EMPTY_BATCH, BatchSummary, Role, StepPlan, WorkerView
@@ -52,8 +52,11 @@ class WorkerState:
         model: LatencyModel,
         out: list[Action],
         perturb: Perturb = no_perturbation,
+        *,
+        spans: bool = True,
     ) -> None:
         self.model = model
+        self.spans = spans  # False: one step at a time, as a live worker runs them
         self.out = out  # the core's actions, drained by the driver
         self.perturb = perturb
         self.id = index
@@ -114,9 +117,13 @@ class WorkerState:
         heapq.heappush(heap, (first + tpot * (job.generated - steps), token, job))
         self.members[group] = self.members.get(group, 0) + 1
 
+    def generated(self, job: RequestState, steps: int) -> int:
+        """Output tokens of a running member after `steps` decode steps of this worker."""
+        return job.join_gen + steps - job.join_step
+
     def leave(self, job: RequestState) -> None:
         del self.running[job.id]
-        job.generated = job.join_gen + self.steps - job.join_step
+        job.generated = self.generated(job, self.steps)
         job.token = 0
         job.changed()
         self.ctx_offset -= job.prompt + job.join_gen - job.join_step
@@ -317,6 +324,7 @@ class WorkerState:
         self.kv_static -= job.kv
         job.kv = 0
         job.dropped = True
+        self.out.append(Abandoned(self.id, job.id))
 
     def _begin(self, decode: bool, chunks: tuple[tuple[RequestState, int], ...], review_at: float | None, now: float) -> None:
         """Time the step: one step with prompt chunks, or a span of decode steps up to the next change."""
@@ -335,7 +343,7 @@ class WorkerState:
                 heapq.heappop(finishes)
             n = finishes[0][0] - self.steps
             room = self.capacity - self.kv_static - context
-            n = max(1, min(n, room // size))
+            n = max(1, min(n, room // size)) if self.spans else 1
         self.busy = True
         self.span_id += 1
         self.span_start, self.span_a, self.span_b, self.span_n = now, a, b, n
@@ -354,6 +362,7 @@ class WorkerState:
             self.leave(victim)
             victim.prefilled = 0
             victim.preemptions += 1
+            self.out.append(Preempted(self.id, victim.id))
             self.prefills[victim.id] = victim
             self.prefill_load += victim.prompt + victim.generated
 

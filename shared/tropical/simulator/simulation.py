@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -93,14 +93,27 @@ def timeline(job: RequestState) -> RequestTimeline:
 class Simulation:
     """One run of one policy on one cluster over one workload; deterministic for a seed."""
 
-    def __init__(self, cluster: ClusterSpec, policy: ServingPolicy, *, seed: int = 0, noise: bool = False, record_steps: bool = False) -> None:
+    def __init__(
+        self,
+        cluster: ClusterSpec,
+        policy: ServingPolicy,
+        *,
+        seed: int = 0,
+        noise: bool = False,
+        record_steps: bool = False,
+        observe: Callable[[float, ClusterCore], None] | None = None,
+        spans: bool = True,
+    ) -> None:
+        """`observe(now, core)` sees the cluster each time it has settled (for tests and tracing);
+        `spans=False` steps every decode on its own instead of in closed-form spans."""
         self.cluster = cluster
+        self.observe = observe
         self.policy = policy
         self.model = cluster.model
         self.noise = noise
         self.random = random.Random(seed)
         self.record_steps = record_steps
-        self.core = ClusterCore(policy, cluster.roles, cluster.kv_capacity, cluster.model, perturb=self._noise)
+        self.core = ClusterCore(policy, cluster.roles, cluster.kv_capacity, cluster.model, perturb=self._noise, spans=spans)
         self.events: list[tuple[float, int, int, object, int]] = []
         self.sequence = 0
         self.event_count = self.span_count = self.step_count = 0
@@ -130,6 +143,8 @@ class Simulation:
             if upcoming > now:  # everything that happens at `now` is in: let the cluster react
                 core.settle(now)
                 self._carry_out(now)
+                if self.observe is not None:
+                    self.observe(now, core)
         unfinished = 0
         for job in jobs:
             if job.finish is None and not job.dropped:
@@ -162,6 +177,7 @@ class Simulation:
                 self._push(action.at, _WAKE_WORKER, action.worker, action.wake_id)
             elif isinstance(action, RouterWake):
                 self._push(action.at, _WAKE_ROUTER, None)
+            # Preempted and Abandoned: the request's own record already says so
 
     def _handle(self, now: float, kind: int, subject: object, tag: int) -> None:
         core = self.core

@@ -1,0 +1,99 @@
+"""The core without any clock: events and `now` in, actions out, driven by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from tropical.core import ClusterCore, RequestState, RouterWake, StepScheduled, TransferStarted, WorkerWake
+from tropical.experiments import SETTINGS, Replay, workload
+from tropical.latency.model import LatencyModel
+from tropical.policies import Role, make_policy
+from tropical.simulator import Simulation
+
+# prefill: 10 ms + 1 ms per token; decode: 10 ms + 1 ms per sequence + 20 µs per KV token
+MODEL = LatencyModel(c0=0.0, c1=0.001, c2=0.01, d0=0.01, d1=0.001, d2=0.00002)
+
+
+def request(i: int, arrival: float, prompt: int, output: int) -> RequestState:
+    return RequestState(i, arrival, prompt, output, ttft_slo=100.0, tpot_slo=1.0)
+
+
+def test_disaggregated_request_step_by_step() -> None:
+    core = ClusterCore(make_policy("distserve", MODEL), (Role.PREFILL, Role.DECODE), 10_000, MODEL)
+    job = request(0, 0.0, 100, 3)
+    assert core.arrive(job)
+    core.settle(0.0)
+    [step] = core.drain()
+    assert step == StepScheduled(worker=0, span_id=1, end=pytest.approx(0.11))
+    assert core.views(0.05)[0].in_step == ((0, 100),)
+
+    assert core.step_ended(0, 1, 0.11)
+    assert job.first_token == 0.11 and job.generated == 1
+    [transfer] = core.drain()
+    assert transfer == TransferStarted(request=0, source=0, target=1, kv_tokens=100)
+    assert core.views(0.11)[1].kv_used == 100  # the receiver reserved room before the KV moves
+
+    core.kv_arrived(job, 0, 1, 0.2)
+    core.settle(0.2)
+    actions = core.drain()
+    assert core.workers[0].kv_static == 0  # the sender's copy is freed
+    assert [type(a) for a in actions] == [StepScheduled]
+    decode = actions[0]
+    assert isinstance(decode, StepScheduled) and decode.worker == 1
+    # two decode steps of one sequence in one span: 101 then 102 KV tokens
+    assert decode.end == pytest.approx(0.2 + (0.011 + 0.00002 * 101) + (0.011 + 0.00002 * 102))
+    assert core.step_ended(1, decode.span_id, decode.end)
+    assert job.finish == decode.end and job.generated == 3
+    assert core.views(decode.end)[1].kv_used == 0
+
+
+def test_a_placement_mid_span_cuts_it_at_the_next_step_boundary() -> None:
+    core = ClusterCore(make_policy("vllm", MODEL), (Role.COLOCATED,), 10_000, MODEL)
+    first = request(0, 0.0, 10, 50)
+    core.arrive(first)
+    core.settle(0.0)
+    [prefill] = core.drain()
+    core.step_ended(0, prefill.span_id, prefill.end)
+    core.settle(prefill.end)
+    [span] = core.drain()
+    assert isinstance(span, StepScheduled) and span.end > prefill.end + 0.3  # a long span of decode steps
+    second = request(1, prefill.end + 0.05, 10, 5)
+    core.arrive(second)
+    core.settle(second.arrival)
+    [cut] = core.drain()
+    assert isinstance(cut, StepScheduled) and cut.span_id == span.span_id + 1
+    assert second.arrival <= cut.end < second.arrival + 0.02  # the next boundary, one decode step away at most
+    assert not core.step_ended(0, span.span_id, span.end)  # the replaced span's end is ignored
+
+
+def test_refused_requests_never_reach_the_queue() -> None:
+    core = ClusterCore(make_policy("vllm", MODEL), (Role.COLOCATED,), 1_000, MODEL)
+    too_big = request(0, 0.0, 900, 200)
+    assert not core.arrive(too_big)
+    assert too_big.infeasible and too_big.dropped and not core.router.queue
+
+
+def test_wakes_are_actions() -> None:
+    core = ClusterCore(make_policy("unified", MODEL), (Role.MULTIPLEX, Role.MULTIPLEX), 10_000, MODEL)
+    for i in range(4):
+        core.arrive(request(i, 0.0, 2_000, 20))
+    core.settle(0.0)
+    kinds = {type(a) for a in core.drain()}
+    assert StepScheduled in kinds
+    assert kinds <= {StepScheduled, WorkerWake, RouterWake, TransferStarted}
+
+
+@pytest.mark.parametrize("policy", ["vllm", "sarathi", "distserve", "tropical", "kairos", "unified"])
+def test_closed_form_spans_equal_one_step_at_a_time(policy: str) -> None:
+    """The simulator's spans are only a shortcut: live workers step one at a time and must see the same schedule."""
+    setting = SETTINGS["chat-13b"]
+    load = workload(setting, setting.trace, 12.0, replay=Replay(requests=200), seed=1)
+    served = make_policy(policy, setting.latency_model())
+    spec = setting.cluster(served, None if policy in ("vllm", "sarathi") else 4)
+    spans = Simulation(spec, served).run(load.requests)
+    steps = Simulation(spec, served, spans=False).run(load.requests)
+    assert steps.spans == steps.steps == spans.steps > spans.spans
+    for a, b in zip(spans.timelines, steps.timelines, strict=True):
+        assert (a.prefill_worker, a.decode_worker, a.dropped, a.generated) == (b.prefill_worker, b.decode_worker, b.dropped, b.generated)
+        assert a.finish == pytest.approx(b.finish, abs=1e-9)
+        assert a.first_token == pytest.approx(b.first_token, abs=1e-9)
