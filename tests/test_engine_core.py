@@ -96,7 +96,7 @@ def test_max_num_seqs_limits_running_sequences() -> None:
     for i in range(4):
         engine.add_request(f"r{i}", [i + 1] * 5, GREEDY, max_tokens=3)
     first = engine.step()
-    assert first.num_seqs == 2 and len(engine.scheduler.waiting) == 2
+    assert first.num_seqs == 2 and len(engine.book.queued) == 2
 
 
 # --- requests ---------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def run_chunks(engine: Engine, token_ids: list[int], cuts: list[int], *, scatter
     `scattered` reverses the block table, so attention must gather the context instead of slicing it.
     """
     table: list[int] = []
-    engine.blocks.grow(table, len(token_ids))
+    engine.book.blocks.grow(table, len(token_ids))
     if scattered:
         table.reverse()
     logits = []

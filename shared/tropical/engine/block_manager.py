@@ -37,19 +37,26 @@ class BlockManager:
         """How many more tokens a sequence holding `num_tokens` could store, in its own blocks and all free ones."""
         return (len(block_table) + self._num_free) * self.block_size - num_tokens
 
+    def missing(self, block_table: list[int], num_tokens: int) -> int:
+        """Blocks `block_table` lacks to hold `num_tokens` tokens."""
+        return max(0, self.blocks_for(num_tokens) - len(block_table))
+
     def can_grow(self, block_table: list[int], num_tokens: int) -> bool:
-        return self.blocks_for(num_tokens) - len(block_table) <= self._num_free
+        return self.missing(block_table, num_tokens) <= self._num_free
 
     def grow(self, block_table: list[int], num_tokens: int) -> None:
         """Append blocks to `block_table` until it holds `num_tokens` tokens."""
-        missing = self.blocks_for(num_tokens) - len(block_table)
+        missing = self.missing(block_table, num_tokens)
         if missing > self._num_free:
             raise OutOfBlocks(f"{missing} KV blocks needed, {self._num_free} free")
-        for still_missing in range(missing, 0, -1):
-            block = self._next_block(block_table, still_missing)
-            self._free[block] = False
-            block_table.append(block)
-        self._num_free -= max(missing, 0)
+        self._num_free -= missing
+        while missing:
+            start = self._next_block(block_table, missing)
+            run = self._free[start : start + missing]
+            length = len(run) if run.all() else int(run.argmin())  # free blocks from `start` on, at most `missing`
+            self._free[start : start + length] = False
+            block_table.extend(range(start, start + length))
+            missing -= length
 
     def release(self, block_table: list[int]) -> None:
         self._free[block_table] = True
