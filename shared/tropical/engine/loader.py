@@ -1,14 +1,16 @@
-"""Where weights come from: a local Hugging Face directory, or seeded random numbers for the tiny preset.
+"""Where weights come from: a local Hugging Face directory, a GGUF file, or seeded random numbers.
 
 Checkpoints keep q, k, v and gate, up as separate matrices; our model packs
 each group into one (see models/llama.py). `PACKED` is the whole translation,
 used both ways: loading a checkpoint, and writing one `transformers` can read.
+A GGUF file (engine/gguf.py) arrives under the same checkpoint names.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tropical.engine.config import ModelConfig
+from tropical.engine.gguf import gguf_file, read_gguf, read_gguf_config
 from tropical.engine.models import CausalLM
 
 UNPACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -23,7 +26,13 @@ PACKED = {part: (packed, shard) for packed, parts in UNPACKED.items() for shard,
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # derived, not learned; some old checkpoints carry it
 
 
-def read_config(model_dir: str | Path) -> ModelConfig:
+def read_config(source: str | Path) -> ModelConfig:
+    """The architecture of a model directory, a .gguf file or the `smollm2` preset."""
+    path = gguf_file(source)
+    return read_gguf_config(path) if path is not None else read_hf_config(source)
+
+
+def read_hf_config(model_dir: str | Path) -> ModelConfig:
     """config.json, plus the extra end tokens chat checkpoints list in generation_config.json."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
@@ -35,32 +44,46 @@ def read_config(model_dir: str | Path) -> ModelConfig:
     return dataclasses.replace(config, eos_token_ids=tuple(dict.fromkeys([*config.eos_token_ids, *extra])))
 
 
-def load_model(
-    model_dir: str | Path, max_positions: int, dtype: torch.dtype, device: torch.device
-) -> CausalLM:
-    """Build the model described by config.json and fill it from its *.safetensors (one file or shards)."""
-    config = read_config(model_dir)
+def load_model(source: str | Path, max_positions: int, dtype: torch.dtype, device: torch.device) -> CausalLM:
+    """Build the model a directory (config.json, *.safetensors), a .gguf file or `smollm2` describes, and fill it."""
+    path = gguf_file(source)
+    config, tensors = read_gguf(path) if path is not None else (read_hf_config(source), _safetensors(source))
     with torch.device(device):
         model = CausalLM(config, max_positions).to(dtype)
+    _fill(model, tensors, source)
+    return model.eval()
+
+
+def _safetensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a directory's *.safetensors (one file or shards), under its checkpoint name."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir} has no *.safetensors weights")
-    params = dict(model.named_parameters())
-    filled: set[tuple[str, int]] = set()
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as shards:
             for name in shards.keys():
-                if name.endswith(IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
-                    continue
-                target, shard = _our_name(name)
-                if target not in params:
-                    raise ValueError(f"{file.name}: tensor {name!r} has no place in a {config.family} model")
-                _shard_view(params[target], target, shard, config).copy_(shards.get_tensor(name))
-                filled.add((target, shard))
+                yield name, shards.get_tensor(name)
+
+
+def _fill(model: CausalLM, tensors: Iterator[tuple[str, torch.Tensor]], source: str | Path) -> None:
+    """Copy checkpoint tensors into our (packed) parameters; a tensor of the wrong shape must not broadcast."""
+    config = model.config
+    params = dict(model.named_parameters())
+    filled: set[tuple[str, int]] = set()
+    for name, tensor in tensors:
+        if name.endswith(IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        target, shard = _our_name(name)
+        if target not in params:
+            raise ValueError(f"{source}: tensor {name!r} has no place in a {config.family} model")
+        view = _shard_view(params[target], target, shard, config)
+        if view.shape != tensor.shape:
+            raise ValueError(f"{source}: tensor {name!r} has shape {list(tensor.shape)}, not {list(view.shape)}")
+        view.copy_(tensor)
+        filled.add((target, shard))
     missing = [name for name, shard in _expected(model) if (name, shard) not in filled]
     if missing:
-        raise ValueError(f"{model_dir} lacks weights for: {', '.join(sorted(set(missing))[:8])}")
-    return model.eval()
+        raise ValueError(f"{source} lacks weights for: {', '.join(sorted(set(missing))[:8])}")
 
 
 def random_model(

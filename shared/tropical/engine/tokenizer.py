@@ -1,10 +1,12 @@
-"""Text to token ids and back: the model directory's own tokenizer, or bytes for the tiny preset."""
+"""Text to token ids and back: the model's own tokenizer (directory or GGUF file), or bytes for the tiny preset."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
+
+from tropical.engine.gguf import SUFFIX, gguf_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -43,12 +45,17 @@ class ByteTokenizer:
 
 
 class HfTokenizer:
-    """A tokenizer saved beside a Hugging Face checkpoint, through `transformers`."""
+    """A tokenizer saved beside a Hugging Face checkpoint, or built from a GGUF file, through `transformers`."""
 
     def __init__(self, path: str | Path) -> None:
+        """`path` is a model directory or a .gguf file (which carries its vocabulary, merges and template)."""
         from transformers import AutoTokenizer
 
-        self._tokenizer = AutoTokenizer.from_pretrained(str(path))
+        path = Path(path)
+        if path.suffix == SUFFIX:
+            self._tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            self._tokenizer = AutoTokenizer.from_pretrained(str(path))
 
     @property
     def vocab_size(self) -> int:
@@ -66,9 +73,21 @@ class HfTokenizer:
         text = self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
         return text if isinstance(text, str) else "".join(text)
 
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """The prompt ids for a conversation (`{"role": ..., "content": ...}` each), ready for the reply."""
+        ids = self._tokenizer.apply_chat_template(
+            [dict(message) for message in messages], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return [int(token) for token in ids]
 
-def load_tokenizer(model_dir: str | Path | None) -> Tokenizer:
-    """The directory's tokenizer when it has one; bytes otherwise."""
-    if model_dir is not None and any((Path(model_dir) / name).exists() for name in TOKENIZER_FILES):
-        return HfTokenizer(model_dir)
+
+def load_tokenizer(source: str | Path | None) -> Tokenizer:
+    """The tokenizer of a .gguf file or the `smollm2` preset, a directory's when it has one; bytes otherwise."""
+    if source is None:
+        return ByteTokenizer()
+    path = gguf_file(source)
+    if path is not None:
+        return HfTokenizer(path)
+    if any((Path(source) / name).exists() for name in TOKENIZER_FILES):
+        return HfTokenizer(source)
     return ByteTokenizer()
