@@ -6,11 +6,14 @@
         result = engine.step()                        # tokens, finished requests, step time
 
 `step(EnginePlan(...))` runs exactly the decodes and prompt chunks a planner
-chose; `sequence(request_id)` says where a request stands.
+chose; `sequence(request_id)` says where a request stands. `EmulatedEngine`
+offers the same interface in a latency model's time, on a `Clock`.
 """
 
 from tropical.engine.bookkeeping import InvalidRequest
+from tropical.engine.clock import Clock, FakeClock, MonotonicClock
 from tropical.engine.config import EngineConfig, ModelConfig, RopeScaling
+from tropical.engine.emulated import EmulatedEngine
 from tropical.engine.engine import Engine, Generation
 from tropical.engine.kv_transfer import CudaIpcHandle, KvExport, kv_from_bytes, kv_to_bytes, open_cuda, share_cuda
 from tropical.engine.plan import EnginePlan, PlanRefused, SequenceOutput, StepResult
@@ -18,14 +21,18 @@ from tropical.engine.sequence import SequenceState, Status
 from tropical.engine.serving import ServingEngine
 
 __all__ = [
+    "Clock",
     "CudaIpcHandle",
+    "EmulatedEngine",
     "Engine",
     "EngineConfig",
     "EnginePlan",
+    "FakeClock",
     "Generation",
     "InvalidRequest",
     "KvExport",
     "ModelConfig",
+    "MonotonicClock",
     "PlanRefused",
     "RopeScaling",
     "SequenceOutput",

@@ -52,8 +52,7 @@ class BlockManager:
         self._num_free -= missing
         while missing:
             start = self._next_block(block_table, missing)
-            run = self._free[start : start + missing]
-            length = len(run) if run.all() else int(run.argmin())  # free blocks from `start` on, at most `missing`
+            length = 1 if missing == 1 else self._free_run(start, missing)
             self._free[start : start + length] = False
             block_table.extend(range(start, start + length))
             missing -= length
@@ -62,6 +61,11 @@ class BlockManager:
         self._free[block_table] = True
         self._num_free += len(block_table)
         block_table.clear()
+
+    def _free_run(self, start: int, most: int) -> int:
+        """How many blocks from the free block `start` on are free, up to `most`."""
+        run = self._free[start : start + most]
+        return len(run) if run.all() else int(run.argmin())
 
     def _next_block(self, block_table: list[int], wanted: int) -> int:
         if block_table:

@@ -12,6 +12,7 @@ policy reasons with these few numbers, so they are plain data.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -52,6 +53,15 @@ class LatencyModel:
         if batch > 0:
             return self.decode_time(batch, context_tokens) + chunk_cost
         return self.c2 + chunk_cost if chunk_cost > 0 else 0.0
+
+    def noise_factor(self, rng: random.Random, *, prefill: bool) -> float:
+        """A random factor on one step's predicted time: 1 + N(0, spread), floored at 0.05 (1 without spread).
+
+        The spread is the residual of prefill predictions for a step with prompt
+        chunks, of decode predictions otherwise; `rng` is drawn only when it is > 0.
+        """
+        spread = self.prefill_std if prefill else self.decode_std
+        return max(0.05, 1.0 + rng.gauss(0.0, spread)) if spread > 0 else 1.0
 
     def scaled(self, factor: float) -> LatencyModel:
         """Every time multiplied by `factor` (an online correction, or a slower device)."""
