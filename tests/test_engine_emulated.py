@@ -166,7 +166,8 @@ def test_the_default_planner_serves_every_request_to_its_max_tokens() -> None:
     assert {rid: len(ids) for rid, ids in tokens.items()} == wanted
     assert all(0 <= t < 32_000 for ids in tokens.values() for t in ids)
     assert engine.clock.now() == pytest.approx(sum(times), rel=1e-12)
-    assert engine.kv_free_tokens == engine.kv_capacity_tokens == 400
+    assert engine.kv_free_tokens == engine.kv_capacity_tokens == engine.max_model_len == 400
+    assert engine.kv_block_size == 1
 
 
 # --- tokens ---------------------------------------------------------------------------------

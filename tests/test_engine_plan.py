@@ -187,6 +187,7 @@ def test_a_first_chunk_reserves_the_whole_prompt_and_a_recompute_its_outputs_too
 ) -> None:
     model, path = reference
     engine = engine_for(path)
+    assert engine.kv_block_size == BLOCK_SIZE and engine.max_model_len == 512
     prompt = list(range(30))
     engine.add_request("a", prompt, GREEDY, max_tokens=6)
     tokens: dict[str, list[int]] = {"a": []}

@@ -63,7 +63,8 @@ class EmulatedEngine(ServingEngine):
         noise: bool = False,
         clock: Clock | None = None,
     ) -> None:
-        """`max_model_len` defaults to the KV capacity; the two limits only shape the default planner's steps."""
+        """`max_model_len` defaults to the KV capacity; `max_num_seqs` and `max_num_batched_tokens` bound only
+        the default planner's steps, as on the model engine."""
         self.latency = latency
         self.vocab_size = vocab_size
         self.seed = seed

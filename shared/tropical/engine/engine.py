@@ -49,10 +49,10 @@ class Engine(ServingEngine):
         device = next(model.parameters()).device
         self.runner = ModelRunner(model, config, device, next(model.parameters()).dtype)
         self.sampler = Sampler(config.seed, device)
-        self.max_model_len = _max_model_len(config, self.model_config, model.rope.cos.shape[0])
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
+        max_len = _max_model_len(config, self.model_config, model.rope.cos.shape[0])
         blocks = BlockManager(self.runner.kv.num_blocks, config.block_size)
-        limits = RequestLimits(self.model_config.vocab_size, self.max_model_len, self.eos_token_ids)
+        limits = RequestLimits(self.model_config.vocab_size, max_len, self.eos_token_ids)
         self.book = Bookkeeping(blocks, limits, Scheduler(blocks, config.max_num_seqs, config.max_num_batched_tokens))
         self._generation_ids = itertools.count()
 

@@ -107,3 +107,13 @@ class ServingEngine(ABC):
     @property
     def kv_free_tokens(self) -> int:
         return self.book.kv_free_tokens
+
+    @property
+    def kv_block_size(self) -> int:
+        """Tokens per KV block: a sequence holds whole blocks."""
+        return self.book.blocks.block_size
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest prompt + max_tokens a request may ask for."""
+        return self.book.limits.max_model_len
