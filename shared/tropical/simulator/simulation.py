@@ -205,10 +205,7 @@ class Simulation:
             )
 
     def _noise(self, prefill: bool) -> float:
-        if not self.noise:
-            return 1.0
-        spread = self.model.prefill_std if prefill else self.model.decode_std
-        return max(0.05, 1.0 + self.random.gauss(0.0, spread)) if spread > 0 else 1.0
+        return self.model.noise_factor(self.random, prefill=prefill) if self.noise else 1.0
 
 
 def simulate(
