@@ -18,12 +18,12 @@ import torch
 from tests.hf_reference import build_reference, save_reference
 from transformers import PreTrainedModel
 
-from tropical.engine import Engine, EngineConfig, EnginePlan, KvExport, PlanRefused, SequenceState, Status
+from tropical.engine import Engine, EngineConfig, EnginePlan, PlanRefused, SequenceState, Status
 from tropical.protocol import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
 BLOCK_SIZE = 4
-NUM_BLOCKS = 40  # 160 tokens for up to five requests of at most ~40: plans must fit, some preempt
+NUM_BLOCKS = 40  # 160 tokens for six requests of up to ~40: plans must fit, some preempt
 RANDOM_RUNS = 12  # per family
 BIG = [(7 * i) % 384 for i in range(104)]  # 26 blocks: more than a busy engine has free
 
@@ -91,8 +91,9 @@ def random_plan(engine: Engine, rng: random.Random, ids: list[str]) -> EnginePla
             decode.append(s.request_id)
         else:
             chunks.append((s.request_id, rng.randint(1, s.num_pending)))
-    if not (decode or chunks or preempt) and not any(s.kv_tokens_needed <= engine.kv_free_tokens for s in states):
-        preempt = [max((s for s in states if s.holds_kv), key=lambda s: s.kv_tokens)]  # stuck: make room
+    stuck = not any(s.kv_tokens_needed <= engine.kv_free_tokens for s in states)
+    if states and stuck and not (decode or chunks or preempt):  # nothing fits: make room
+        preempt = [max((s for s in states if s.holds_kv), key=lambda s: s.kv_tokens)]
     return EnginePlan(tuple(decode), tuple(chunks), tuple(s.request_id for s in preempt))
 
 

@@ -84,6 +84,8 @@ def blocks_needed(blocks: BlockManager, seq: Sequence) -> int:
 
 
 class Scheduler:
+    """The default planner: what a plain engine runs when no plan is given (see the module docstring)."""
+
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
