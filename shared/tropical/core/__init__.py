@@ -5,7 +5,7 @@ simulator drives it on a virtual clock, the live services on the real one:
 same policy objects, same core, two clocks.
 """
 
-from tropical.core.actions import Abandoned, Action, Preempted, RouterWake, StepScheduled, TransferStarted, WorkerWake
+from tropical.core.actions import Abandoned, Action, Placed, Preempted, RouterWake, StepScheduled, TransferStarted, WorkerWake
 from tropical.core.cluster import ClusterCore
 from tropical.core.request import RequestState
 from tropical.core.router import DispatchLedger, RouterState, feasible
@@ -16,6 +16,7 @@ __all__ = [
     "Action",
     "ClusterCore",
     "DispatchLedger",
+    "Placed",
     "Preempted",
     "RequestState",
     "RouterState",

@@ -54,6 +54,14 @@ class TransferStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class Placed:
+    """The router placed request `request`'s prompt on worker `worker` (a live router dispatches it there)."""
+
+    worker: int
+    request: RequestId
+
+
+@dataclass(frozen=True, slots=True)
 class Preempted:
     """Worker `worker` dropped request `request`'s KV to make room; it is recomputed from its prompt and outputs."""
 
@@ -69,4 +77,4 @@ class Abandoned:
     request: RequestId
 
 
-Action = StepScheduled | WorkerWake | RouterWake | TransferStarted | Preempted | Abandoned
+Action = StepScheduled | WorkerWake | RouterWake | TransferStarted | Placed | Preempted | Abandoned

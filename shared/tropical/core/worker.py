@@ -20,7 +20,7 @@ import heapq
 import math
 from collections.abc import Callable
 
-from tropical.core.actions import Abandoned, Action, Preempted, StepScheduled, TransferStarted, WorkerWake
+from tropical.core.actions import Abandoned, Action, Placed, Preempted, StepScheduled, TransferStarted, WorkerWake
 from tropical.core.request import RequestState
 from tropical.latency.model import LatencyModel
 from tropical.policies.records import EMPTY_BATCH, BatchSummary, Role, StepPlan, WorkerView
@@ -239,6 +239,7 @@ class WorkerState:
         self.prefills[job.id] = job
         self.prefill_load += job.prompt + job.generated
         self.placed_since_step += 1
+        self.out.append(Placed(self.id, job.id))
         self.poke(now)
 
     def receive(self, job: RequestState, source: int, now: float) -> None:
@@ -414,6 +415,19 @@ class WorkerState:
             job.decode_worker, job.kv_ready = self.id, now
         self.waiting[job.id] = job
         self.side_prompt += job.prompt
+
+    def stop(self, job: RequestState, now: float) -> None:
+        """`job` ended before its expected length (its own end of sequence, or a cancel): it leaves, its KV is freed."""
+        if job.token and job.id in self.running:
+            self.leave(job)
+        elif self.waiting.pop(job.id, None) is not None:
+            self.side_prompt -= job.prompt
+        elif self.prefills.pop(job.id, None) is not None:
+            self.prefill_load -= job.remaining_prefill
+        self.kv_static -= job.kv
+        job.kv = 0
+        job.finish = now
+        self.changed()
 
     # --- KV handoff -------------------------------------------------------------------------
 

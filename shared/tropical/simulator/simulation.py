@@ -177,7 +177,7 @@ class Simulation:
                 self._push(action.at, _WAKE_WORKER, action.worker, action.wake_id)
             elif isinstance(action, RouterWake):
                 self._push(action.at, _WAKE_ROUTER, None)
-            # Preempted and Abandoned: the request's own record already says so
+            # Placed, Preempted and Abandoned: the request's own record already says so
 
     def _handle(self, now: float, kind: int, subject: object, tag: int) -> None:
         core = self.core
