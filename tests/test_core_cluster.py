@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tropical.core import ClusterCore, RequestState, RouterWake, StepScheduled, TransferStarted, WorkerWake
+from tropical.core import ClusterCore, Placed, RequestState, RouterWake, StepScheduled, TransferStarted, WorkerWake
 from tropical.experiments import SETTINGS, Replay, workload
 from tropical.latency.model import LatencyModel
 from tropical.policies import Role, make_policy
@@ -23,7 +23,8 @@ def test_disaggregated_request_step_by_step() -> None:
     job = request(0, 0.0, 100, 3)
     assert core.arrive(job)
     core.settle(0.0)
-    [step] = core.drain()
+    placed, step = core.drain()
+    assert placed == Placed(worker=0, request=0)  # a live router dispatches it there
     assert step == StepScheduled(worker=0, span_id=1, end=pytest.approx(0.11))
     assert core.views(0.05)[0].in_step == ((0, 100),)
 
@@ -52,7 +53,8 @@ def test_a_placement_mid_span_cuts_it_at_the_next_step_boundary() -> None:
     first = request(0, 0.0, 10, 50)
     core.arrive(first)
     core.settle(0.0)
-    [prefill] = core.drain()
+    _, prefill = core.drain()
+    assert isinstance(prefill, StepScheduled)
     core.step_ended(0, prefill.span_id, prefill.end)
     core.settle(prefill.end)
     [span] = core.drain()
@@ -60,7 +62,8 @@ def test_a_placement_mid_span_cuts_it_at_the_next_step_boundary() -> None:
     second = request(1, prefill.end + 0.05, 10, 5)
     core.arrive(second)
     core.settle(second.arrival)
-    [cut] = core.drain()
+    placed, cut = core.drain()
+    assert placed == Placed(worker=0, request=1)
     assert isinstance(cut, StepScheduled) and cut.span_id == span.span_id + 1
     assert second.arrival <= cut.end < second.arrival + 0.02  # the next boundary, one decode step away at most
     assert not core.step_ended(0, span.span_id, span.end)  # the replaced span's end is ignored
@@ -80,7 +83,7 @@ def test_wakes_are_actions() -> None:
     core.settle(0.0)
     kinds = {type(a) for a in core.drain()}
     assert StepScheduled in kinds
-    assert kinds <= {StepScheduled, WorkerWake, RouterWake, TransferStarted}
+    assert kinds <= {Placed, StepScheduled, WorkerWake, RouterWake, TransferStarted}
 
 
 @pytest.mark.parametrize("policy", ["vllm", "sarathi", "distserve", "tropical", "kairos", "unified"])
