@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from tropical.settings import MEMORY_URL, Settings
 
 if TYPE_CHECKING:
+    from tropical.engine import Engine
     from tropical.experiments import Replay, Setting
 
 T = TypeVar("T")
@@ -142,6 +143,102 @@ def bench_engine(
         typer.echo(f"hf:   {report['hf_tok_s']:.1f} tok/s\nspeedup: {report['speedup']:.2f}x")
     if json_path:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+@app.command("profile")
+def profile(
+    engine_source: Annotated[str, typer.Option("--engine", help="`tiny` (the random-weight preset) or a local model directory")] = "tiny",
+    quick: Annotated[bool, typer.Option(help="a small grid that takes seconds on a CPU")] = False,
+    repeats: Annotated[int | None, typer.Option(min=1, help="timed steps per grid point (default: 3; 2 with --quick)")] = None,
+    max_len: Annotated[int | None, typer.Option(min=1, help="profile sequences up to this many tokens (default: the engine's limit)")] = None,
+    reduce: Annotated[str, typer.Option(help="fit each point's median, its fastest step (min: for a shared machine), or all steps")] = "median",
+    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: CUDA when available)")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the model (a LatencyModelSpec) and a report here")] = None,
+) -> None:
+    """Time prefills, decode steps and mixed steps of an engine and fit its latency model."""
+    from dataclasses import replace
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tropical.engine.bench import _cpu_stall_seconds
+    from tropical.latency.profiling import REDUCTIONS, EngineLimits, GridPoint, default_grid, profile_engine, profile_record
+
+    if reduce not in REDUCTIONS:
+        raise typer.BadParameter(f"one of {', '.join(REDUCTIONS)}, not {reduce!r}", param_hint="--reduce")
+    engine = _profiled_engine(engine_source, device)
+    limits = EngineLimits.of(engine)
+    limits = replace(limits, max_model_len=min(limits.max_model_len, max_len or limits.max_model_len))
+    grid = default_grid(limits, quick=quick, repeats=repeats)
+    if not grid.complete:
+        raise typer.BadParameter(f"no prefill or no decode step fits in {limits.max_model_len} tokens", param_hint="--max-len")
+    load, stalled = os.getloadavg(), _cpu_stall_seconds()
+    columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("profiling", total=len(grid.points))
+
+        def progress(done: int, total: int, point: GridPoint) -> None:
+            bar.update(task, completed=done, total=total, description=f"{point.kind} B={point.batch} C={point.context} L={point.prompt}")
+
+        found = profile_engine(engine, grid, limits=limits, reduce=reduce, progress=progress)
+    name = "tiny" if engine_source == "tiny" else Path(engine_source).name
+    spec = found.spec(model=name, hardware=_hardware_name(engine.runner.device))
+    model, mixed = found.model, found.mixed
+    typer.echo(
+        f"{spec.key}: {len(grid.points)} grid points, {len(found.samples)} timed steps in {found.wall_s:.1f} s\n"
+        f"prefill  c0 {model.c0:.4g} s/tok²  c1 {model.c1:.4g} s/tok  c2 {model.c2:.4g} s  (residual {model.prefill_std:.1%})\n"
+        f"decode   d0 {model.d0:.4g} s  d1 {model.d1:.4g} s/seq  d2 {model.d2:.4g} s/tok  (residual {model.decode_std:.1%})"
+        + ("" if mixed is None else f"\nmixed    predicted within {mixed.rel_std:.1%} rms, {mixed.max_rel_error:.1%} at worst")
+    )
+    if json_path:
+        busy = {"load_average_before": [round(x, 2) for x in load], "cpu_stalled": (_cpu_stall_seconds() - stalled) / found.wall_s}
+        machine = {**_profile_machine(engine.runner.device), **busy}
+        report = {**found.report(), "machine": machine, "date": datetime.now(UTC).isoformat(timespec="seconds")}
+        json_path.write_text(json.dumps(profile_record(spec, report), indent=2) + "\n")
+
+
+def _profiled_engine(source: str, device: str | None) -> Engine:
+    """The engine to profile; an unknown device or a directory that holds no model is bad input."""
+    import torch
+
+    from tropical.engine import Engine, EngineConfig
+
+    if source != "tiny" and not Path(source).is_dir():
+        raise typer.BadParameter(f"not `tiny` nor a model directory: {source!r}", param_hint="--engine")
+    try:
+        kind = None if device is None else torch.device(device).type
+        if kind not in (None, "cpu", "cuda") or (kind == "cuda" and not torch.cuda.is_available()):
+            raise ValueError(f"device {device!r} is not cpu or an available cuda device")
+        return Engine.load(source, EngineConfig(device=device))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise typer.BadParameter(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
+
+
+def _hardware_name(device: Any) -> str:
+    """`cpu`, or the GPU's name in lower case with dashes (`nvidia-h200`)."""
+    if device.type != "cuda":
+        return "cpu"
+    import torch
+
+    return "-".join(torch.cuda.get_device_name(device).lower().split())
+
+
+def _profile_machine(device: Any) -> dict[str, Any]:
+    """What the times were measured on; `cpu_stalled` (added by the caller) says how busy it was."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {
+        "summary": _machine(),
+        "cpu": cpu,
+        "torch_threads": torch.get_num_threads(),
+        "device": _hardware_name(device),
+        "torch": torch.__version__,
+    }
 
 
 def _machine() -> str:
