@@ -135,14 +135,16 @@ class Simulation:
                 position += 1
             else:
                 break
-            self._carry_out(now)
+            if core.out:
+                self._carry_out(now)
             self.event_count += 1
             upcoming = arrivals[position].arrival if position < total else math.inf
             if events and events[0][0] < upcoming:
                 upcoming = events[0][0]
             if upcoming > now:  # everything that happens at `now` is in: let the cluster react
                 core.settle(now)
-                self._carry_out(now)
+                if core.out:
+                    self._carry_out(now)
                 if self.observe is not None:
                     self.observe(now, core)
         unfinished = 0
@@ -165,8 +167,6 @@ class Simulation:
 
     def _carry_out(self, now: float) -> None:
         """Turn the core's actions into events, in the order it made them."""
-        if not self.core.out:
-            return
         for action in self.core.drain():
             if isinstance(action, StepScheduled):
                 self._push(action.end, _STEP_END, action.worker, action.span_id)
