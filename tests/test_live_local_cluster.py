@@ -66,7 +66,7 @@ def test_policy_plans_on_model_engines_give_a_single_engines_tokens(
     ]
     served = make_policy(policy, MODEL, **options)
     engines = [model_engine() for _ in roles]
-    run = LocalCluster(served, roles, engines, MODEL, kv_capacity=900).run(offered)
+    run = LocalCluster(served, roles, engines, MODEL, kv_capacity=900, engine_time=False).run(offered)
     expected = model_engine().generate([r.prompt for r in offered], max_tokens=12)
     for request, state, tokens, reference in zip(offered, run.requests, run.tokens, expected, strict=True):
         assert not state.dropped and state.finish is not None

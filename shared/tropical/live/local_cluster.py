@@ -66,8 +66,15 @@ class LocalCluster:
         *,
         kv_capacity: int | None = None,
         transfer_time: Callable[[int], float] = lambda tokens: 0.0,
+        engine_time: bool = True,
     ) -> None:
-        """`model` is what the policies predict with; `kv_capacity` (tokens per worker) defaults to the engines' smallest."""
+        """`model` is what the policies predict with; `kv_capacity` (tokens per worker) defaults to the engines' smallest.
+
+        `engine_time`: virtual time advances by the step time each engine reports
+        (an emulated engine's model time, a model engine's wall time); False
+        advances it by the model's prediction, so a run on model engines is
+        repeatable whatever the machine's speed.
+        """
         if len(engines) != len(roles):
             raise ValueError(f"{len(roles)} workers need {len(roles)} engines, not {len(engines)}")
         capacity = kv_capacity or min(e.kv_capacity_tokens for e in engines)
@@ -75,6 +82,7 @@ class LocalCluster:
         self.names = RequestIds()
         self.workers = [EngineWorker(state, engine, self.names) for state, engine in zip(self.core.workers, engines)]
         self.transfer_time = transfer_time
+        self.engine_time = engine_time
         self._events: list[tuple[float, int, int, object]] = []
         self._sequence = 0
         self._offered: dict[int, LocalRequest] = {}
@@ -128,7 +136,7 @@ class LocalCluster:
             elif isinstance(action, (Preempted, Abandoned)):
                 self._pending.setdefault(action.worker, []).append(action)
             elif isinstance(action, StepScheduled):
-                self._step(self.workers[action.worker], action.span_id, now)
+                self._step(self.workers[action.worker], action, now)
             elif isinstance(action, TransferStarted):
                 source = self.workers[action.source]
                 job = self.core.workers[action.target].incoming[action.request]
@@ -142,7 +150,7 @@ class LocalCluster:
             if not self.core.workers[worker_id].busy:
                 self.workers[worker_id].plan(self._pending.pop(worker_id))
 
-    def _step(self, worker: EngineWorker, span_id: int, now: float) -> None:
+    def _step(self, worker: EngineWorker, scheduled: StepScheduled, now: float) -> None:
         plan = worker.plan(self._pending.pop(worker.state.id, []))
         clock = getattr(worker.engine, "clock", None)
         if isinstance(clock, FakeClock):
@@ -150,7 +158,8 @@ class LocalCluster:
         result = worker.run(plan)
         self._run.steps += 1
         self._run.step_times.append(result.step_time_s)
-        self._push(now + result.step_time_s, _STEP_END, (worker.state.id, span_id, result))
+        end = now + result.step_time_s if self.engine_time else scheduled.end
+        self._push(end, _STEP_END, (worker.state.id, scheduled.span_id, result))
 
     def _handle(self, now: float, kind: int, subject: object) -> None:
         core = self.core
