@@ -87,16 +87,16 @@ def test_ledger_adds_unconfirmed_dispatches_to_the_view() -> None:
     ledger = DispatchLedger(confirm_after=2.0)
     ledger.dispatched(0, _request(7, 300), now=1.0)
     ledger.dispatched(0, _request(8, 50), now=1.5)
-    seen = ledger.view(view)
+    seen = ledger.view(0, view)
     assert [r.id for r in seen.prefills] == [7, 8]
     assert seen.prefill_load == view.prefill_load + 350
     assert seen.placed_since_step == view.placed_since_step + 2
-    assert ledger.view(core.views(0.0)[1]) == core.views(0.0)[1]  # nothing pending there
+    assert ledger.view(1, core.views(0.0)[1]) == core.views(0.0)[1]  # nothing pending there
     ledger.confirm(0, [7])
     assert [r.id for r in ledger.pending(0)] == [8]
     assert ledger.lost(3.4) == []
     assert [(w, r.id) for w, r in ledger.lost(3.6)] == [(0, 8)]
-    assert ledger.view(view) == view
+    assert ledger.view(0, view) == view
 
 
 def test_ledger_forgets_a_worker() -> None:

@@ -7,7 +7,7 @@ policy places it, so the router hands a worker only what it can start soon.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from tropical.core.actions import Action, RouterWake
@@ -97,15 +97,15 @@ class DispatchLedger:
 
     def __init__(self, confirm_after: float = 5.0) -> None:
         self.confirm_after = confirm_after
-        self._pending: dict[int, dict[RequestId, Dispatched]] = {}
+        self._pending: dict[Hashable, dict[RequestId, Dispatched]] = {}  # by worker (its name, live)
 
-    def dispatched(self, worker: int, request: RequestView, now: float) -> None:
+    def dispatched(self, worker: Hashable, request: RequestView, now: float) -> None:
         self._pending.setdefault(worker, {})[request.id] = Dispatched(request, now)
 
-    def pending(self, worker: int) -> tuple[RequestView, ...]:
+    def pending(self, worker: Hashable) -> tuple[RequestView, ...]:
         return tuple(d.request for d in self._pending.get(worker, {}).values())
 
-    def confirm(self, worker: int, seen: Iterable[RequestId]) -> None:
+    def confirm(self, worker: Hashable, seen: Iterable[RequestId]) -> None:
         """A status of `worker` shows `seen` (what it holds, and what it took since its last status)."""
         pending = self._pending.get(worker)
         if not pending:
@@ -113,7 +113,7 @@ class DispatchLedger:
         for request_id in seen:
             pending.pop(request_id, None)
 
-    def lost(self, now: float) -> list[tuple[int, RequestView]]:
+    def lost(self, now: float) -> list[tuple[Hashable, RequestView]]:
         """Dispatches no status has confirmed within `confirm_after`: forgotten here, returned to place again."""
         gone = []
         for worker, pending in self._pending.items():
@@ -121,13 +121,13 @@ class DispatchLedger:
                 gone.append((worker, pending.pop(request_id).request))
         return gone
 
-    def forget_worker(self, worker: int) -> tuple[RequestView, ...]:
+    def forget_worker(self, worker: Hashable) -> tuple[RequestView, ...]:
         """A worker went away: what it had been dispatched and never confirmed."""
         return tuple(d.request for d in self._pending.pop(worker, {}).values())
 
-    def view(self, view: WorkerView) -> WorkerView:
-        """`view` with the unconfirmed dispatches added as queued prompts, as the worker will soon hold them."""
-        pending = self._pending.get(view.id)
+    def view(self, worker: Hashable, view: WorkerView) -> WorkerView:
+        """`worker`'s view with its unconfirmed dispatches added as queued prompts, as it will soon hold them."""
+        pending = self._pending.get(worker)
         if not pending:
             return view
         extra = tuple(d.request for d in pending.values())
