@@ -1,0 +1,174 @@
+"""The live router: the global queue of prompts, placed by the policy on the workers' latest heartbeats.
+
+A request is checked and tokenized as it arrives, recorded in the store (only
+then is it acknowledged on the queue, so a router that dies loses nothing),
+and waits in the core's `RouterState` until the policy places it. The router
+decides on every arrival, on a timer as heartbeats change, and at the policy's
+review time; dispatches that no heartbeat shows yet are added to their worker's
+view (`DispatchLedger`), so a burst is not piled on one worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+
+from tropical.bus import Bus, Delivery
+from tropical.core.actions import Action
+from tropical.core.request import RequestState
+from tropical.core.router import DispatchLedger, RouterState
+from tropical.core.status import RequestIds, held_requests, view_of
+from tropical.engine.tokenizer import Tokenizer
+from tropical.live.worker_service import worker_queue
+from tropical.messaging import MessageConsumer, reply_error, send
+from tropical.policies.records import WorkerView
+from tropical.policies.serving import ServingPolicy
+from tropical.protocol import Dispatch, ErrorCode, GenerateRequest, RequestRecord, RequestState as RecordState, Timings, WorkerStatus
+from tropical.queues import declare_requests_queue
+from tropical.settings import Settings
+from tropical.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class RouterService:
+    """Serves the `requests` queue until stopped."""
+
+    def __init__(
+        self,
+        policy: ServingPolicy,
+        bus: Bus,
+        store: Store,
+        settings: Settings,
+        *,
+        tokenizer: Tokenizer | None = None,
+        max_model_len: int | None = None,
+        refresh_s: float = 0.05,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.policy = policy
+        self.bus = bus
+        self.store = store
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.refresh_s = refresh_s
+        self.clock = clock
+        self.ids = RequestIds()
+        self._out: list[Action] = []
+        self.router = RouterState(policy, self._out)
+        self.ledger = DispatchLedger(confirm_after=settings.status_ttl_s)
+        self._requests: dict[int, GenerateRequest] = {}
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._consumer: MessageConsumer | None = None
+        self.dispatched = 0
+
+    async def run(self) -> None:
+        queue = await declare_requests_queue(self.bus, self.settings)
+        self._consumer = MessageConsumer(
+            self.bus, queue, {GenerateRequest: self._on_request}, max_message_bytes=self.settings.max_message_bytes
+        )
+        await self._consumer.start(prefetch=self.settings.prefetch)
+        while not (self._stopping.is_set() and not self.router.queue):
+            await self._decide()
+            timeout = self.refresh_s
+            if self.router.wake < math.inf:
+                timeout = min(timeout, max(0.0, self.router.wake - self.clock()))
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            except TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        """Drain: take no new requests, place the queued ones, then return from `run`."""
+        if self._consumer is not None:
+            await self._consumer.stop()
+        self._stopping.set()
+        self._wake.set()
+
+    # --- arrivals ---------------------------------------------------------------------------
+
+    async def _on_request(self, request: GenerateRequest, delivery: Delivery) -> None:
+        try:
+            request = self._checked(request)
+        except ValueError as exc:
+            await delivery.nack(requeue=False)
+            await reply_error(self.bus, request.reply_to, request.request_id, ErrorCode.INVALID, str(exc))
+            return
+        slo = request.slo
+        ttft = (slo.ttft_ms if slo else self.settings.default_ttft_slo_ms) / 1000.0
+        tpot = (slo.tpot_ms if slo else self.settings.default_tpot_slo_ms) / 1000.0
+        prompt = len(request.prompt_token_ids or [])
+        job = RequestState(self.ids.id_of(request.request_id), request.arrival_time, prompt, request.max_tokens, ttft, tpot)
+        record = RequestRecord(
+            request_id=request.request_id, state=RecordState.QUEUED, num_prompt_tokens=prompt,
+            timings=Timings(arrival=request.arrival_time), updated_at=self.clock(),
+        )
+        await asyncio.wait_for(self.store.put_request_record(record, ttl_s=self.settings.request_record_ttl_s), timeout=self.settings.status_ttl_s)
+        self._requests[job.id] = request
+        self.router.enqueue(job)
+        self._wake.set()
+
+    def _checked(self, request: GenerateRequest) -> GenerateRequest:
+        """The request with token ids, or ValueError naming what is wrong with it."""
+        if request.prompt_token_ids is None:
+            if self.tokenizer is None:
+                raise ValueError("this deployment takes prompt_token_ids only (no tokenizer is loaded)")
+            request = GenerateRequest(**{**_fields(request), "prompt": None, "prompt_token_ids": self.tokenizer.encode(request.prompt or "")})
+        total = len(request.prompt_token_ids or []) + request.max_tokens
+        if self.max_model_len is not None and total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(request.prompt_token_ids or [])} tokens) + max_tokens ({request.max_tokens}) exceeds the model's context of {self.max_model_len}"
+            )
+        return request
+
+    # --- decisions ----------------------------------------------------------------------------
+
+    async def _decide(self) -> None:
+        statuses = await asyncio.wait_for(self.store.list_worker_statuses(), timeout=self.settings.status_ttl_s)
+        statuses = [s for s in statuses if not s.draining]
+        now = self.clock()
+        self.router.woken(now)
+        if not self.router.queue or not statuses:
+            return
+        views = self._views(statuses)
+        before = set(self.router.queue)
+        placed: list[tuple[RequestState, WorkerStatus]] = []
+        self.router.route(views, now, lambda job, worker, at: placed.append((job, statuses[worker])))
+        for job, status in placed:
+            job.placed = now
+            await self._dispatch(job, status, now)
+        dropped = before - set(self.router.queue) - {job.id for job, _ in placed}
+        for request_id in dropped:
+            request = self._requests.pop(request_id)
+            await reply_error(self.bus, request.reply_to, request.request_id, ErrorCode.OVERLOADED, "refused: it cannot meet its SLO")
+        self._out.clear()  # a RouterWake moved `router.wake`, which `run` sleeps until
+
+    def _views(self, statuses: list[WorkerStatus]) -> list[WorkerView]:
+        views = []
+        for index, status in enumerate(statuses):
+            self.ledger.confirm(status.worker_id, (self.ids.id_of(name) for name in held_requests(status)))
+            views.append(self.ledger.view(status.worker_id, view_of(status, index, self.ids)))
+        return views
+
+    async def _dispatch(self, job: RequestState, status: WorkerStatus, now: float) -> None:
+        request = self._requests.pop(job.id)
+        message = Dispatch(
+            request=request,
+            prefill_worker=status.worker_id,
+            decode_worker=status.worker_id,
+            ttft_deadline=request.arrival_time + job.ttft_slo,
+            dispatched_at=now,
+        )
+        self.ledger.dispatched(status.worker_id, job.view, now)
+        await send(self.bus, worker_queue(self.settings, status.worker_id), message)
+        self.dispatched += 1
+
+
+def _fields(request: GenerateRequest) -> dict[str, object]:
+    return {name: getattr(request, name) for name in request.__struct_fields__}

@@ -1,0 +1,85 @@
+"""A whole deployment in one process on the in-memory bus and store: requests in, token streams out."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tropical.engine import Engine, EngineConfig, ModelConfig
+from tropical.engine.tokenizer import ByteTokenizer
+from tropical.latency.model import LatencyModel
+from tropical.live.client import Client, RequestFailed
+from tropical.live.deployment import Deployment
+from tropical.policies import Role
+from tropical.protocol import ErrorCode, FinishReason, Slo
+from tropical.settings import Settings
+
+TINY = ModelConfig.tiny(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, eos_token_ids=(257,))
+MODEL = LatencyModel(c0=0.0, c1=0.0005, c2=0.005, d0=0.005, d1=0.0005, d2=0.00001)
+SETTINGS = Settings(broker_url="memory://", redis_url="memory://")
+
+
+def engine() -> Engine:
+    return Engine.load("tiny", EngineConfig(num_kv_blocks=512, block_size=4, device="cpu", max_model_len=256), tiny=TINY, weights_seed=3)
+
+
+async def deployment(policy: str, roles: tuple[Role, ...]) -> Deployment:
+    served = Deployment(policy, roles, engine, MODEL, SETTINGS, tokenizer=ByteTokenizer())
+    await served.start()
+    return served
+
+
+@pytest.fixture
+async def vllm() -> AsyncIterator[Deployment]:
+    served = await deployment("vllm", (Role.COLOCATED, Role.COLOCATED))
+    yield served
+    await served.stop()
+
+
+@pytest.mark.parametrize(
+    ("policy", "roles"),
+    [("vllm", (Role.COLOCATED, Role.COLOCATED)), ("sarathi", (Role.COLOCATED,)), ("unified", (Role.MULTIPLEX, Role.MULTIPLEX))],
+)
+async def test_fifty_requests_get_a_single_engines_greedy_tokens(policy: str, roles: tuple[Role, ...]) -> None:
+    rng = random.Random(11)
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(2, 80))] for _ in range(50)]
+    lengths = [rng.randint(1, 16) for _ in prompts]
+    served = await deployment(policy, roles)
+    try:
+        async with await served.client() as client:
+            outputs = await asyncio.wait_for(
+                asyncio.gather(*(client.complete(p, max_tokens=n, slo=Slo(ttft_ms=60_000, tpot_ms=10_000)) for p, n in zip(prompts, lengths))),
+                timeout=120,
+            )
+            finished = list(client.finished.values())
+    finally:
+        await served.stop()
+    reference = engine().generate(prompts, max_tokens=16)
+    for output, expected, n in zip(outputs, reference, lengths, strict=True):
+        assert output == expected.token_ids[:n]
+    assert len(finished) == 50
+    for done in finished:
+        t = done.timings
+        assert t.dispatched is not None and t.first_token is not None and t.finished is not None
+        assert t.arrival <= t.dispatched <= t.first_token <= t.finished
+        assert done.finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
+    assert {w.steps > 0 for w in served.workers} == {True}  # every worker served some
+
+
+async def test_tokens_stream_in_order_and_text_prompts_are_tokenized(vllm: Deployment) -> None:
+    async with await vllm.client() as client:
+        chunks = [chunk async for chunk in client.generate("hello there", max_tokens=10)]
+    assert [c.index for c in chunks] == [sum(len(c.token_ids) for c in chunks[:i]) for i in range(len(chunks))]
+    expected = engine().generate([list(b"hello there")], max_tokens=10)[0].token_ids
+    assert [t for c in chunks for t in c.token_ids] == expected
+
+
+async def test_bad_requests_get_an_error_reply_and_disturb_nothing(vllm: Deployment) -> None:
+    async with await vllm.client() as client:
+        with pytest.raises(RequestFailed) as too_long:
+            await asyncio.wait_for(client.complete([1] * 250, max_tokens=20), timeout=30)
+        assert too_long.value.reply.code is ErrorCode.INVALID and "context" in too_long.value.reply.message
+        assert await asyncio.wait_for(client.complete([1, 2, 3], max_tokens=4), timeout=30) == engine().generate([[1, 2, 3]], max_tokens=4)[0].token_ids
