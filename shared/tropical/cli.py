@@ -290,6 +290,130 @@ def _setting(name: str, ttft_ms: float | None, ttft_scale: float | None, tpot_ms
         raise typer.BadParameter(str(exc)) from None
 
 
+# --- live serving -------------------------------------------------------------------------------
+
+serve_app = typer.Typer(help="Run one service against the deployment's broker and store; SIGTERM or Ctrl-C drains it.", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+
+PolicyName = Annotated[str, typer.Option("--policy", help="vllm, sarathi, distserve, tropical, kairos or unified")]
+EngineName = Annotated[str, typer.Option("--engine", help="tiny, smollm2, emulated, or a model directory / .gguf file")]
+EmulatedSetting = Annotated[str, typer.Option("--setting", help="the cluster whose timing and KV an emulated engine has")]
+MaxModelLen = Annotated[int | None, typer.Option("--max-model-len", min=1, help="longest prompt + output a request may ask for")]
+
+
+def _engine_choice(engine: str, setting: str, max_model_len: int | None) -> Any:
+    from tropical.live.engines import EngineChoice
+
+    choice = EngineChoice(engine, setting=setting, max_model_len=max_model_len)
+    try:
+        choice.check()
+        from tropical.experiments import setting_named
+
+        setting_named(setting)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return choice
+
+
+def _policy_checked(name: str) -> str:
+    from tropical.policies import POLICY_NAMES
+
+    if name not in POLICY_NAMES:
+        raise typer.BadParameter(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}", param_hint="--policy")
+    return name
+
+
+@serve_app.command("router")
+def serve_router(
+    ctx: typer.Context,
+    policy: PolicyName = "unified",
+    engine: EngineName = "tiny",
+    setting: EmulatedSetting = "chat-13b",
+    max_model_len: MaxModelLen = None,
+) -> None:
+    """Place requests from the `requests` queue on the workers, by the policy."""
+    from tropical.live.run import serve_router as run
+
+    run_async(run(ctx.obj, _policy_checked(policy), _engine_choice(engine, setting, max_model_len)))
+
+
+def _worker_command(role_name: str, summary: str) -> None:
+    def command(
+        ctx: typer.Context,
+        policy: PolicyName = "unified",
+        engine: EngineName = "tiny",
+        setting: EmulatedSetting = "chat-13b",
+        name: Annotated[str | None, typer.Option(help="this worker's id (default: role, host and a random suffix)")] = None,
+        max_model_len: MaxModelLen = None,
+    ) -> None:
+        from tropical.live.run import serve_worker
+        from tropical.policies.records import Role
+
+        choice = _engine_choice(engine, setting, max_model_len)
+        run_async(serve_worker(ctx.obj, Role(role_name), _policy_checked(policy), choice, name))
+
+    command.__doc__ = summary
+    serve_app.command(role_name)(command)
+
+
+_worker_command("prefill", "A prefill worker: prompts only; their KV goes to a decoding worker.")
+_worker_command("decode", "A decode worker: decodes handed over by prefill workers.")
+_worker_command("multiplex", "A multiplexing worker: decodes, plus the prompts the router places here.")
+_worker_command("colocated", "A colocated worker: every request's prompt and decode.")
+
+
+@app.command("up")
+def up(
+    ctx: typer.Context,
+    policy: PolicyName = "unified",
+    workers: Annotated[int, typer.Option(min=1, help="workers in this process")] = 2,
+    engine: EngineName = "tiny",
+    setting: EmulatedSetting = "chat-13b",
+    prompt: Annotated[str | None, typer.Option(help="send this prompt (as a chat message where the model has a template), print the answer, stop")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    max_model_len: MaxModelLen = None,
+) -> None:
+    """A whole deployment in one process: router and workers (in-memory bus and store unless URLs are given)."""
+    settings: Settings = ctx.obj
+    if not os.environ.get("TROPICAL_BROKER_URL") and ctx.parent is not None and ctx.parent.params.get("broker_url") is None:
+        settings = settings.with_overrides(broker_url=MEMORY_URL, redis_url=MEMORY_URL)
+    choice = _engine_choice(engine, setting, max_model_len)
+    _policy_checked(policy)
+    run_async(_up(settings, policy, workers, choice, prompt, max_tokens))
+
+
+async def _up(settings: Settings, policy: str, workers: int, choice: Any, prompt: str | None, max_tokens: int) -> None:
+    from tropical.live.run import deployment, until_signalled
+
+    served = deployment(settings, policy, workers, choice)
+    try:
+        await served.start()
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        if prompt is None:
+            typer.echo(f"serving {policy} on {workers} worker(s); publish requests to {settings.queue('requests')}; Ctrl-C stops", err=True)
+            stopped = await until_signalled(_noop)
+            await stopped.wait()
+            return
+        tokenizer = served.tokenizer
+        request: str | list[int] = prompt
+        if tokenizer is not None and hasattr(tokenizer, "apply_chat_template"):
+            request = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        async with await served.client() as client:
+            tokens: list[int] = []
+            async for chunk in client.generate(request, max_tokens=max_tokens):
+                tokens.extend(chunk.token_ids)
+            typer.echo(tokenizer.decode(tokens) if tokenizer is not None else " ".join(map(str, tokens)))
+    finally:
+        await served.stop()
+
+
+async def _noop() -> None:
+    return None
+
+
 @app.command("sim")
 def sim(
     setting_name: SettingOption,
@@ -490,3 +614,7 @@ def ablate(
         raise typer.BadParameter(str(exc)) from None
     if json_path:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    app()

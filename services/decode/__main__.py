@@ -1,0 +1,5 @@
+"""`python -m services.decode [options]`: a decode worker, as `tropical serve decode`."""
+
+from services.decode.service import main
+
+main()

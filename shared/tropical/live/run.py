@@ -1,0 +1,77 @@
+"""Running services until told to stop: one router, one worker, or a whole deployment in one process.
+
+SIGTERM and SIGINT drain: a service takes no new work, finishes what it holds,
+says it is leaving, and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+
+from tropical.bus import connect_bus
+from tropical.live.deployment import Deployment
+from tropical.live.engines import EngineChoice
+from tropical.live.router_service import RouterService
+from tropical.live.worker_service import WorkerService
+from tropical.policies.records import Role
+from tropical.policies.serving import ServingPolicy, make_policy
+from tropical.settings import Settings
+from tropical.store import open_store
+
+
+def policy_roles(policy: ServingPolicy, workers: int) -> tuple[Role, ...]:
+    """One process's workers for `policy`: colocated ones, or multiplexing ones where it needs no prefill worker."""
+    return policy.roles(workers, 0 if policy.min_prefill_workers == 0 else None)
+
+
+async def until_signalled(stop: Callable[[], Awaitable[None]]) -> asyncio.Event:
+    """Call `stop` on the first SIGTERM or SIGINT; the event is set once it has been called."""
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+
+    def on_signal() -> None:
+        if not stopped.is_set():
+            stopped.set()
+            loop.create_task(stop())
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+    return stopped
+
+
+async def serve_router(settings: Settings, policy_name: str, engine: EngineChoice) -> None:
+    policy = make_policy(policy_name, engine.latency_model())
+    bus = await connect_bus(settings)
+    store = open_store(settings)
+    service = RouterService(policy, bus, store, settings, tokenizer=engine.tokenizer(), max_model_len=engine.max_model_len)
+    await until_signalled(service.stop)
+    try:
+        await service.run()
+    finally:
+        await bus.close()
+        await store.close()
+
+
+async def serve_worker(settings: Settings, role: Role, policy_name: str, engine: EngineChoice, name: str | None = None) -> None:
+    model = engine.latency_model()
+    name = name or settings.worker_id or f"{role.value}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    bus = await connect_bus(settings)
+    store = open_store(settings)
+    service = WorkerService(name, role, engine.engine(), make_policy(policy_name, model), model, bus, store, settings)
+    await until_signalled(service.stop)
+    try:
+        await service.run()
+    finally:
+        await bus.close()
+        await store.close()
+
+
+def deployment(settings: Settings, policy_name: str, workers: int, engine: EngineChoice) -> Deployment:
+    """A whole deployment in one process, `workers` workers of the roles the policy needs."""
+    model = engine.latency_model()
+    roles = policy_roles(make_policy(policy_name, model), workers)
+    return Deployment(policy_name, roles, engine.engine, model, settings, tokenizer=engine.tokenizer())
