@@ -362,6 +362,34 @@ _worker_command("multiplex", "A multiplexing worker: decodes, plus the prompts t
 _worker_command("colocated", "A colocated worker: every request's prompt and decode.")
 
 
+@serve_app.command("profiler")
+def serve_profiler(
+    ctx: typer.Context,
+    engine_source: Annotated[str, typer.Option("--engine", help="`tiny` (the random-weight preset) or a local model directory")] = "tiny",
+    quick: Annotated[bool, typer.Option(help="a small grid that takes seconds on a CPU")] = False,
+    once: Annotated[bool, typer.Option(help="return once the model is published (default: stay up; SIGHUP profiles again)")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: CUDA when available)")] = None,
+) -> None:
+    """Profile this machine's engine and publish its latency model to the store, where routers and workers pick it up."""
+    from redis.exceptions import RedisError
+
+    from tropical.live.profiler_service import serve_profiler as run
+    from tropical.store import StoreError
+
+    engine = _profiled_engine(engine_source, device)
+    name = "tiny" if engine_source == "tiny" else Path(engine_source).name
+    try:
+        spec = run_async(run(ctx.obj, engine, model=name, hardware=_hardware_name(engine.runner.device), quick=quick, once=once))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except (StoreError, RedisError, OSError) as exc:
+        typer.echo(f"error: the store at {ctx.obj.redacted()['redis_url']}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if spec is not None:
+        typer.echo(f"published {spec.key} (fitted at {spec.fitted_at:.0f}, {spec.samples} timed steps)")
+
+
 @app.command("up")
 def up(
     ctx: typer.Context,
