@@ -41,7 +41,14 @@ async def vllm() -> AsyncIterator[Deployment]:
 
 @pytest.mark.parametrize(
     ("policy", "roles"),
-    [("vllm", (Role.COLOCATED, Role.COLOCATED)), ("sarathi", (Role.COLOCATED,)), ("unified", (Role.MULTIPLEX, Role.MULTIPLEX))],
+    [
+        ("vllm", (Role.COLOCATED, Role.COLOCATED)),
+        ("sarathi", (Role.COLOCATED,)),
+        ("distserve", (Role.PREFILL, Role.DECODE)),
+        ("tropical", (Role.PREFILL, Role.MULTIPLEX)),
+        ("kairos", (Role.PREFILL, Role.DECODE, Role.DECODE)),
+        ("unified", (Role.MULTIPLEX, Role.MULTIPLEX)),
+    ],
 )
 async def test_fifty_requests_get_a_single_engines_greedy_tokens(policy: str, roles: tuple[Role, ...]) -> None:
     rng = random.Random(11)
@@ -66,7 +73,8 @@ async def test_fifty_requests_get_a_single_engines_greedy_tokens(policy: str, ro
         assert t.dispatched is not None and t.first_token is not None and t.finished is not None
         assert t.arrival <= t.dispatched <= t.first_token <= t.finished
         assert done.finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
-    assert {w.steps > 0 for w in served.workers} == {True}  # every worker served some
+    busy = [w.steps > 0 for w in served.workers]
+    assert all(busy) if policy != "tropical" else busy[1]  # tropical inlines short prompts on its multiplexing worker
 
 
 async def test_tokens_stream_in_order_and_text_prompts_are_tokenized(vllm: Deployment) -> None:

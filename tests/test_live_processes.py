@@ -30,14 +30,27 @@ def namespace() -> str:
     return f"test-{uuid.uuid4().hex[:8]}"
 
 
+# (policy, how the two workers are started): colocated workers, and a prefill worker handing KV to a decode worker
+LAYOUTS = {
+    "vllm": (["-m", "tropical.cli", "serve", "colocated"], ["-m", "tropical.cli", "serve", "colocated"]),
+    "distserve": (["-m", "services.prefill"], ["-m", "services.decode", "--kv-transport", "host"]),
+}
+
+
+@pytest.fixture(params=list(LAYOUTS))
+def policy(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def deployment(namespace: str) -> Iterator[list[subprocess.Popen[bytes]]]:
+def deployment(namespace: str, policy: str) -> Iterator[list[subprocess.Popen[bytes]]]:
     env = {**os.environ, "TROPICAL_BROKER_URL": RABBITMQ_URL, "TROPICAL_REDIS_URL": REDIS_URL, "TROPICAL_NAMESPACE": namespace}
-    common = ["--policy", "vllm", "--engine", "tiny", "--max-model-len", str(MAX_MODEL_LEN)]
+    common = ["--policy", policy, "--engine", "tiny", "--max-model-len", str(MAX_MODEL_LEN)]
+    first, second = LAYOUTS[policy]
     commands = [
         [sys.executable, "-m", "services.router", *common],
-        [sys.executable, "-m", "tropical.cli", "serve", "colocated", *common, "--name", "w0"],
-        [sys.executable, "-m", "tropical.cli", "serve", "colocated", *common, "--name", "w1"],
+        [sys.executable, *first, *common, "--name", "w0"],
+        [sys.executable, *second, *common, "--name", "w1"],
     ]
     processes = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for command in commands]
     yield processes
@@ -51,7 +64,7 @@ def deployment(namespace: str) -> Iterator[list[subprocess.Popen[bytes]]]:
             process.kill()
 
 
-async def test_fifty_requests_through_separate_processes(deployment: list[subprocess.Popen[bytes]], namespace: str) -> None:
+async def test_fifty_requests_through_separate_processes(deployment: list[subprocess.Popen[bytes]], namespace: str, policy: str) -> None:
     rng = random.Random(3)
     prompts = [[rng.randrange(256) for _ in range(rng.randint(2, 60))] for _ in range(50)]
     lengths = [rng.randint(1, 12) for _ in prompts]

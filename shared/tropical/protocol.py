@@ -161,6 +161,8 @@ class KvHandoff(Message, tag="kv_handoff", kw_only=True, frozen=True):
     layout: KvLayout
     nbytes: Count
     lease_expires_at: Timestamp
+    dispatched_at: Timestamp | None = None  # the request's milestones so far, for its `finished` timings
+    prefill_start: Timestamp | None = None
 
 
 class KvAck(Message, tag="kv_ack", kw_only=True, frozen=True):

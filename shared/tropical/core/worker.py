@@ -452,6 +452,18 @@ class WorkerState:
         self.kv_static -= job.kv
         self.poke(now)
 
+    def transfer_failed(self, job: RequestState, now: float) -> None:
+        """`job`'s KV never arrived: it leaves, and the room held for it is free again."""
+        del self.incoming[job.id]
+        self.sources.pop(job.id, None)
+        self.side_prompt -= job.prompt
+        if job.in_transfer:
+            self.kv_static -= job.kv
+        job.in_transfer = False
+        job.kv = 0
+        job.dropped = True
+        self.poke(now)
+
     def kv_arrived(self, job: RequestState, now: float) -> None:
         """`job`'s KV is resident here: it waits to be admitted to the batch."""
         del self.incoming[job.id]

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from tropical.bus import Bus, MemoryBroker, connect_bus
 from tropical.engine.serving import ServingEngine
 from tropical.engine.tokenizer import Tokenizer
+from tropical.kv import make_transport
 from tropical.latency.model import LatencyModel
 from tropical.live.client import Client
 from tropical.live.router_service import RouterService
 from tropical.live.worker_service import WorkerService
 from tropical.policies.records import Role
 from tropical.policies.serving import make_policy
+from tropical.protocol import KvTransport
 from tropical.settings import Settings
 from tropical.store import MemoryStore, Store, open_store
 
@@ -40,14 +42,16 @@ class Deployment:
 
     async def start(self) -> None:
         policy = make_policy(self.policy, self.model)
-        if any(role is Role.PREFILL or role is Role.DECODE for role in self.roles):
-            raise ValueError("prefill and decode workers need a KV transport between processes; use colocated or multiplex roles")
         self._buses: list[Bus] = []
         self._stores: list[Store] = []
         engines = [self.engine() for _ in self.roles]
+        self._transports = [make_transport(KvTransport.HOST) for _ in self.roles]  # shared memory: one host
         self.workers = [
-            WorkerService(f"worker-{i}", role, engine, policy, self.model, await self._bus(), self._store(), self.settings, heartbeat_s=self.heartbeat_s)
-            for i, (role, engine) in enumerate(zip(self.roles, engines))
+            WorkerService(
+                f"worker-{i}", role, engine, policy, self.model, await self._bus(), self._store(), self.settings,
+                transport=transport, heartbeat_s=self.heartbeat_s,
+            )
+            for i, (role, engine, transport) in enumerate(zip(self.roles, engines, self._transports))
         ]
         self.router = RouterService(
             policy, await self._bus(), self._store(), self.settings, tokenizer=self.tokenizer,
@@ -63,6 +67,8 @@ class Deployment:
         for worker in self.workers:
             await worker.stop()
         await asyncio.wait_for(asyncio.gather(*self._tasks), timeout=timeout_s)
+        for transport in self._transports:
+            await transport.close()
         for bus in self._buses:
             await bus.close()
         for store in self._stores:

@@ -13,12 +13,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from tropical.bus import connect_bus
+from tropical.kv import make_transport
 from tropical.live.deployment import Deployment
 from tropical.live.engines import EngineChoice
 from tropical.live.router_service import RouterService
 from tropical.live.worker_service import WorkerService
 from tropical.policies.records import Role
 from tropical.policies.serving import ServingPolicy, make_policy
+from tropical.protocol import KvTransport
 from tropical.settings import Settings
 from tropical.store import open_store
 
@@ -56,16 +58,26 @@ async def serve_router(settings: Settings, policy_name: str, engine: EngineChoic
         await store.close()
 
 
-async def serve_worker(settings: Settings, role: Role, policy_name: str, engine: EngineChoice, name: str | None = None) -> None:
+async def serve_worker(
+    settings: Settings,
+    role: Role,
+    policy_name: str,
+    engine: EngineChoice,
+    name: str | None = None,
+    kv_transport: KvTransport = KvTransport.HOST,
+) -> None:
+    """One worker; `kv_transport` moves KV to and from other workers (host: shared memory on one host)."""
     model = engine.latency_model()
     name = name or settings.worker_id or f"{role.value}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     bus = await connect_bus(settings)
     store = open_store(settings)
-    service = WorkerService(name, role, engine.engine(), make_policy(policy_name, model), model, bus, store, settings)
+    transport = make_transport(kv_transport, redis_url=settings.redis_url, prefix=settings.namespace)
+    service = WorkerService(name, role, engine.engine(), make_policy(policy_name, model), model, bus, store, settings, transport=transport)
     await until_signalled(service.stop)
     try:
         await service.run()
     finally:
+        await transport.close()
         await bus.close()
         await store.close()
 

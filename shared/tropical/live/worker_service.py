@@ -2,11 +2,17 @@
 
 One class serves every role (prefill, decode, multiplex, colocated): the role
 only changes what the policy plans and where a finished prompt goes. Messages
-arrive on the worker's own queue (`dispatch`, `kv_handoff`, `cancel`); each
-engine step runs off the event loop, so heartbeats and messages keep flowing
-while it computes; tokens stream to the request's reply queue as steps end,
+arrive on the worker's own queue (`dispatch`, `kv_handoff`, `kv_ack`,
+`cancel`) and wait in an inbox; the step loop applies them between steps, so
+only the loop touches the engine and the core while a step runs off the event
+loop in a thread. Tokens stream to the request's reply queue as steps end,
 several per message when steps are fast; a heartbeat carries the worker's whole
 view (`tropical.core.status`).
+
+A prefill worker's finished prompt goes to the decoding worker the policy
+picks (on the workers' heartbeats); its KV is offered through a KV transport
+and leased until the receiver acks. A decoding worker pulls the KV when the
+core says it has room, imports it, and acks.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tropical.bus import Bus, Delivery, QueueSpec, Unroutable
-from tropical.core.actions import Abandoned, Action
+from tropical.core.actions import Abandoned, Action, TransferStarted
 from tropical.core.request import RequestState
-from tropical.core.status import RequestIds, status_of
+from tropical.core.status import RequestIds, status_of, view_of
 from tropical.core.worker import WorkerState
+from tropical.engine.kv_transfer import KvExport
 from tropical.engine.plan import StepResult
 from tropical.engine.serving import ServingEngine
+from tropical.kv.base import KvError, Transport
 from tropical.latency.model import LatencyModel
 from tropical.live.engine_worker import EngineWorker
 from tropical.messaging import MessageConsumer, send
@@ -37,6 +45,9 @@ from tropical.protocol import (
     ErrorReply,
     FinishReason,
     GenerateRequest,
+    KvAck,
+    KvHandoff,
+    Message,
     RequestFinished,
     Timings,
     TokenChunk,
@@ -46,7 +57,9 @@ from tropical.store import Store
 
 log = logging.getLogger(__name__)
 
-ROUNDING_SEQUENCES = 64
+ROUNDING_SEQUENCES = 64  # the core counts KV in tokens, the engine in blocks: a block per sequence is kept in hand
+KV_LEASE_S = 30.0  # how long a prefill worker keeps a handed-off KV for its receiver
+KV_FETCH_TIMEOUT_S = 10.0
 
 
 def worker_queue(settings: Settings, name: str) -> str:
@@ -60,9 +73,17 @@ class _Stream:
 
     request: GenerateRequest
     job: RequestState
-    dispatched_at: float
-    sent: int = 0  # output tokens already sent
+    dispatched_at: float | None
+    sent: int = 0  # output tokens already sent (the first one by the prefill worker, after a handoff)
     pending: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Outgoing:
+    """A handed-off request whose KV this worker leases until the receiver acks."""
+
+    job: RequestState
+    handle: bytes
 
 
 class WorkerService:
@@ -79,38 +100,48 @@ class WorkerService:
         store: Store,
         settings: Settings,
         *,
+        transport: Transport | None = None,  # type: ignore[type-arg]
         heartbeat_s: float = 0.2,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if transport is None and role in (Role.PREFILL, Role.DECODE):
+            raise ValueError(f"a {role} worker moves KV between workers: it needs a KV transport")
         self.name = name
         self.bus = bus
         self.store = store
         self.settings = settings
         self.policy = policy
+        self.transport = transport
         self.heartbeat_s = heartbeat_s
         self.clock = clock
         self.queue = worker_queue(settings, name)
         self.names = RequestIds()
         self._out: list[Action] = []
-        # the core counts tokens, the engine whole blocks: keep a block per sequence in hand for the rounding
         capacity = max(engine.kv_block_size, engine.kv_capacity_tokens - engine.kv_block_size * ROUNDING_SEQUENCES)
         self.state = WorkerState(0, role, capacity, model, self._out, spans=False)
         self.engine = EngineWorker(self.state, engine, self.names)
         self._streams: dict[str, _Stream] = {}
+        self._inbox: list[Message] = []
+        self._arrived: list[tuple[RequestState, KvHandoff, KvExport | None]] = []  # pulled KV, imported between steps
+        self._handoffs_in: dict[int, KvHandoff] = {}
+        self._outgoing: dict[str, _Outgoing] = {}  # by handoff id
+        self._stranded: list[RequestState] = []  # prefilled here, no decoding worker chosen yet
+        self._expired: list[bytes] = []  # leases that ran out before their receiver acked
+        self._workers = RequestIds()  # other workers' names as the core's integers
         self._accepted: list[int] = []
         self._tokens = itertools.count(1)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._consumer: MessageConsumer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.steps = 0
 
     # --- lifecycle ------------------------------------------------------------------------
 
     async def run(self) -> None:
         await self.bus.declare_queue(QueueSpec(self.queue))
-        self._consumer = MessageConsumer(
-            self.bus, self.queue, {Dispatch: self._on_dispatch, CancelRequest: self._on_cancel}, max_message_bytes=self.settings.max_message_bytes
-        )
+        handlers = {Dispatch: self._receive, KvHandoff: self._receive, KvAck: self._receive, CancelRequest: self._receive}
+        self._consumer = MessageConsumer(self.bus, self.queue, handlers, max_message_bytes=self.settings.max_message_bytes)
         await self.publish_status()
         await self._consumer.start(prefetch=self.settings.prefetch)
         heartbeat = asyncio.create_task(self._heartbeats())
@@ -118,7 +149,7 @@ class WorkerService:
             await self._step_loop()
         finally:
             heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            await asyncio.gather(heartbeat, *self._tasks, return_exceptions=True)
             await self.store.remove_worker_status(self.name)
 
     async def stop(self) -> None:
@@ -141,20 +172,104 @@ class WorkerService:
             await asyncio.sleep(self.heartbeat_s)
             try:
                 await self.publish_status()
+                if self.transport is not None and (expired := await self.transport.expire()):
+                    self._expired.extend(expired)
+                    self._wake.set()
             except (TimeoutError, ConnectionError) as exc:
                 log.warning("worker %s could not publish its status: %s", self.name, exc)
 
-    # --- messages -------------------------------------------------------------------------
+    async def _receive(self, message: Message, delivery: Delivery) -> None:
+        """Messages wait for the step loop, the only place that changes the engine and the core."""
+        self._inbox.append(message)
+        self._wake.set()
 
-    async def _on_dispatch(self, dispatch: Dispatch, delivery: Delivery) -> None:
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def _step_loop(self) -> None:
+        while True:
+            await self._apply_inbox()
+            ran = await self._step_once()
+            if ran:
+                continue
+            if self._stopping.is_set() and not self._streams and not self._outgoing and not self._inbox:
+                return
+            self._wake.clear()
+            if self._inbox or self._arrived:
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.heartbeat_s)
+            except TimeoutError:
+                pass
+            self.state.needs_plan = True
+
+    async def _apply_inbox(self) -> None:
+        inbox, self._inbox = self._inbox, []
+        for message in inbox:
+            if isinstance(message, Dispatch):
+                await self._place(message)
+            elif isinstance(message, KvHandoff):
+                await self._take_handoff(message)
+            elif isinstance(message, KvAck):
+                await self._acked(message.handoff_id, message.ok, message.error)
+            elif isinstance(message, CancelRequest):
+                await self._cancel(message.request_id)
+        expired, self._expired = self._expired, []
+        for handoff_id in [h for h, out in self._outgoing.items() if out.handle in expired]:
+            await self._acked(handoff_id, False, "the lease ran out before the receiver acked")
+        arrived, self._arrived = self._arrived, []
+        for job, handoff, kv in arrived:
+            await self._import(job, handoff, kv)
+        if self._stranded:
+            stranded, self._stranded = self._stranded, []
+            for job in stranded:
+                await self._hand_off(job)
+        await self._carry_out()
+
+    async def _step_once(self) -> bool:
+        state = self.state
+        if state.busy or not state.needs_plan:
+            return False
+        state.needs_plan = False
+        state.start_step(self.policy, self._tokens.__next__, self.clock())
+        actions = await self._carry_out()
+        plan = self.engine.plan(actions)
+        if not state.busy:
+            return False
+        result: StepResult = await asyncio.to_thread(self.engine.run, plan)
+        self.steps += 1
+        self.engine.end(result, self.clock())
+        await self._stream(result)
+        handoffs, self.engine.handoffs = self.engine.handoffs, []
+        for job in handoffs:
+            await self._hand_off(job)
+        await self._carry_out()
+        return True
+
+    async def _carry_out(self) -> list[Action]:
+        """The core's actions since the last look: pulls start, abandoned requests are told; the rest is returned."""
+        actions, self._out[:] = list(self._out), []
+        for action in actions:
+            if isinstance(action, Abandoned):
+                stream = self._streams.pop(self.names.name_of(action.request), None)
+                if stream is not None:
+                    await self._error(stream.request, ErrorCode.TIMEOUT, "abandoned: it could no longer meet its SLO")
+            elif isinstance(action, TransferStarted):
+                self._spawn(self._pull(action.request))
+        return actions
+
+    def _spawn(self, work: asyncio.Future[None] | asyncio.Task[None] | object) -> None:
+        task = asyncio.ensure_future(work)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- placing, cancelling ---------------------------------------------------------------
+
+    async def _place(self, dispatch: Dispatch) -> None:
         request = dispatch.request
         if request.request_id in self._streams:
             return  # a redelivered dispatch: it is here already
         prompt = list(request.prompt_token_ids or [])
-        slo = request.slo
-        ttft = (slo.ttft_ms if slo else self.settings.default_ttft_slo_ms) / 1000.0
-        tpot = (slo.tpot_ms if slo else self.settings.default_tpot_slo_ms) / 1000.0
-        job = RequestState(self.names.id_of(request.request_id), request.arrival_time, len(prompt), request.max_tokens, ttft, tpot)
+        job = self._job(request, len(prompt))
         try:
             self.engine.add(job, prompt, request.sampling, request.max_tokens)
         except ValueError as exc:
@@ -163,59 +278,23 @@ class WorkerService:
         self._streams[request.request_id] = _Stream(request, job, dispatch.dispatched_at)
         self.state.place(job, self.clock())
         self._accepted.append(job.id)
-        self._wake.set()
 
-    async def _on_cancel(self, cancel: CancelRequest, delivery: Delivery) -> None:
-        stream = self._streams.get(cancel.request_id)
-        if stream is None:
+    def _job(self, request: GenerateRequest, prompt_tokens: int) -> RequestState:
+        slo = request.slo
+        ttft = (slo.ttft_ms if slo else self.settings.default_ttft_slo_ms) / 1000.0
+        tpot = (slo.tpot_ms if slo else self.settings.default_tpot_slo_ms) / 1000.0
+        return RequestState(self.names.id_of(request.request_id), request.arrival_time, prompt_tokens, request.max_tokens, ttft, tpot)
+
+    async def _cancel(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        job = self.engine.jobs.pop(request_id, None)
+        if stream is None or job is None or job.finish is not None:
             return
-        job = self.engine.jobs.get(cancel.request_id)
-        if job is not None and job.finish is None and not (self.state.busy and self._in_step(job)):
-            self.state.stop(job, self.clock())
-            self.engine.engine.abort(cancel.request_id)
-            del self.engine.jobs[cancel.request_id]
-            await self._finish(stream, FinishReason.CANCELLED)
-        self._wake.set()
+        self.state.stop(job, self.clock())
+        self.engine.engine.abort(request_id)
+        await self._finish(stream, FinishReason.CANCELLED)
 
-    def _in_step(self, job: RequestState) -> bool:
-        return job.id in self.state.running or any(j is job for j, _ in self.state.span_chunks)
-
-    # --- steps ------------------------------------------------------------------------------
-
-    async def _step_loop(self) -> None:
-        while True:
-            ran = await self._step_once()
-            if ran:
-                continue
-            if self._stopping.is_set() and not self._streams:
-                return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.heartbeat_s)
-            except TimeoutError:
-                pass
-            self.state.needs_plan = True
-
-    async def _step_once(self) -> bool:
-        state = self.state
-        if state.busy or not state.needs_plan:
-            return False
-        state.needs_plan = False
-        state.start_step(self.policy, self._tokens.__next__, self.clock())
-        actions, self._out[:] = list(self._out), []
-        plan = self.engine.plan(actions)
-        for action in actions:
-            if isinstance(action, Abandoned):
-                stream = self._streams.pop(self.names.name_of(action.request), None)
-                if stream is not None:
-                    await self._error(stream.request, ErrorCode.TIMEOUT, "abandoned: it could no longer meet its SLO")
-        if not state.busy:
-            return False
-        result: StepResult = await asyncio.to_thread(self.engine.run, plan)
-        self.steps += 1
-        self.engine.end(result, self.clock())
-        await self._stream(result)
-        return True
+    # --- streaming -------------------------------------------------------------------------
 
     async def _stream(self, result: StepResult) -> None:
         for output in result.outputs:
@@ -248,11 +327,7 @@ class WorkerService:
             finished=job.finish if job.finish is not None else self.clock(),
         )
         finished = RequestFinished(
-            request_id=request.request_id,
-            finish_reason=reason,
-            num_prompt_tokens=job.prompt,
-            num_output_tokens=stream.sent,
-            timings=timings,
+            request_id=request.request_id, finish_reason=reason, num_prompt_tokens=job.prompt, num_output_tokens=stream.sent, timings=timings
         )
         await self._reply(request, finished)
 
@@ -264,3 +339,111 @@ class WorkerService:
             await send(self.bus, request.reply_to, message)
         except Unroutable:
             log.info("request %s: its reply queue is gone", request.request_id)
+
+    # --- KV handoff: the sending side --------------------------------------------------------
+
+    async def _hand_off(self, job: RequestState) -> None:
+        """Offer a prompt prefilled here to the decoding worker the policy picks, or keep it until one is picked."""
+        assert self.transport is not None
+        statuses = [s for s in await asyncio.wait_for(self.store.list_worker_statuses(), timeout=self.settings.status_ttl_s) if not s.draining]
+        views = [view_of(s, i, self.names) for i, s in enumerate(statuses)]
+        target = self.policy.route_decode(job.view, views, self.clock())
+        name = self.names.name_of(job.id)
+        stream = self._streams.get(name)
+        if target is None or stream is None:
+            if stream is not None:
+                self._stranded.append(job)
+            return
+        kv = self.engine.export(job)
+        offer = await self.transport.offer(kv, lease_s=KV_LEASE_S)
+        handoff_id = f"{name}@{self.name}"
+        self._outgoing[handoff_id] = _Outgoing(job, offer.handle)
+        message = KvHandoff(
+            handoff_id=handoff_id,
+            request=stream.request,
+            prompt_token_ids=kv.prompt_token_ids,
+            first_token_id=kv.output_token_ids[0],
+            first_token_time=job.first_token or self.clock(),
+            source_worker=self.name,
+            transport=self.transport.kind,
+            handle=offer.handle,
+            layout=offer.layout,
+            nbytes=offer.nbytes,
+            lease_expires_at=offer.lease_expires_at,
+            dispatched_at=stream.dispatched_at,
+            prefill_start=job.prefill_start,
+        )
+        del self._streams[name]  # the decoding worker streams the rest
+        await send(self.bus, worker_queue(self.settings, statuses[target].worker_id), message)
+
+    async def _acked(self, handoff_id: str, ok: bool, error: str) -> None:
+        """The receiver has the KV (or gave up on it, or the lease ran out): this worker lets it go."""
+        outgoing = self._outgoing.pop(handoff_id, None)
+        if outgoing is None or self.transport is None:
+            return
+        await self.transport.release(outgoing.handle)
+        self.state.handed_over(outgoing.job, self.clock())
+        self.engine.handed_over(outgoing.job)
+        if not ok:
+            log.warning("handoff %s failed: %s", handoff_id, error)
+
+    # --- KV handoff: the receiving side ------------------------------------------------------
+
+    async def _take_handoff(self, handoff: KvHandoff) -> None:
+        request = handoff.request
+        if request.request_id in self._streams:
+            return
+        if self.transport is None or self.transport.kind is not handoff.transport:
+            await self._error(request, ErrorCode.KV_TRANSFER_FAILED, f"worker {self.name} cannot pull KV over {handoff.transport}")
+            return
+        job = self._job(request, len(handoff.prompt_token_ids))
+        job.prefilled, job.generated, job.kv = job.prompt, 1, job.prompt
+        job.first_token, job.prefill_start = handoff.first_token_time, handoff.prefill_start
+        job.met_ttft = job.first_token - job.arrival <= job.ttft_slo
+        self._handoffs_in[job.id] = handoff
+        self._streams[request.request_id] = _Stream(request, job, handoff.dispatched_at, sent=1)
+        self.state.receive(job, self._workers.id_of(handoff.source_worker), self.clock())
+        self._accepted.append(job.id)
+
+    async def _pull(self, request_id: int) -> None:
+        """Fetch a handed-over KV (the core made room); the step loop imports it between steps."""
+        assert self.transport is not None
+        handoff = self._handoffs_in.pop(request_id)
+        job = self.state.incoming[request_id]
+        try:
+            data = await self.transport.fetch(handoff.handle, handoff.layout, timeout_s=KV_FETCH_TIMEOUT_S)
+        except KvError as exc:
+            log.warning("could not pull the KV of %s: %s", handoff.request.request_id, exc)
+            self._arrived.append((job, handoff, None))
+        else:
+            request = handoff.request
+            kv = KvExport(
+                request_id=request.request_id,
+                prompt_token_ids=list(handoff.prompt_token_ids),
+                output_token_ids=[handoff.first_token_id],
+                sampling=request.sampling,
+                max_tokens=request.max_tokens,
+                block_size=handoff.layout.block_size,
+                data=data,
+            )
+            self._arrived.append((job, handoff, kv))
+        self._wake.set()
+
+    async def _import(self, job: RequestState, handoff: KvHandoff, kv: KvExport | None) -> None:
+        ack = KvAck(handoff_id=handoff.handoff_id, request_id=handoff.request.request_id, receiver=self.name)
+        if kv is not None:
+            try:
+                self.engine.receive(job, kv)
+            except ValueError as exc:
+                kv, ack = None, KvAck(handoff_id=ack.handoff_id, request_id=ack.request_id, receiver=self.name, ok=False, error=str(exc))
+        if kv is None:
+            self.state.transfer_failed(job, self.clock())
+            stream = self._streams.pop(handoff.request.request_id, None)
+            if stream is not None:
+                await self._error(stream.request, ErrorCode.KV_TRANSFER_FAILED, "its KV cache could not be moved to the decoding worker")
+        else:
+            self.state.kv_arrived(job, self.clock())
+        try:
+            await send(self.bus, worker_queue(self.settings, handoff.source_worker), ack)
+        except Unroutable:
+            log.info("handoff %s: its sender is gone", handoff.handoff_id)
