@@ -47,8 +47,10 @@ class RouterService:
         tokenizer: Tokenizer | None = None,
         max_model_len: int | None = None,
         refresh_s: float = 0.05,
+        stale_after_s: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`stale_after_s`: a worker whose last heartbeat is older is out of placement (its status may live longer in the store)."""
         self.policy = policy
         self.bus = bus
         self.store = store
@@ -56,6 +58,7 @@ class RouterService:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.refresh_s = refresh_s
+        self.stale_after_s = stale_after_s
         self.clock = clock
         self.ids = RequestIds()
         self._out: list[Action] = []
@@ -131,8 +134,8 @@ class RouterService:
 
     async def _decide(self) -> None:
         statuses = await asyncio.wait_for(self.store.list_worker_statuses(), timeout=self.settings.status_ttl_s)
-        statuses = [s for s in statuses if not s.draining]
         now = self.clock()
+        statuses = [s for s in statuses if not s.draining and now - s.sent_at <= self.stale_after_s]
         self.router.woken(now)
         if not self.router.queue or not statuses:
             return

@@ -76,6 +76,7 @@ class _Stream:
     dispatched_at: float | None
     sent: int = 0  # output tokens already sent (the first one by the prefill worker, after a handoff)
     pending: list[int] = field(default_factory=list)
+    flushed_at: float = 0.0
 
 
 @dataclass
@@ -102,8 +103,11 @@ class WorkerService:
         *,
         transport: Transport | None = None,  # type: ignore[type-arg]
         heartbeat_s: float = 0.2,
+        token_flush_s: float = 0.02,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`token_flush_s`: tokens of one request go out together unless this long has passed since its last message
+        (the first token always goes at once: it is the request's TTFT)."""
         if transport is None and role in (Role.PREFILL, Role.DECODE):
             raise ValueError(f"a {role} worker moves KV between workers: it needs a KV transport")
         self.name = name
@@ -113,6 +117,7 @@ class WorkerService:
         self.policy = policy
         self.transport = transport
         self.heartbeat_s = heartbeat_s
+        self.token_flush_s = token_flush_s
         self.clock = clock
         self.queue = worker_queue(settings, name)
         self.names = RequestIds()
@@ -144,11 +149,12 @@ class WorkerService:
         self._consumer = MessageConsumer(self.bus, self.queue, handlers, max_message_bytes=self.settings.max_message_bytes)
         await self.publish_status()
         await self._consumer.start(prefetch=self.settings.prefetch)
-        heartbeat = asyncio.create_task(self._heartbeats())
+        done = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeats(done))
         try:
             await self._step_loop()
         finally:
-            heartbeat.cancel()
+            done.set()  # an event, not a cancel: a cancel can be lost inside wait_for on Python 3.11
             await asyncio.gather(heartbeat, *self._tasks, return_exceptions=True)
             await self.store.remove_worker_status(self.name)
 
@@ -167,9 +173,13 @@ class WorkerService:
         )
         await asyncio.wait_for(self.store.put_worker_status(status, ttl_s=self.settings.status_ttl_s), timeout=self.settings.status_ttl_s)
 
-    async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
+    async def _heartbeats(self, done: asyncio.Event) -> None:
+        while not done.is_set():
+            try:
+                await asyncio.wait_for(done.wait(), timeout=self.heartbeat_s)
+                return
+            except TimeoutError:
+                pass
             try:
                 await self.publish_status()
                 if self.transport is not None and (expired := await self.transport.expire()):
@@ -305,13 +315,15 @@ class WorkerService:
             if output.finished:
                 await self._flush(stream)
                 await self._finish(stream, output.finish_reason or FinishReason.LENGTH)
+        now = self.clock()
         for stream in list(self._streams.values()):
-            if stream.pending:
+            if stream.pending and (stream.sent == 0 or now - stream.flushed_at >= self.token_flush_s):
                 await self._flush(stream)
 
     async def _flush(self, stream: _Stream) -> None:
         tokens, stream.pending = stream.pending, []
-        message = TokenChunk(request_id=stream.request.request_id, index=stream.sent, token_ids=tokens, emitted_at=self.clock())
+        stream.flushed_at = self.clock()
+        message = TokenChunk(request_id=stream.request.request_id, index=stream.sent, token_ids=tokens, emitted_at=stream.flushed_at)
         stream.sent += len(tokens)
         await self._reply(stream.request, message)
 
@@ -373,6 +385,8 @@ class WorkerService:
             dispatched_at=stream.dispatched_at,
             prefill_start=job.prefill_start,
         )
+        if stream.pending:
+            await self._flush(stream)
         del self._streams[name]  # the decoding worker streams the rest
         await send(self.bus, worker_queue(self.settings, statuses[target].worker_id), message)
 
