@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
+from tropical.bus import Delivery, MemoryBus, QueueSpec
 from tropical.engine import Engine, EngineConfig, ModelConfig
 from tropical.engine.tokenizer import ByteTokenizer
 from tropical.latency.model import LatencyModel
 from tropical.live.client import Client, RequestFailed
 from tropical.live.deployment import Deployment
-from tropical.policies import Role
-from tropical.protocol import ErrorCode, FinishReason, Slo
+from tropical.live.router_service import RouterService
+from tropical.live.worker_service import worker_queue
+from tropical.messaging import send
+from tropical.policies import Role, make_policy
+from tropical.protocol import Dispatch, ErrorCode, FinishReason, GenerateRequest, Message, Slo, WorkerRole, WorkerStatus, decode
+from tropical.queues import declare_requests_queue
 from tropical.settings import Settings
+from tropical.store import MemoryStore
 
 TINY = ModelConfig.tiny(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, eos_token_ids=(257,))
 MODEL = LatencyModel(c0=0.0, c1=0.0005, c2=0.005, d0=0.005, d1=0.0005, d2=0.00001)
@@ -91,3 +98,33 @@ async def test_bad_requests_get_an_error_reply_and_disturb_nothing(vllm: Deploym
             await asyncio.wait_for(client.complete([1] * 250, max_tokens=20), timeout=30)
         assert too_long.value.reply.code is ErrorCode.INVALID and "context" in too_long.value.reply.message
         assert await asyncio.wait_for(client.complete([1, 2, 3], max_tokens=4), timeout=30) == engine().generate([[1, 2, 3]], max_tokens=4)[0].token_ids
+
+
+async def test_a_worker_silent_for_a_second_gets_no_placement() -> None:
+    bus, store = MemoryBus(), MemoryStore()
+    now = time.time()
+    placed: dict[str, asyncio.Queue[Message]] = {}
+    for name, sent_at in (("fresh", now), ("silent", now - 1.5)):
+        queue = worker_queue(SETTINGS, name)
+        status = WorkerStatus(worker_id=name, role=WorkerRole.COLOCATED, queue=queue, sent_at=sent_at, kv_capacity_tokens=10_000, kv_free_tokens=10_000)
+        await store.put_worker_status(status, ttl_s=60)
+        await bus.declare_queue(QueueSpec(queue))
+        placed[name] = received = asyncio.Queue()
+
+        async def take(delivery: Delivery, received: asyncio.Queue[Message] = received) -> None:
+            received.put_nowait(decode(delivery.body))
+
+        await bus.consume(queue, take)
+    router = RouterService(make_policy("vllm", MODEL), bus, store, SETTINGS)
+    task = asyncio.create_task(router.run())
+    try:
+        requests = await declare_requests_queue(bus, SETTINGS)
+        for i in range(4):
+            await send(bus, requests, GenerateRequest(request_id=f"r{i}", prompt_token_ids=[1, 2, 3], max_tokens=2, arrival_time=time.time(), reply_to="nobody"))
+        dispatches = [await asyncio.wait_for(placed["fresh"].get(), timeout=10) for _ in range(4)]
+        assert sorted(d.request.request_id for d in dispatches if isinstance(d, Dispatch)) == ["r0", "r1", "r2", "r3"]
+        assert placed["silent"].empty()
+    finally:
+        await router.stop()
+        await asyncio.wait_for(task, timeout=10)
+        await bus.close()
