@@ -15,11 +15,12 @@ from tropical.engine.tokenizer import ByteTokenizer
 from tropical.latency.model import LatencyModel
 from tropical.live.client import Client, RequestFailed
 from tropical.live.deployment import Deployment
+from tropical.live.model_feed import LatencyModelFeed
 from tropical.live.router_service import RouterService
-from tropical.live.worker_service import worker_queue
+from tropical.live.worker_service import WorkerService, worker_queue
 from tropical.messaging import send
 from tropical.policies import Role, make_policy
-from tropical.protocol import Dispatch, ErrorCode, FinishReason, GenerateRequest, Message, Slo, WorkerRole, WorkerStatus, decode
+from tropical.protocol import Dispatch, ErrorCode, FinishReason, GenerateRequest, Message, RequestFinished, Slo, WorkerRole, WorkerStatus, decode
 from tropical.queues import declare_requests_queue
 from tropical.settings import Settings
 from tropical.store import MemoryStore
@@ -127,4 +128,33 @@ async def test_a_worker_silent_for_a_second_gets_no_placement() -> None:
     finally:
         await router.stop()
         await asyncio.wait_for(task, timeout=10)
+        await bus.close()
+
+
+async def test_a_worker_calibrates_and_switches_to_a_published_model() -> None:
+    bus, store = MemoryBus(), MemoryStore()
+    feed = await LatencyModelFeed.open(store, "tiny@cpu/tp1", default=MODEL)
+    worker = WorkerService("w", Role.COLOCATED, engine(), make_policy("vllm", MODEL), MODEL, bus, store, SETTINGS, feed=feed)
+    await bus.declare_queue(QueueSpec(worker.queue))  # declared by either side first, the same queue
+    task = asyncio.create_task(worker.run())
+    try:
+        async with Client(bus, SETTINGS) as client:
+            request = GenerateRequest(request_id="r", prompt_token_ids=[5, 6, 7], max_tokens=8, arrival_time=time.time(), reply_to=client.reply_to)
+            stream: asyncio.Queue[Message] = asyncio.Queue()
+            client._streams["r"] = stream
+            await send(bus, worker_queue(SETTINGS, "w"), Dispatch(request=request, prefill_worker="w", decode_worker="w", ttft_deadline=request.arrival_time + 60, dispatched_at=time.time()))
+            while not isinstance(await asyncio.wait_for(stream.get(), timeout=30), RequestFinished):
+                pass
+        assert feed.factor != 1.0  # the engine's measured steps moved the correction away from the default model's guess
+        published = LatencyModel(c0=0.0, c1=0.002, c2=0.02, d0=0.02, d1=0.002, d2=0.00004).to_spec(
+            model="tiny", hardware="cpu", tensor_parallel=1, samples=10, fitted_at=time.time()
+        )
+        await store.set_latency_model(published)
+        await asyncio.wait_for(feed.changed.wait(), timeout=10)
+        assert worker.state.model == feed.model and worker.policy.batcher.model == feed.model
+        assert feed.base_model == LatencyModel.from_spec(published)
+    finally:
+        await worker.stop()
+        await asyncio.wait_for(task, timeout=30)
+        await feed.close()
         await bus.close()

@@ -426,6 +426,15 @@ def _plan(decode: tuple[str, ...] = (), chunks: tuple[tuple[str, int], ...] = ()
 # --- profile files: the wire spec plus the report, as written by `tropical profile --json` ---------
 
 
+def hardware_name(device: Any) -> str:
+    """`cpu`, or the GPU's name in lower case with dashes (`nvidia-h200`): the hardware part of a model's key."""
+    if device.type != "cuda":
+        return "cpu"
+    import torch
+
+    return "-".join(torch.cuda.get_device_name(device).lower().split())
+
+
 def profile_record(spec: LatencyModelSpec, report: dict[str, Any]) -> dict[str, Any]:
     """What a profile file holds: the model as the profiler publishes it, and how it was measured."""
     return {"spec": msgspec.to_builtins(spec), "report": report}

@@ -42,6 +42,18 @@ class EngineChoice:
 
         return default_latency_model("tiny")  # until the profiler publishes one for this engine
 
+    def model_key(self) -> str | None:
+        """The key the profiler publishes this engine's latency model under (None: emulated, its model is fixed)."""
+        if self.source == EMULATED:
+            return None
+        import torch
+
+        from tropical.latency.profiling import hardware_name
+
+        name = "tiny" if self.source == "tiny" else Path(self.source).name
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return f"{name}@{hardware_name(device)}/tp1"
+
     def engine(self) -> ServingEngine:
         if self.source == EMULATED:
             from tropical.engine.emulated import EmulatedEngine

@@ -22,10 +22,12 @@ from tropical.core.request import RequestState
 from tropical.core.router import DispatchLedger, RouterState
 from tropical.core.status import RequestIds, held_requests, view_of
 from tropical.engine.tokenizer import Tokenizer
+from tropical.latency.model import LatencyModel
+from tropical.live.model_feed import LatencyModelFeed
 from tropical.live.worker_service import worker_queue
 from tropical.messaging import MessageConsumer, reply_error, send
 from tropical.policies.records import WorkerView
-from tropical.policies.serving import ServingPolicy
+from tropical.policies.serving import ServingPolicy, make_policy
 from tropical.protocol import Dispatch, ErrorCode, GenerateRequest, RequestRecord, RequestState as RecordState, Timings, WorkerStatus
 from tropical.queues import declare_requests_queue
 from tropical.settings import Settings
@@ -48,6 +50,7 @@ class RouterService:
         max_model_len: int | None = None,
         refresh_s: float = 0.05,
         stale_after_s: float = 1.0,
+        feed: LatencyModelFeed | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`stale_after_s`: a worker whose last heartbeat is older is out of placement (its status may live longer in the store)."""
@@ -69,6 +72,12 @@ class RouterService:
         self._stopping = asyncio.Event()
         self._consumer: MessageConsumer | None = None
         self.dispatched = 0
+        if feed is not None:
+            feed.listeners.append(self._model_changed)
+
+    def _model_changed(self, model: LatencyModel) -> None:
+        """A new latency model (profiled, or corrected online): the policy predicts with it from the next decision."""
+        self.policy = self.router.policy = make_policy(self.policy.name, model)
 
     async def run(self) -> None:
         queue = await declare_requests_queue(self.bus, self.settings)

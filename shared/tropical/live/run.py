@@ -16,13 +16,14 @@ from tropical.bus import connect_bus
 from tropical.kv import make_transport
 from tropical.live.deployment import Deployment
 from tropical.live.engines import EngineChoice
+from tropical.live.model_feed import CorrectionPublishing, LatencyModelFeed
 from tropical.live.router_service import RouterService
 from tropical.live.worker_service import WorkerService
 from tropical.policies.records import Role
 from tropical.policies.serving import ServingPolicy, make_policy
 from tropical.protocol import KvTransport
 from tropical.settings import Settings
-from tropical.store import open_store
+from tropical.store import Store, open_store
 
 
 def policy_roles(policy: ServingPolicy, workers: int) -> tuple[Role, ...]:
@@ -46,16 +47,27 @@ async def until_signalled(stop: Callable[[], Awaitable[None]]) -> asyncio.Event:
 
 
 async def serve_router(settings: Settings, policy_name: str, engine: EngineChoice) -> None:
-    policy = make_policy(policy_name, engine.latency_model())
     bus = await connect_bus(settings)
     store = open_store(settings)
-    service = RouterService(policy, bus, store, settings, tokenizer=engine.tokenizer(), max_model_len=engine.max_model_len)
+    feed = await _feed(store, engine)
+    policy = make_policy(policy_name, feed.model if feed else engine.latency_model())
+    service = RouterService(policy, bus, store, settings, tokenizer=engine.tokenizer(), max_model_len=engine.max_model_len, feed=feed)
     await until_signalled(service.stop)
     try:
         await service.run()
     finally:
+        if feed is not None:
+            await feed.close()
         await bus.close()
         await store.close()
+
+
+async def _feed(store: Store, engine: EngineChoice) -> LatencyModelFeed | None:
+    """The engine's latency model as the profiler publishes it (the shipped default until then); None when emulated."""
+    key = engine.model_key()
+    if key is None:
+        return None
+    return await LatencyModelFeed.open(store, key, default=engine.latency_model(), publishing=CorrectionPublishing())
 
 
 async def serve_worker(
@@ -67,16 +79,21 @@ async def serve_worker(
     kv_transport: KvTransport = KvTransport.HOST,
 ) -> None:
     """One worker; `kv_transport` moves KV to and from other workers (host: shared memory on one host)."""
-    model = engine.latency_model()
     name = name or settings.worker_id or f"{role.value}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     bus = await connect_bus(settings)
     store = open_store(settings)
+    feed = await _feed(store, engine)
+    model = feed.model if feed else engine.latency_model()
     transport = make_transport(kv_transport, redis_url=settings.redis_url, prefix=settings.namespace)
-    service = WorkerService(name, role, engine.engine(), make_policy(policy_name, model), model, bus, store, settings, transport=transport)
+    service = WorkerService(
+        name, role, engine.engine(), make_policy(policy_name, model), model, bus, store, settings, transport=transport, feed=feed
+    )
     await until_signalled(service.stop)
     try:
         await service.run()
     finally:
+        if feed is not None:
+            await feed.close()
         await transport.close()
         await bus.close()
         await store.close()

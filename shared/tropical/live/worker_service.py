@@ -35,9 +35,10 @@ from tropical.engine.serving import ServingEngine
 from tropical.kv.base import KvError, Transport
 from tropical.latency.model import LatencyModel
 from tropical.live.engine_worker import EngineWorker
+from tropical.live.model_feed import LatencyModelFeed
 from tropical.messaging import MessageConsumer, send
 from tropical.policies.records import Role
-from tropical.policies.serving import ServingPolicy
+from tropical.policies.serving import ServingPolicy, make_policy
 from tropical.protocol import (
     CancelRequest,
     Dispatch,
@@ -102,6 +103,7 @@ class WorkerService:
         settings: Settings,
         *,
         transport: Transport | None = None,  # type: ignore[type-arg]
+        feed: LatencyModelFeed | None = None,
         heartbeat_s: float = 0.2,
         token_flush_s: float = 0.02,
         clock: Callable[[], float] = time.time,
@@ -116,6 +118,7 @@ class WorkerService:
         self.settings = settings
         self.policy = policy
         self.transport = transport
+        self.feed = feed
         self.heartbeat_s = heartbeat_s
         self.token_flush_s = token_flush_s
         self.clock = clock
@@ -140,6 +143,13 @@ class WorkerService:
         self._consumer: MessageConsumer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.steps = 0
+        if feed is not None:
+            feed.listeners.append(self._model_changed)
+
+    def _model_changed(self, model: LatencyModel) -> None:
+        """The profiler published a model (or the services converged on a new correction): plan with it from now on."""
+        self.policy = make_policy(self.policy.name, model)
+        self.state.model = model
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -245,7 +255,12 @@ class WorkerService:
         plan = self.engine.plan(actions)
         if not state.busy:
             return False
+        batch = state.size if state.span_decode else 0
+        context = state.batch_kv(state.steps) if state.span_decode else 0
+        chunks = [(job.prefilled, job.prefilled + tokens) for job, tokens in state.span_chunks]
         result: StepResult = await asyncio.to_thread(self.engine.run, plan)
+        if self.feed is not None:
+            self.feed.observe_step(batch, context, chunks, result.step_time_s)  # keeps the predictions calibrated
         self.steps += 1
         self.engine.end(result, self.clock())
         await self._stream(result)
