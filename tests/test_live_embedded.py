@@ -20,7 +20,7 @@ from tropical.live.router_service import RouterService
 from tropical.live.worker_service import WorkerService, worker_queue
 from tropical.messaging import send
 from tropical.policies import Role, make_policy
-from tropical.protocol import Dispatch, ErrorCode, FinishReason, GenerateRequest, Message, RequestFinished, Slo, WorkerRole, WorkerStatus, decode
+from tropical.protocol import Dispatch, ErrorCode, FinishReason, GenerateRequest, Message, RequestFinished, SamplingParams, Slo, WorkerRole, WorkerStatus, decode
 from tropical.queues import declare_requests_queue
 from tropical.settings import Settings
 from tropical.store import MemoryStore
@@ -158,3 +158,22 @@ async def test_a_worker_calibrates_and_switches_to_a_published_model() -> None:
         await asyncio.wait_for(task, timeout=30)
         await feed.close()
         await bus.close()
+
+
+@pytest.mark.parametrize(("policy", "roles"), [("vllm", (Role.COLOCATED,)), ("distserve", (Role.PREFILL, Role.DECODE))])
+async def test_a_cancel_ends_the_stream_and_frees_the_kv(policy: str, roles: tuple[Role, ...]) -> None:
+    served = await deployment(policy, roles)
+    try:
+        async with await served.client() as client:
+            tokens, cancelled = 0, False
+            stream = client.generate([9, 8, 7], max_tokens=200, sampling=SamplingParams(ignore_eos=True), request_id="long")
+            async for chunk in stream:
+                tokens += len(chunk.token_ids)
+                if tokens >= 3 and not cancelled:
+                    cancelled = True
+                    await client.cancel("long")
+            assert client.finished["long"].finish_reason is FinishReason.CANCELLED
+            assert 3 <= client.finished["long"].num_output_tokens < 200
+    finally:
+        await served.stop()
+    assert all(w.state.view(time.time()).kv_used == 0 and not w.engine.engine.has_unfinished() for w in served.workers)

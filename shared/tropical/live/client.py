@@ -17,7 +17,7 @@ from typing import Self
 
 from tropical.bus import Bus, Delivery, Subscription
 from tropical.messaging import send
-from tropical.protocol import ErrorReply, GenerateRequest, Message, RequestFinished, SamplingParams, Slo, TokenChunk, decode
+from tropical.protocol import CancelRequest, ErrorReply, GenerateRequest, Message, RequestFinished, SamplingParams, Slo, TokenChunk, decode
 from tropical.queues import declare_requests_queue, reply_queue
 from tropical.settings import Settings
 
@@ -85,6 +85,10 @@ class Client:
                     raise RequestFailed(message)
         finally:
             del self._streams[request_id]
+
+    async def cancel(self, request_id: str, reason: str = "") -> None:
+        """Stop a request: its stream ends with `finished` (reason `cancelled`), or an error if it was still queued."""
+        await send(self.bus, self._requests, CancelRequest(request_id=request_id, reason=reason))
 
     async def complete(self, prompt: str | Sequence[int], **options: object) -> list[int]:
         """All of a request's output tokens at once."""

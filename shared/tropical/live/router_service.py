@@ -28,7 +28,7 @@ from tropical.live.worker_service import worker_queue
 from tropical.messaging import MessageConsumer, reply_error, send
 from tropical.policies.records import WorkerView
 from tropical.policies.serving import ServingPolicy, make_policy
-from tropical.protocol import Dispatch, ErrorCode, GenerateRequest, RequestRecord, RequestState as RecordState, Timings, WorkerStatus
+from tropical.protocol import CancelRequest, Dispatch, ErrorCode, GenerateRequest, RequestRecord, RequestState as RecordState, Timings, WorkerStatus
 from tropical.queues import declare_requests_queue
 from tropical.settings import Settings
 from tropical.store import Store
@@ -68,6 +68,7 @@ class RouterService:
         self.router = RouterState(policy, self._out)
         self.ledger = DispatchLedger(confirm_after=settings.status_ttl_s)
         self._requests: dict[int, GenerateRequest] = {}
+        self._placed: dict[str, str] = {}  # request → the worker it was dispatched to (a cancel follows it there)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._consumer: MessageConsumer | None = None
@@ -82,7 +83,7 @@ class RouterService:
     async def run(self) -> None:
         queue = await declare_requests_queue(self.bus, self.settings)
         self._consumer = MessageConsumer(
-            self.bus, queue, {GenerateRequest: self._on_request}, max_message_bytes=self.settings.max_message_bytes
+            self.bus, queue, {GenerateRequest: self._on_request, CancelRequest: self._on_cancel}, max_message_bytes=self.settings.max_message_bytes
         )
         await self._consumer.start(prefetch=self.settings.prefetch)
         while not (self._stopping.is_set() and not self.router.queue):
@@ -125,6 +126,18 @@ class RouterService:
         self._requests[job.id] = request
         self.router.enqueue(job)
         self._wake.set()
+
+    async def _on_cancel(self, cancel: CancelRequest, delivery: Delivery) -> None:
+        """A queued request leaves the queue; a placed one's cancel goes to its worker, which frees its KV."""
+        request_id = self.ids.id_of(cancel.request_id)
+        job = self.router.remove(request_id)
+        if job is not None:
+            request = self._requests.pop(request_id)
+            await reply_error(self.bus, request.reply_to, request.request_id, ErrorCode.CANCELLED, cancel.reason or "cancelled")
+            return
+        worker = self._placed.pop(cancel.request_id, None)
+        if worker is not None:
+            await send(self.bus, worker_queue(self.settings, worker), cancel)
 
     def _checked(self, request: GenerateRequest) -> GenerateRequest:
         """The request with token ids, or ValueError naming what is wrong with it."""
@@ -178,6 +191,7 @@ class RouterService:
             dispatched_at=now,
         )
         self.ledger.dispatched(status.worker_id, job.view, now)
+        self._placed[request.request_id] = status.worker_id
         await send(self.bus, worker_queue(self.settings, status.worker_id), message)
         self.dispatched += 1
 

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 ROUNDING_SEQUENCES = 64  # the core counts KV in tokens, the engine in blocks: a block per sequence is kept in hand
 KV_LEASE_S = 30.0  # how long a prefill worker keeps a handed-off KV for its receiver
 KV_FETCH_TIMEOUT_S = 10.0
+HANDED_TO_REMEMBERED = 10_000  # handed-off requests a cancel can still be forwarded for
 
 
 def worker_queue(settings: Settings, name: str) -> str:
@@ -134,6 +135,7 @@ class WorkerService:
         self._handoffs_in: dict[int, KvHandoff] = {}
         self._outgoing: dict[str, _Outgoing] = {}  # by handoff id
         self._stranded: list[RequestState] = []  # prefilled here, no decoding worker chosen yet
+        self._handed_to: dict[str, str] = {}  # request → the worker decoding it, for a cancel that follows
         self._expired: list[bytes] = []  # leases that ran out before their receiver acked
         self._workers = RequestIds()  # other workers' names as the core's integers
         self._accepted: list[int] = []
@@ -232,7 +234,7 @@ class WorkerService:
             elif isinstance(message, KvAck):
                 await self._acked(message.handoff_id, message.ok, message.error)
             elif isinstance(message, CancelRequest):
-                await self._cancel(message.request_id)
+                await self._cancel(message)
         expired, self._expired = self._expired, []
         for handoff_id in [h for h, out in self._outgoing.items() if out.handle in expired]:
             await self._acked(handoff_id, False, "the lease ran out before the receiver acked")
@@ -310,7 +312,13 @@ class WorkerService:
         tpot = (slo.tpot_ms if slo else self.settings.default_tpot_slo_ms) / 1000.0
         return RequestState(self.names.id_of(request.request_id), request.arrival_time, prompt_tokens, request.max_tokens, ttft, tpot)
 
-    async def _cancel(self, request_id: str) -> None:
+    async def _cancel(self, cancel: CancelRequest) -> None:
+        """Stop a request wherever it is here and free its KV; one handed on goes on to its decoding worker."""
+        request_id = cancel.request_id
+        onward = self._handed_to.pop(request_id, None)
+        if onward is not None:
+            await send(self.bus, worker_queue(self.settings, onward), cancel)
+            return
         stream = self._streams.get(request_id)
         job = self.engine.jobs.pop(request_id, None)
         if stream is None or job is None or job.finish is not None:
@@ -403,6 +411,9 @@ class WorkerService:
         if stream.pending:
             await self._flush(stream)
         del self._streams[name]  # the decoding worker streams the rest
+        self._handed_to[name] = statuses[target].worker_id
+        if len(self._handed_to) > HANDED_TO_REMEMBERED:
+            del self._handed_to[next(iter(self._handed_to))]
         await send(self.bus, worker_queue(self.settings, statuses[target].worker_id), message)
 
     async def _acked(self, handoff_id: str, ok: bool, error: str) -> None:
