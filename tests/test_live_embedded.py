@@ -177,3 +177,17 @@ async def test_a_cancel_ends_the_stream_and_frees_the_kv(policy: str, roles: tup
     finally:
         await served.stop()
     assert all(w.state.view(time.time()).kv_used == 0 and not w.engine.engine.has_unfinished() for w in served.workers)
+
+
+async def test_a_client_that_vanishes_frees_its_requests() -> None:
+    served = await deployment("vllm", (Role.COLOCATED,))
+    try:
+        async with await served.client() as client:
+            stream = client.generate([4, 4, 4], max_tokens=200, sampling=SamplingParams(ignore_eos=True), request_id="orphan")
+            await asyncio.wait_for(anext(stream), timeout=30)
+        await stream.aclose()
+    finally:
+        await served.stop()  # drains: waits for every request it still holds
+    worker = served.workers[0]
+    # its reply queue gone, the worker stopped the request at its next message instead of running its 200 steps
+    assert worker.steps < 100 and not worker.engine.engine.has_unfinished()

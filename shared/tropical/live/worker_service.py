@@ -372,8 +372,10 @@ class WorkerService:
     async def _reply(self, request: GenerateRequest, message: TokenChunk | RequestFinished | ErrorReply) -> None:
         try:
             await send(self.bus, request.reply_to, message)
-        except Unroutable:
-            log.info("request %s: its reply queue is gone", request.request_id)
+        except Unroutable:  # the client has gone: what it asked for is stopped and its KV freed, as on a cancel
+            log.info("request %s: its reply queue is gone; stopping it", request.request_id)
+            if request.request_id in self._streams:
+                self._inbox.append(CancelRequest(request_id=request.request_id, reason="the client has gone"))
 
     # --- KV handoff: the sending side --------------------------------------------------------
 
