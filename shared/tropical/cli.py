@@ -648,5 +648,140 @@ def ablate(
         json_path.write_text(json.dumps(report, indent=2) + "\n")
 
 
+# --- live benchmark -----------------------------------------------------------------------------
+
+
+@app.command("bench")
+def bench(
+    ctx: typer.Context,
+    embedded: Annotated[bool, typer.Option("--embedded", help="serve in this process (in-memory bus and store unless URLs are given)")] = False,
+    policy: PolicyName = "unified",
+    workers: Annotated[int, typer.Option(min=1, help="--embedded: workers in this process")] = 2,
+    engine: Annotated[str, typer.Option("--engine", help="--embedded: tiny, or emulated (the setting's timing and KV)")] = "tiny",
+    setting_name: Annotated[
+        str | None,
+        typer.Option("--setting", help="replay this preset's trace with its SLOs as `tropical sim` does; without it, Poisson load (emulated engines: chat-13b)"),
+    ] = None,
+    trace: TraceOption = None,
+    rate: Annotated[float | None, typer.Option("--request-rate", min=1e-9, help="arrival rate (req/s); a timed trace keeps its own without it")] = None,
+    num_prompts: Annotated[int | None, typer.Option("--num-prompts", "--num-requests", min=1, help="requests (default: 100 synthetic; a setting's as in `sim`)")] = None,
+    start_s: StartOption = None,
+    duration_s: DurationOption = None,
+    arrival: ArrivalOption = ArrivalProcess.POISSON,
+    cv: CvOption = None,
+    input_len: Annotated[int, typer.Option(min=1, help="synthetic load: prompt tokens")] = 128,
+    output_len: Annotated[int, typer.Option(min=1, help="synthetic load: output tokens")] = 64,
+    seed: Annotated[int, typer.Option(help="arrival seed, as `tropical sim --seed`")] = 0,
+    ttft_slo_ms: TtftMsOption = None,
+    ttft_slo_scale: TtftScaleOption = None,
+    tpot_slo_ms: TpotMsOption = None,
+    request_timeout_s: Annotated[float, typer.Option(min=1e-3, help="a request not done this long after its arrival fails")] = 300.0,
+    compare_sim: Annotated[bool, typer.Option("--compare-sim", help="--embedded emulated: also simulate the same requests on the same roles")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report here")] = None,
+) -> None:
+    """Replay a trace or Poisson load onto a deployment and print a `vllm bench serve`-style summary."""
+    import time
+    from collections import Counter
+
+    from tropical.experiments import setting_named, workload
+    from tropical.live.bench import bench_embedded, bench_remote, bench_report, bench_requests, poisson_load, simulated_summary
+    from tropical.live.run import deployment
+
+    settings: Settings = ctx.obj
+    setting = None if setting_name is None else _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
+    if setting is None:
+        if rate is None or trace is not None or start_s is not None or duration_s is not None or ttft_slo_scale is not None:
+            raise typer.BadParameter("without --setting the load is Poisson: give --request-rate; --trace, windows and --ttft-slo-scale need --setting")
+        ttft = (ttft_slo_ms or settings.default_ttft_slo_ms) / 1000.0
+        tpot = (tpot_slo_ms or settings.default_tpot_slo_ms) / 1000.0
+        load = poisson_load(num_prompts or 100, rate=rate, input_len=input_len, output_len=output_len, ttft_slo=ttft, tpot_slo=tpot, seed=seed)
+    else:
+        try:
+            load = workload(setting, trace or setting.trace, rate, replay=_replay(num_prompts, start_s, duration_s, arrival, cv), seed=seed).requests
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    timing = setting_named(setting_name or "chat-13b")  # what emulated engines and --compare-sim time steps by
+    roles: tuple[Any, ...] = ()
+    started = time.perf_counter()
+    if embedded:
+        choice = _engine_choice(engine, timing.name, None)
+        roles = _live_roles(_policy_checked(policy), workers, choice.latency_model())
+        if compare_sim and engine != "emulated":
+            raise typer.BadParameter("--compare-sim needs --engine emulated: only emulated engines keep the simulator's time")
+        if not os.environ.get("TROPICAL_BROKER_URL") and ctx.parent is not None and ctx.parent.params.get("broker_url") is None:
+            settings = settings.with_overrides(broker_url=MEMORY_URL, redis_url=MEMORY_URL)
+        result = run_async(bench_embedded(deployment(settings, policy, workers, choice), bench_requests(load), timeout_s=request_timeout_s))
+    else:
+        if settings.broker_url.startswith(MEMORY_URL) or compare_sim:
+            raise typer.BadParameter("give --embedded, or the --broker-url of a running deployment (--compare-sim needs --embedded)")
+        result = run_async(bench_remote(settings, bench_requests(load), timeout_s=request_timeout_s))
+    report = bench_report(result)
+    simulated = simulated_summary(timing, policy, roles, load, seed=seed) if compare_sim else None
+    record = {
+        "mode": "embedded" if embedded else "broker",
+        "setting": None if setting is None else setting.name,
+        "trace": None if setting is None else str(trace or setting.trace),
+        "policy": policy if embedded else None,
+        "engine": engine if embedded else None,
+        "workers": dict(Counter(role.value for role in roles)),
+        "rate": rate,
+        "seed": seed,
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        **report,
+    }
+    if simulated is not None:
+        record["sim"] = simulated.as_vllm_json()
+        record["live_minus_sim_attainment"] = report["slo_attainment"] - simulated.attainment
+    typer.echo("\n".join(_bench_lines(record, simulated)))
+    if json_path:
+        json_path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _live_roles(policy: str, workers: int, model: Any) -> tuple[Any, ...]:
+    """The embedded deployment's roles; exit 2 for a policy that needs prefill workers (no live KV handoff yet)."""
+    from tropical.live.run import policy_roles
+    from tropical.policies import POLICY_NAMES, Role, make_policy
+
+    def needs_prefill(name: str) -> bool:
+        try:
+            return bool({Role.PREFILL, Role.DECODE} & set(policy_roles(make_policy(name, model), workers)))
+        except ValueError:  # a disaggregated policy on too few workers
+            return True
+
+    if needs_prefill(policy):
+        servable = ", ".join(name for name in POLICY_NAMES if not needs_prefill(name))
+        typer.echo(f"error: {policy} needs prefill workers, and live workers cannot hand KV over yet; bench {servable}", err=True)
+        raise typer.Exit(2)
+    return policy_roles(make_policy(policy, model), workers)
+
+
+def _bench_lines(record: dict[str, Any], simulated: Any) -> list[str]:
+    """The console block of `tropical bench`: `vllm bench serve`'s lines, attainment and where the time went."""
+    r = record
+    workers = " + ".join(f"{count} {role}" for role, count in r["workers"].items()) or "those of the running deployment"
+    rate = "the trace's own rate" if r["rate"] is None else f"{r['rate']:g} req/s"
+    lines = [
+        f"{' Serving Benchmark Result ':=^60}",
+        f"{'Load:':<40}{r['setting'] or 'poisson'}, {r['num_prompts']} requests at {rate}",
+        f"{'Policy / workers:':<40}{r['policy'] or '-'} / {workers}",
+        f"{'Successful requests:':<40}{r['completed']}",
+        f"{'Failed requests (error / timeout):':<40}{r['failed']} ({r['error_replies']} / {r['timeouts']})",
+        f"{'Benchmark duration (s):':<40}{r['duration']:.2f}",
+        f"{'Request throughput (req/s):':<40}{r['request_throughput']:.3f}",
+        f"{'Request goodput (req/s):':<40}{r['request_goodput']:.3f}",
+        f"{'Output token throughput (tok/s):':<40}{r['output_throughput']:.1f}",
+        f"{'SLO attainment (both / TTFT / TPOT):':<40}{r['slo_attainment']:.3f} / {r['ttft_slo_attainment']:.3f} / {r['tpot_slo_attainment']:.3f}",
+        f"{'Mean / P90 / P99 TTFT (ms):':<40}{r['mean_ttft_ms']:.1f} / {r['p90_ttft_ms']:.1f} / {r['p99_ttft_ms']:.1f}",
+        f"{'Mean / P90 / P99 TPOT (ms):':<40}{r['mean_tpot_ms']:.1f} / {r['p90_tpot_ms']:.1f} / {r['p99_tpot_ms']:.1f}",
+        f"{'Mean / P99 ITL (ms):':<40}{r['mean_itl_ms']:.1f} / {r['p99_itl_ms']:.1f}",
+        f"{'Queue / prefill / KV / decode (ms):':<40}"
+        f"{r['mean_queue_ms']:.1f} / {r['mean_prefill_ms']:.1f} / {r['mean_kv_transfer_ms']:.1f} / {r['mean_decode_ms']:.1f}",
+        f"{'Late publishes, mean / max (ms):':<40}{r['mean_send_lag_ms']:.1f} / {r['max_send_lag_ms']:.1f}",
+    ]
+    if simulated is not None:
+        lines.append(f"{'Simulated attainment (same requests):':<40}{simulated.attainment:.3f} / {simulated.ttft_attainment:.3f} / {simulated.tpot_attainment:.3f}")
+    return lines + ["=" * 60]
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,122 @@
+"""`tropical bench`: a replayed load on a live deployment, measured as `vllm bench serve` measures it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tropical.bus import MemoryBroker
+from tropical.cli import app
+from tropical.engine import Engine, EngineConfig, ModelConfig
+from tropical.experiments import SETTINGS, Replay, run_policy, workload
+from tropical.latency.model import LatencyModel
+from tropical.live.bench import BenchRequest, bench_embedded, bench_report, bench_requests, poisson_load, replay
+from tropical.live.client import Client
+from tropical.live.deployment import Deployment
+from tropical.metrics import summarize
+from tropical.policies import Role
+from tropical.settings import Settings
+
+MEMORY = ["--broker-url", "memory://", "--redis-url", "memory://"]
+SETTINGS_MEMORY = Settings(broker_url="memory://", redis_url="memory://")
+REPORT_KEYS = (
+    "completed", "failed", "request_throughput", "request_goodput", "slo_attainment", "mean_ttft_ms", "p99_ttft_ms",
+    "mean_tpot_ms", "p99_tpot_ms", "mean_queue_ms", "mean_prefill_ms", "mean_kv_transfer_ms", "mean_decode_ms",
+)
+
+
+def bench(tmp_path: Path, *args: str) -> tuple[int, str, dict[str, object] | None]:
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, [*MEMORY, "bench", *args, "--json", str(out)], env={"COLUMNS": "300"})
+    return result.exit_code, result.output, json.loads(out.read_text()) if out.exists() else None
+
+
+def test_embedded_tiny_engines_serve_every_request_and_report_every_key(tmp_path: Path) -> None:
+    code, output, report = bench(
+        tmp_path, "--embedded", "--engine", "tiny", "--policy", "vllm", "--workers", "2",
+        "--request-rate", "20", "--num-prompts", "12", "--input-len", "24", "--output-len", "8",
+    )
+    assert code == 0, output
+    assert "Request goodput (req/s):" in output and "SLO attainment" in output
+    assert report is not None and all(key in report for key in REPORT_KEYS)
+    assert (report["completed"], report["failed"], report["num_prompts"]) == (12, 0, 12)
+    assert report["total_output_tokens"] == 12 * 8 and report["total_input_tokens"] == 12 * 24  # ignore_eos forces every length
+    assert 0.0 <= report["slo_attainment"] <= 1.0
+    assert report["request_throughput"] > 0 and report["request_goodput"] <= report["request_throughput"]
+    for metric in ("ttft", "tpot"):
+        assert 0 < report[f"mean_{metric}_ms"] <= report[f"p99_{metric}_ms"]
+    assert report["mean_queue_ms"] >= 0 and report["mean_prefill_ms"] > 0 and report["mean_decode_ms"] > 0
+    assert report["workers"] == {"colocated": 2}
+
+
+def test_emulated_chat_13b_attains_what_the_simulator_does_on_the_same_window(tmp_path: Path) -> None:
+    code, output, report = bench(
+        tmp_path, "--embedded", "--engine", "emulated", "--setting", "chat-13b", "--policy", "unified", "--workers", "2",
+        "--request-rate", "4", "--num-prompts", "40", "--compare-sim",
+    )
+    assert code == 0, output
+    assert report is not None and report["completed"] == 40 and report["workers"] == {"multiplex": 2}
+    setting = SETTINGS["chat-13b"]
+    load = workload(setting, setting.trace, 4.0, replay=Replay(requests=40), seed=0)
+    sim = summarize(run_policy(replace(setting, workers=2), "unified", load, prefill_workers=0).outcomes())  # `tropical sim --prefill-workers 0`
+    assert report["sim"]["slo_attainment"] == sim.attainment
+    assert report["total_input_tokens"] == sum(r.prompt_tokens for r in load.requests)
+    assert abs(report["slo_attainment"] - sim.attainment) <= 0.15
+    assert math.isclose(report["live_minus_sim_attainment"], report["slo_attainment"] - sim.attainment)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--embedded", "--policy", "nope", "--request-rate", "5"], "unknown policy"),
+        (["--embedded", "--request-rate", "0"], "--request-rate"),
+        (["--embedded", "--request-rate", "-2"], "--request-rate"),
+        (["--embedded", "--policy", "distserve", "--request-rate", "5"], "needs prefill workers"),
+        (["--embedded", "--policy", "tropical", "--workers", "1", "--request-rate", "5"], "needs prefill workers"),
+        (["--embedded"], "--request-rate"),
+        (["--request-rate", "5"], "--embedded"),
+        (["--embedded", "--compare-sim", "--request-rate", "5"], "emulated"),
+    ],
+)
+def test_bad_input_exits_2_before_serving(tmp_path: Path, args: list[str], message: str) -> None:
+    code, output, report = bench(tmp_path, *args, "--num-prompts", "2")
+    assert code == 2 and message in output and report is None
+
+
+def test_poisson_load_has_the_asked_shape() -> None:
+    load = poisson_load(50, rate=10.0, input_len=7, output_len=3, ttft_slo=0.5, tpot_slo=0.05, seed=1)
+    requests = bench_requests(load)
+    assert requests[0].arrival == 0.0 and all(a.arrival <= b.arrival for a, b in zip(requests, requests[1:]))
+    assert 2.0 < requests[-1].arrival < 10.0  # 49 gaps of mean 0.1 s
+    assert {r.prompt_token_ids for r in requests[:3]} == {(1,) * 7, (2,) * 7, (3,) * 7}
+    assert {(r.output_tokens, r.slo.ttft_ms, r.slo.tpot_ms) for r in requests} == {(3, 500.0, 50.0)}
+
+
+async def test_error_replies_fail_a_request_and_leave_the_others_measured() -> None:
+    tiny = ModelConfig.tiny(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+    model = LatencyModel(c0=0.0, c1=0.0005, c2=0.005, d0=0.005, d1=0.0005, d2=0.00001)
+
+    def engine() -> Engine:
+        return Engine.load("tiny", EngineConfig(num_kv_blocks=256, block_size=4, device="cpu", max_model_len=128), tiny=tiny)
+
+    requests = [BenchRequest(0.01 * i, (i + 1,) * n, 4, 60.0, 10.0) for i, n in enumerate((10, 200, 12))]  # 200 + 4 > 128
+    served = Deployment("vllm", (Role.COLOCATED,), engine, model, SETTINGS_MEMORY)
+    report = bench_report(await asyncio.wait_for(bench_embedded(served, requests, timeout_s=60), timeout=90))
+    assert (report["completed"], report["failed"], report["error_replies"], report["timeouts"]) == (2, 1, 1, 0)
+    assert report["error_codes"] == {"invalid": 1} and report["dropped"] == 1 and math.isclose(report["slo_attainment"], 2 / 3)
+
+
+async def test_requests_nobody_serves_time_out_at_their_deadline() -> None:
+    requests = [BenchRequest(0.0, (5,) * 4, 2, 1.0, 0.1), BenchRequest(0.05, (6,) * 4, 2, 1.0, 0.1)]
+    async with Client(MemoryBroker().connect(), SETTINGS_MEMORY) as client:
+        start = asyncio.get_running_loop().time()
+        result = await asyncio.wait_for(replay(client, requests, start=start, timeout_s=0.2), timeout=30)
+    report = bench_report(result)
+    assert (report["completed"], report["failed"], report["timeouts"], report["error_replies"]) == (0, 2, 2, 0)
+    assert report["slo_attainment"] == 0.0 and report["request_goodput"] == 0.0
