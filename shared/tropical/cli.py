@@ -145,6 +145,57 @@ def bench_engine(
         json_path.write_text(json.dumps(report, indent=2) + "\n")
 
 
+@app.command("bench-router")
+def bench_router(
+    policies: Annotated[str, typer.Option(help="comma-separated policy names")] = "vllm,sarathi,distserve,tropical,kairos,unified",
+    workers: Annotated[str, typer.Option(help="comma-separated cluster sizes")] = "8,64,256",
+    queue: Annotated[int, typer.Option(min=1, help="requests waiting at the router in every timed state")] = 1000,
+    decisions: Annotated[int, typer.Option(min=1, help="timed decisions per policy and size")] = 200,
+    seed: Annotated[int, typer.Option(help="seed of the simulated runs the states come from")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report here")] = None,
+) -> None:
+    """Time one router decision (placement, decode routing, a step plan, the views from heartbeats) on loaded clusters."""
+    from tropical.core.bench_router import RouterTiming, cluster_roles, run_router_benchmark
+    from tropical.policies import POLICY_NAMES
+
+    names = [name.strip() for name in policies.split(",") if name.strip()]
+    unknown = [name for name in names if name not in POLICY_NAMES]
+    if not names or unknown:
+        given = f"unknown policy {', '.join(unknown)!r}" if unknown else "no policy given"
+        raise typer.BadParameter(f"{given}; known: {', '.join(POLICY_NAMES)}", param_hint="--policies")
+    try:
+        sizes = [int(size) for size in workers.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"not a list of whole numbers: {workers!r}", param_hint="--workers") from None
+    if any(size < 1 for size in sizes):
+        raise typer.BadParameter("cluster sizes must be at least 1", param_hint="--workers")
+    for name in names:
+        for size in sizes:
+            try:
+                cluster_roles(name, size)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--workers") from None
+
+    def progress(t: RouterTiming) -> None:
+        decision, views = t.times["decision"], t.times["views"]
+        typer.echo(
+            f"{t.policy:>10} {t.workers:>4} workers: decision p50 {decision.p50_ms:8.3f} ms  p99 {decision.p99_ms:8.3f} ms"
+            f"  | views p50 {views.p50_ms:6.3f} ms  p99 {views.p99_ms:6.3f} ms"
+            f"  | placed {t.placed:.0f}, refused {t.dropped:.0f} of {t.queued}; {t.busy_workers:.0f} busy workers"
+        )
+
+    load = os.getloadavg()
+    report = run_router_benchmark(names, sizes, decisions=decisions, queue_size=queue, seed=seed, progress=progress)
+    worst = report["profile"]
+    typer.echo(f"slowest: {worst['policy']} on {worst['workers']} workers; most time of its own (cProfile, ms per decision):")
+    for row in worst["hot"]:
+        typer.echo(f"  {row['own_ms_per_decision']:9.3f}  {row['function']}  ({row['calls_per_decision']:g} calls)")
+    if json_path:
+        busy = {"load_average_before": [round(x, 2) for x in load], "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+        record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": _machine(), **busy, "decisions": decisions, **report}
+        json_path.write_text(json.dumps(record, indent=2) + "\n")
+
+
 @app.command("profile")
 def profile(
     engine_source: Annotated[str, typer.Option("--engine", help="`tiny` (the random-weight preset) or a local model directory")] = "tiny",
