@@ -789,21 +789,15 @@ def bench(
 
 
 def _live_roles(policy: str, workers: int, model: Any) -> tuple[Any, ...]:
-    """The embedded deployment's roles; exit 2 for a policy that needs prefill workers (no live KV handoff yet)."""
+    """The embedded deployment's roles (a disaggregated policy splits its workers in half); exit 2 when too few."""
     from tropical.live.run import policy_roles
-    from tropical.policies import POLICY_NAMES, Role, make_policy
+    from tropical.policies import make_policy
 
-    def needs_prefill(name: str) -> bool:
-        try:
-            return bool({Role.PREFILL, Role.DECODE} & set(policy_roles(make_policy(name, model), workers)))
-        except ValueError:  # a disaggregated policy on too few workers
-            return True
-
-    if needs_prefill(policy):
-        servable = ", ".join(name for name in POLICY_NAMES if not needs_prefill(name))
-        typer.echo(f"error: {policy} needs prefill workers, and live workers cannot hand KV over yet; bench {servable}", err=True)
-        raise typer.Exit(2)
-    return policy_roles(make_policy(policy, model), workers)
+    try:
+        return policy_roles(make_policy(policy, model), workers)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _bench_lines(record: dict[str, Any], simulated: Any) -> list[str]:

@@ -22,6 +22,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from tropical.bus import Bus, Delivery, QueueSpec, Unroutable
@@ -144,6 +145,8 @@ class WorkerService:
         self._stopping = asyncio.Event()
         self._consumer: MessageConsumer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # one engine, one thread of its own: workers sharing the loop's default pool would wait for each other
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}")
         self.steps = 0
         if feed is not None:
             feed.listeners.append(self._model_changed)
@@ -168,6 +171,7 @@ class WorkerService:
         finally:
             done.set()  # an event, not a cancel: a cancel can be lost inside wait_for on Python 3.11
             await asyncio.gather(heartbeat, *self._tasks, return_exceptions=True)
+            self._engine_thread.shutdown(wait=False)
             await self.store.remove_worker_status(self.name)
 
     async def stop(self) -> None:
@@ -260,7 +264,7 @@ class WorkerService:
         batch = state.size if state.span_decode else 0
         context = state.batch_kv(state.steps) if state.span_decode else 0
         chunks = [(job.prefilled, job.prefilled + tokens) for job, tokens in state.span_chunks]
-        result: StepResult = await asyncio.to_thread(self.engine.run, plan)
+        result: StepResult = await asyncio.get_running_loop().run_in_executor(self._engine_thread, self.engine.run, plan)
         if self.feed is not None:
             self.feed.observe_step(batch, context, chunks, result.step_time_s)  # keeps the predictions calibrated
         self.steps += 1
