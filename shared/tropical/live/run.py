@@ -10,10 +10,13 @@ import asyncio
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-from tropical.bus import connect_bus
+from tropical.bus import Bus, connect_bus
 from tropical.kv import make_transport
+from tropical.latency.model import LatencyModel
 from tropical.live.deployment import Deployment
 from tropical.live.engines import EngineChoice
 from tropical.live.model_feed import CorrectionPublishing, LatencyModelFeed
@@ -46,15 +49,29 @@ async def until_signalled(stop: Callable[[], Awaitable[None]]) -> asyncio.Event:
     return stopped
 
 
-async def serve_router(settings: Settings, policy_name: str, engine: EngineChoice) -> None:
+@dataclass
+class _Connections:
+    """What one service process holds open: the bus, the store and the engine's latency-model feed."""
+
+    bus: Bus
+    store: Store
+    feed: LatencyModelFeed | None
+
+    def model(self, engine: EngineChoice) -> LatencyModel:
+        return self.feed.model if self.feed is not None else engine.latency_model()
+
+
+@asynccontextmanager
+async def _connected(settings: Settings, engine: EngineChoice) -> AsyncIterator[_Connections]:
+    """Open the bus, the store and the feed (the profiler's model of this engine, the shipped default until then)."""
     bus = await connect_bus(settings)
     store = open_store(settings)
-    feed = await _feed(store, engine)
-    policy = make_policy(policy_name, feed.model if feed else engine.latency_model())
-    service = RouterService(policy, bus, store, settings, tokenizer=engine.tokenizer(), max_model_len=engine.max_model_len, feed=feed)
-    await until_signalled(service.stop)
+    feed = None
     try:
-        await service.run()
+        key = engine.model_key()
+        if key is not None:
+            feed = await LatencyModelFeed.open(store, key, default=engine.latency_model(), publishing=CorrectionPublishing())
+        yield _Connections(bus, store, feed)
     finally:
         if feed is not None:
             await feed.close()
@@ -62,12 +79,14 @@ async def serve_router(settings: Settings, policy_name: str, engine: EngineChoic
         await store.close()
 
 
-async def _feed(store: Store, engine: EngineChoice) -> LatencyModelFeed | None:
-    """The engine's latency model as the profiler publishes it (the shipped default until then); None when emulated."""
-    key = engine.model_key()
-    if key is None:
-        return None
-    return await LatencyModelFeed.open(store, key, default=engine.latency_model(), publishing=CorrectionPublishing())
+async def serve_router(settings: Settings, policy_name: str, engine: EngineChoice) -> None:
+    async with _connected(settings, engine) as held:
+        policy = make_policy(policy_name, held.model(engine))
+        service = RouterService(
+            policy, held.bus, held.store, settings, tokenizer=engine.tokenizer(), max_model_len=engine.max_model_len, feed=held.feed
+        )
+        await until_signalled(service.stop)
+        await service.run()
 
 
 async def serve_worker(
@@ -80,23 +99,15 @@ async def serve_worker(
 ) -> None:
     """One worker; `kv_transport` moves KV to and from other workers (host: shared memory on one host)."""
     name = name or settings.worker_id or f"{role.value}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-    bus = await connect_bus(settings)
-    store = open_store(settings)
-    feed = await _feed(store, engine)
-    model = feed.model if feed else engine.latency_model()
-    transport = make_transport(kv_transport, redis_url=settings.redis_url, prefix=settings.namespace)
-    service = WorkerService(
-        name, role, engine.engine(), make_policy(policy_name, model), model, bus, store, settings, transport=transport, feed=feed
-    )
-    await until_signalled(service.stop)
-    try:
-        await service.run()
-    finally:
-        if feed is not None:
-            await feed.close()
-        await transport.close()
-        await bus.close()
-        await store.close()
+    async with _connected(settings, engine) as held:
+        model = held.model(engine)
+        async with make_transport(kv_transport, redis_url=settings.redis_url, prefix=settings.namespace) as transport:
+            service = WorkerService(
+                name, role, engine.engine(), make_policy(policy_name, model), model, held.bus, held.store, settings,
+                transport=transport, feed=held.feed,
+            )
+            await until_signalled(service.stop)
+            await service.run()
 
 
 def deployment(settings: Settings, policy_name: str, workers: int, engine: EngineChoice) -> Deployment:
