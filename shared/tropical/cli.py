@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from pydantic import ValidationError
 
+from tropical.latency.profiling import hardware_name
 from tropical.settings import MEMORY_URL, Settings
 
 if TYPE_CHECKING:
@@ -233,7 +234,7 @@ def profile(
 
         found = profile_engine(engine, grid, limits=limits, reduce=reduce, progress=progress)
     name = "tiny" if engine_source == "tiny" else Path(engine_source).name
-    spec = found.spec(model=name, hardware=_hardware_name(engine.runner.device))
+    spec = found.spec(model=name, hardware=hardware_name(engine.runner.device))
     model, mixed = found.model, found.mixed
     typer.echo(
         f"{spec.key}: {len(grid.points)} grid points, {len(found.samples)} timed steps in {found.wall_s:.1f} s\n"
@@ -265,15 +266,6 @@ def _profiled_engine(source: str, device: str | None) -> Engine:
         raise typer.BadParameter(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
 
 
-def _hardware_name(device: Any) -> str:
-    """`cpu`, or the GPU's name in lower case with dashes (`nvidia-h200`)."""
-    if device.type != "cuda":
-        return "cpu"
-    import torch
-
-    return "-".join(torch.cuda.get_device_name(device).lower().split())
-
-
 def _profile_machine(device: Any) -> dict[str, Any]:
     """What the times were measured on; `cpu_stalled` (added by the caller) says how busy it was."""
     import torch
@@ -287,7 +279,7 @@ def _profile_machine(device: Any) -> dict[str, Any]:
         "summary": _machine(),
         "cpu": cpu,
         "torch_threads": torch.get_num_threads(),
-        "device": _hardware_name(device),
+        "device": hardware_name(device),
         "torch": torch.__version__,
     }
 
@@ -434,7 +426,7 @@ def serve_profiler(
     engine = _profiled_engine(engine_source, device)
     name = "tiny" if engine_source == "tiny" else Path(engine_source).name
     try:
-        spec = run_async(run(ctx.obj, engine, model=name, hardware=_hardware_name(engine.runner.device), quick=quick, once=once))
+        spec = run_async(run(ctx.obj, engine, model=name, hardware=hardware_name(engine.runner.device), quick=quick, once=once))
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
