@@ -356,6 +356,14 @@ class WorkerState:
         self.changed()
         self.out.append(StepScheduled(self.id, self.span_id, self.span_end))
 
+    def step_shape(self) -> tuple[int, int, list[tuple[int, int]]]:
+        """The step in progress as the latency model takes it: decodes, their KV tokens, prompt chunks [start, end)."""
+        if not self.busy:
+            return 0, 0, []
+        batch = self.size if self.span_decode else 0
+        context = self.batch_kv(self.steps) if self.span_decode else 0
+        return batch, context, [(job.prefilled, job.prefilled + tokens) for job, tokens in self.span_chunks]
+
     def make_room(self) -> None:
         """Preempt the most recently admitted decodes until one more step's KV fits (vLLM's recompute)."""
         while self.running and self.kv_static + self.batch_kv(self.steps) + self.size > self.capacity:

@@ -261,9 +261,7 @@ class WorkerService:
         plan = self.engine.plan(actions)
         if not state.busy:
             return False
-        batch = state.size if state.span_decode else 0
-        context = state.batch_kv(state.steps) if state.span_decode else 0
-        chunks = [(job.prefilled, job.prefilled + tokens) for job, tokens in state.span_chunks]
+        batch, context, chunks = state.step_shape()
         result: StepResult = await asyncio.get_running_loop().run_in_executor(self._engine_thread, self.engine.run, plan)
         if self.feed is not None:
             self.feed.observe_step(batch, context, chunks, result.step_time_s)  # keeps the predictions calibrated
