@@ -38,6 +38,7 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     KV_TRANSFER_FAILED = "kv_transfer_failed"
+    WORKER_LOST = "worker_lost"  # the worker serving it stopped heartbeating after the request had started
     INTERNAL = "internal"
 
 
@@ -116,6 +117,7 @@ class GenerateRequest(Message, tag="generate", kw_only=True, frozen=True):
 class CancelRequest(Message, tag="cancel", kw_only=True, frozen=True):
     request_id: Id
     reason: str = ""
+    quiet: bool = False  # the client has its answer from elsewhere (the router placed it again, or failed it): stop without a reply
 
 
 class Dispatch(Message, tag="dispatch", kw_only=True, frozen=True):

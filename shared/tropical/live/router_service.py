@@ -6,6 +6,12 @@ and waits in the core's `RouterState` until the policy places it. The router
 decides on every arrival, on a timer as heartbeats change, and at the policy's
 review time; dispatches that no heartbeat shows yet are added to their worker's
 view (`DispatchLedger`), so a burst is not piled on one worker.
+
+Placed requests are followed through the heartbeats (`Placements`). A worker
+silent for `stale_after_s` is out of placement, and what it had not started
+goes back to the queue, with its arrival time, to be placed again (the worker
+is told to drop it quietly, should it come back). A request it had started
+fails with `worker_lost` once the worker is gone: its status expired.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import math
 import time
 from collections.abc import Callable
 
-from tropical.bus import Bus, Delivery
+from tropical.bus import Bus, Delivery, Unroutable
 from tropical.core.actions import Action
 from tropical.core.request import RequestState
 from tropical.core.router import DispatchLedger, RouterState
@@ -24,6 +30,7 @@ from tropical.core.status import RequestIds, held_requests, view_of
 from tropical.engine.tokenizer import Tokenizer
 from tropical.latency.model import LatencyModel
 from tropical.live.model_feed import LatencyModelFeed
+from tropical.live.placements import Placements
 from tropical.live.worker_service import worker_queue
 from tropical.messaging import MessageConsumer, reply_error, send
 from tropical.policies.records import WorkerView
@@ -53,7 +60,8 @@ class RouterService:
         feed: LatencyModelFeed | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """`stale_after_s`: a worker whose last heartbeat is older is out of placement (its status may live longer in the store)."""
+        """`stale_after_s`: a worker whose last heartbeat is older is out of placement and its unstarted work placed again
+        (its status may live longer in the store; the started work fails once that is gone too)."""
         self.policy = policy
         self.bus = bus
         self.store = store
@@ -67,8 +75,8 @@ class RouterService:
         self._out: list[Action] = []
         self.router = RouterState(policy, self._out)
         self.ledger = DispatchLedger(confirm_after=settings.status_ttl_s)
-        self._requests: dict[int, GenerateRequest] = {}
-        self._placed: dict[str, str] = {}  # request → the worker it was dispatched to (a cancel follows it there)
+        self._requests: dict[int, GenerateRequest] = {}  # the queued ones
+        self.placements = Placements(forget_after=settings.status_ttl_s)  # the placed ones, until done
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._consumer: MessageConsumer | None = None
@@ -113,16 +121,20 @@ class RouterService:
             await delivery.nack(requeue=False)
             await reply_error(self.bus, request.reply_to, request.request_id, ErrorCode.INVALID, str(exc))
             return
+        record = RequestRecord(
+            request_id=request.request_id, state=RecordState.QUEUED, num_prompt_tokens=len(request.prompt_token_ids or []),
+            timings=Timings(arrival=request.arrival_time), updated_at=self.clock(),
+        )
+        await asyncio.wait_for(self.store.put_request_record(record, ttl_s=self.settings.request_record_ttl_s), timeout=self.settings.status_ttl_s)
+        self._enqueue(request)
+
+    def _enqueue(self, request: GenerateRequest) -> None:
+        """Into the global queue, on its arrival time: a request placed again keeps its SLO deadlines."""
         slo = request.slo
         ttft = (slo.ttft_ms if slo else self.settings.default_ttft_slo_ms) / 1000.0
         tpot = (slo.tpot_ms if slo else self.settings.default_tpot_slo_ms) / 1000.0
         prompt = len(request.prompt_token_ids or [])
         job = RequestState(self.ids.id_of(request.request_id), request.arrival_time, prompt, request.max_tokens, ttft, tpot)
-        record = RequestRecord(
-            request_id=request.request_id, state=RecordState.QUEUED, num_prompt_tokens=prompt,
-            timings=Timings(arrival=request.arrival_time), updated_at=self.clock(),
-        )
-        await asyncio.wait_for(self.store.put_request_record(record, ttl_s=self.settings.request_record_ttl_s), timeout=self.settings.status_ttl_s)
         self._requests[job.id] = request
         self.router.enqueue(job)
         self._wake.set()
@@ -133,11 +145,12 @@ class RouterService:
         job = self.router.remove(request_id)
         if job is not None:
             request = self._requests.pop(request_id)
+            self.placements.forget(request.request_id)
             await reply_error(self.bus, request.reply_to, request.request_id, ErrorCode.CANCELLED, cancel.reason or "cancelled")
             return
-        worker = self._placed.pop(cancel.request_id, None)
+        worker = self.placements.worker_of(cancel.request_id)
         if worker is not None:
-            await send(self.bus, worker_queue(self.settings, worker), cancel)
+            await self._tell(worker, cancel)
 
     def _checked(self, request: GenerateRequest) -> GenerateRequest:
         """The request with token ids, or ValueError naming what is wrong with it."""
@@ -157,7 +170,9 @@ class RouterService:
     async def _decide(self) -> None:
         statuses = await asyncio.wait_for(self.store.list_worker_statuses(), timeout=self.settings.status_ttl_s)
         now = self.clock()
-        statuses = [s for s in statuses if not s.draining and now - s.sent_at <= self.stale_after_s]
+        live = [s for s in statuses if now - s.sent_at <= self.stale_after_s]
+        await self._follow(live, {s.worker_id for s in statuses if now - s.sent_at <= self.settings.status_ttl_s}, now)
+        statuses = [s for s in live if not s.draining]
         self.router.woken(now)
         if not self.router.queue or not statuses:
             return
@@ -171,15 +186,50 @@ class RouterService:
         dropped = before - set(self.router.queue) - {job.id for job, _ in placed}
         for request_id in dropped:
             request = self._requests.pop(request_id)
+            self.placements.forget(request.request_id)
             await reply_error(self.bus, request.reply_to, request.request_id, ErrorCode.OVERLOADED, "refused: it cannot meet its SLO")
         self._out.clear()  # a RouterWake moved `router.wake`, which `run` sleeps until
 
     def _views(self, statuses: list[WorkerStatus]) -> list[WorkerView]:
-        views = []
-        for index, status in enumerate(statuses):
+        return [self.ledger.view(s.worker_id, view_of(s, index, self.ids)) for index, s in enumerate(statuses)]
+
+    async def _follow(self, live: list[WorkerStatus], present: set[str], now: float) -> None:
+        """Track the placed requests on the fresh heartbeats; place again what silent workers had not started.
+
+        `present`: the workers whose status has not expired yet; one missing is
+        gone, and the requests it had started fail.
+        """
+        for status in live:
             self.ledger.confirm(status.worker_id, (self.ids.id_of(name) for name in held_requests(status)))
-            views.append(self.ledger.view(status.worker_id, view_of(status, index, self.ids)))
-        return views
+        for name in self.placements.observe(live, now):
+            self.ids.forget(name)
+        for worker, view in self.ledger.lost(now):
+            request = self.placements.take_back(self.ids.name_of(view.id), str(worker))
+            if request is not None:
+                await self._place_again(request, str(worker), "no heartbeat of its worker showed it")
+        for worker in self.placements.workers() - {s.worker_id for s in live}:
+            self.ledger.forget_worker(worker)
+            for request in self.placements.lost(worker):
+                await self._place_again(request, worker, "its worker went silent before starting it")
+            if worker in present:
+                continue
+            for placed in self.placements.failed(worker):
+                log.warning("request %s: worker %s was lost while serving it", placed.request_id, worker)
+                await self._tell(worker, CancelRequest(request_id=placed.request_id, reason="its worker was lost", quiet=True))
+                await reply_error(self.bus, placed.reply_to, placed.request_id, ErrorCode.WORKER_LOST, f"worker {worker} was lost while serving it")
+                self.ids.forget(placed.request_id)
+
+    async def _place_again(self, request: GenerateRequest, worker: str, why: str) -> None:
+        """Back into the queue; the worker, should it come back, drops it without a word."""
+        log.info("request %s: placed again, away from %s: %s", request.request_id, worker, why)
+        await self._tell(worker, CancelRequest(request_id=request.request_id, reason=f"placed again: {why}", quiet=True))
+        self._enqueue(request)
+
+    async def _tell(self, worker: str, cancel: CancelRequest) -> None:
+        try:
+            await send(self.bus, worker_queue(self.settings, worker), cancel)
+        except Unroutable:
+            log.info("worker %s has no queue any more; its cancel of %s is moot", worker, cancel.request_id)
 
     async def _dispatch(self, job: RequestState, status: WorkerStatus, now: float) -> None:
         request = self._requests.pop(job.id)
@@ -191,7 +241,7 @@ class RouterService:
             dispatched_at=now,
         )
         self.ledger.dispatched(status.worker_id, job.view, now)
-        self._placed[request.request_id] = status.worker_id
+        self.placements.dispatched(request, status.worker_id)
         await send(self.bus, worker_queue(self.settings, status.worker_id), message)
         self.dispatched += 1
 

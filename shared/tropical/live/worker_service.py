@@ -327,6 +327,9 @@ class WorkerService:
             return
         self.state.stop(job, self.clock())
         self.engine.engine.abort(request_id)
+        if cancel.quiet:  # placed again elsewhere (or failed): the client hears nothing more from here
+            del self._streams[request_id]
+            return
         await self._finish(stream, FinishReason.CANCELLED)
 
     # --- streaming -------------------------------------------------------------------------
