@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import heapq
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from tropical.latency.model import LatencyModel
@@ -32,20 +32,32 @@ def moore_hodgson(jobs: Sequence[Job], start: float) -> tuple[list[Job], list[Jo
     Running the first list back to back from `start` meets every deadline in it,
     and no other order or selection meets more deadlines.
     """
-    kept: list[Job] = []
+    on_time, late = _moore_hodgson([(j.deadline, j.duration, i) for i, j in enumerate(jobs)], start)
+    return [jobs[i] for i in on_time], [jobs[i] for i in late]
+
+
+def _moore_hodgson(jobs: list[tuple[float, float, int]], start: float) -> tuple[list[int], list[int]]:
+    """`moore_hodgson` over (deadline, duration, position) tuples: the positions on time and late, each in EDF order.
+
+    Sorting the tuples is the stable sort by (deadline, duration); plain tuples
+    keep the router's per-arrival ordering of a long queue cheap.
+    """
+    kept: list[tuple[int, float]] = []  # (position, duration)
     longest: list[tuple[float, int]] = []  # max-heap of (−duration, index into kept)
     dropped: set[int] = set()
     finish = start
-    for job in sorted(jobs, key=lambda j: (j.deadline, j.duration)):
-        kept.append(job)
-        heapq.heappush(longest, (-job.duration, len(kept) - 1))
-        finish += job.duration
-        if finish > job.deadline:
+    for deadline, duration, position in sorted(jobs):
+        heapq.heappush(longest, (-duration, len(kept)))
+        kept.append((position, duration))
+        finish += duration
+        if finish > deadline:
             _, index = heapq.heappop(longest)
             dropped.add(index)
-            finish -= kept[index].duration
-    on_time = [job for index, job in enumerate(kept) if index not in dropped]
-    late = [job for index, job in enumerate(kept) if index in dropped]
+            finish -= kept[index][1]
+    if not dropped:
+        return [position for position, _ in kept], []
+    on_time = [position for index, (position, _) in enumerate(kept) if index not in dropped]
+    late = [position for index, (position, _) in enumerate(kept) if index in dropped]
     return on_time, late
 
 
@@ -57,19 +69,38 @@ def urgency_order(requests: Sequence[RequestView], model: LatencyModel, now: flo
     With several prefill servers, the queue is treated as one server `servers`
     times as fast (an approximation; exact for one server).
     """
-    start = now if start is None else start
-    by_id = {r.id: r for r in requests}
-    hopeless: list[RequestView] = []
-    jobs: list[Job] = []
-    for r in requests:
-        duration = model.prefill_time(r.remaining_prefill)
-        if r.ttft_deadline - now - duration < 0.0:
-            hopeless.append(r)
+    head, hopeless = _urgency_split(requests, model, now, now if start is None else start, servers)
+    hopeless.sort()
+    return [requests[i] for i in head] + [requests[i] for _, _, i in hopeless]
+
+
+def iter_urgency(requests: Sequence[RequestView], model: LatencyModel, now: float, *, start: float | None = None, servers: int = 1) -> Iterator[RequestView]:
+    """`urgency_order` one at a time: the hopeless tail is sorted only if a caller gets that far."""
+    head, hopeless = _urgency_split(requests, model, now, now if start is None else start, servers)
+    for i in head:
+        yield requests[i]
+    hopeless.sort()
+    for _, _, i in hopeless:
+        yield requests[i]
+
+
+def _urgency_split(
+    requests: Sequence[RequestView], model: LatencyModel, now: float, start: float, servers: int
+) -> tuple[list[int], list[tuple[int, float, int]]]:
+    """Positions of the savable requests in order (on time, then late), and (tokens, arrival, position) of the hopeless."""
+    c0, c1, c2 = model.c0, model.c1, model.c2
+    hopeless: list[tuple[int, float, int]] = []  # sorted, shortest first, then queue order
+    jobs: list[tuple[float, float, int]] = []
+    for i, r in enumerate(requests):
+        tokens = r.prompt_tokens + r.generated - r.prefilled  # r.remaining_prefill
+        duration = c2 + (c0 * (tokens * tokens) + c1 * tokens) if tokens > 0 else model.prefill_time(tokens)  # model.prefill_time, inlined
+        deadline = r.arrival + r.ttft_slo  # r.ttft_deadline
+        if deadline - now - duration < 0.0:
+            hopeless.append((tokens, r.arrival, i))
         else:
-            jobs.append(Job(r.id, duration / servers, r.ttft_deadline))
-    on_time, late = moore_hodgson(jobs, start)
-    hopeless.sort(key=lambda r: (r.remaining_prefill, r.arrival))
-    return [by_id[j.id] for j in on_time] + [by_id[j.id] for j in late] + hopeless
+            jobs.append((deadline, duration / servers, i))
+    on_time, late = _moore_hodgson(jobs, start)
+    return on_time + late, hopeless
 
 
 def urgent_first(requests: Sequence[RequestView], model: LatencyModel, now: float) -> list[RequestView]:
@@ -110,8 +141,27 @@ def order_prefills(order: PrefillOrder, requests: Sequence[RequestView], model: 
     if order is PrefillOrder.FCFS:
         return list(requests)
     if order is PrefillOrder.SJF:
-        return sorted(requests, key=lambda r: (r.remaining_prefill, r.arrival))
+        return sorted(requests, key=_shortest_first)
     return urgency_order(requests, model, now)
+
+
+def iter_prefills(order: PrefillOrder, requests: Sequence[RequestView], model: LatencyModel, now: float) -> Iterator[RequestView]:
+    """`order_prefills` one at a time, for a caller that often stops after the first few.
+
+    Shortest first is a heap, so a router that takes only the head of a long
+    queue pays a linear heapify and not a sort.
+    """
+    if order is not PrefillOrder.SJF:
+        yield from order_prefills(order, requests, model, now)
+        return
+    heap = [(r.prompt_tokens + r.generated - r.prefilled, r.arrival, i) for i, r in enumerate(requests)]  # ties: queue order, as a stable sort
+    heapq.heapify(heap)
+    while heap:
+        yield requests[heapq.heappop(heap)[2]]
+
+
+def _shortest_first(r: RequestView) -> tuple[int, float]:
+    return r.prompt_tokens + r.generated - r.prefilled, r.arrival  # (remaining_prefill, arrival) without the properties
 
 
 @dataclass(frozen=True)

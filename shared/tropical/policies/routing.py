@@ -13,12 +13,13 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from tropical.latency.model import LatencyModel
-from tropical.policies.prefill_queue import PrefillOrder, order_prefills, urgency_order
+from tropical.policies.prefill_queue import PrefillOrder, iter_prefills, iter_urgency
 from tropical.policies.records import (
     Placement,
     RequestView,
@@ -47,11 +48,13 @@ class LeastLoadedRouter:
         targets = [w for w in workers if w.role is self.role]
         if not targets or not queue:
             return RouterDecision()
-        load = {w.id: w.prefill_load + (w.decode_load if self.role.decodes else 0) for w in targets}
+        # a heap of (load, position, worker): its top is the least loaded, the first in worker order among equals
+        heap = [(w.prefill_load + (w.decode_load if self.role.decodes else 0), i, w.id) for i, w in enumerate(targets)]
+        heapq.heapify(heap)
         placements = []
         for r in queue:
-            worker_id = min(load, key=load.__getitem__)
-            load[worker_id] += r.prompt_tokens
+            load, i, worker_id = heap[0]
+            heapq.heapreplace(heap, (load + r.prompt_tokens, i, worker_id))
             placements.append(Placement(r.id, worker_id))
         return RouterDecision(tuple(placements))
 
@@ -78,8 +81,9 @@ class MultiplexingToggle:
     def place(self, queue: Sequence[RequestView], workers: Sequence[WorkerView], now: float) -> RouterDecision:
         placements: list[Placement] = []
         touched: set[int] = set()  # workers given a request in this call: their state is not yet reported
-        for r in order_prefills(self.order, queue, self.model, now):
-            worker_id = self.dispatch(r, workers, now, touched)
+        targets = _ToggleTargets(self, workers, now)
+        for r in iter_prefills(self.order, queue, self.model, now):
+            worker_id = targets.dispatch(r, touched)
             if worker_id is None:
                 break  # the head waits; nobody overtakes it
             touched.add(worker_id)
@@ -87,61 +91,97 @@ class MultiplexingToggle:
         return RouterDecision(tuple(placements))
 
     def dispatch(self, r: RequestView, workers: Sequence[WorkerView], now: float, touched: AbstractSet[int] = frozenset()) -> int | None:
-        if self.multiplexing and r.prompt_tokens < self.max_inline_prompt:
-            worker_id = self.inlinable_worker(r, workers, now, touched)
-            if worker_id is not None:
-                return worker_id
-        return self.feasible_prefill_worker(r, workers, now, touched)
-
-    def inlinable_worker(self, r: RequestView, workers: Sequence[WorkerView], now: float, touched: AbstractSet[int] = frozenset()) -> int | None:
-        candidates = [w for w in workers if w.role is Role.MULTIPLEX and self.inlinable(r, w, now, w.id in touched)]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda w: w.decode_load).id
+        """Where r goes now: inline on a multiplexing worker, else on a prefill worker; None: it waits."""
+        return _ToggleTargets(self, workers, now).dispatch(r, touched)
 
     def inlinable(self, r: RequestView, w: WorkerView, now: float, prefill_pending: bool = False) -> bool:
         if r.prompt_tokens < self.short_prompt:
             return True
-        if w.prefills or prefill_pending:
+        if w.prefills or prefill_pending or not self.steady(w):
             return False
-        if self.model.decode_time(w.batch.size, w.batch.context_tokens) > self.latency_watermark:
-            return False
-        if w.decode_load > self.token_watermark:
-            return False
-        stall_end = now + self.model.prefill_time(r.prompt_tokens)
+        return now + self.model.prefill_time(r.prompt_tokens) <= self.reserve(w)
+
+    def steady(self, w: WorkerView) -> bool:
+        """A decode step and decode tokens that leave room for an inline prompt."""
+        return self.model.decode_time(w.batch.size, w.batch.context_tokens) <= self.latency_watermark and w.decode_load <= self.token_watermark
+
+    @staticmethod
+    def reserve(w: WorkerView) -> float:
+        """The latest end of a stall that leaves every decode of w at least one TPOT banked."""
         reserve = w.batch.reserve_deadline
         for q in w.waiting + w.incoming:
             reserve = min(reserve, q.token_deadline - q.tpot_slo)
-        return stall_end <= reserve
-
-    def feasible_prefill_worker(self, r: RequestView, workers: Sequence[WorkerView], now: float, touched: AbstractSet[int] = frozenset()) -> int | None:
-        candidates = [
-            w
-            for w in workers
-            if w.role is Role.PREFILL and w.placed_since_step == 0 and w.id not in touched and self.clockwork_feasible(r, w, now)
-        ]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda w: w.prefill_load).id
+        return reserve
 
     def clockwork_feasible(self, r: RequestView, w: WorkerView, now: float) -> bool:
         """Idle, or inserting `r` shortest-first into the worker's queue leaves every deadline positive."""
         if not w.busy and not w.prefills:
             return True
+        return self.clockwork_fits(r, w, sorted(self.clockwork_queue(w)), now)
+
+    def clockwork_queue(self, w: WorkerView) -> list[tuple[float, float]]:
+        """(duration, slack) of each prompt queued on w, slack counted from the start of its step in progress."""
         held = []
         for q in w.prefills:
             duration = self.model.prefill_time(q.remaining_prefill)
             held.append((duration, q.ttft_deadline - w.step_begin - duration))
+        return held
+
+    def clockwork_fits(self, r: RequestView, w: WorkerView, held: list[tuple[float, float]], now: float) -> bool:
+        """The clockwork check of `r` against w's queue, `held` as `clockwork_queue` gives it, sorted."""
         duration = self.model.prefill_time(r.remaining_prefill)
-        held.append((duration, r.ttft_deadline - w.step_end - duration))
-        held.sort()
+        own = (duration, r.ttft_deadline - w.step_end - duration)
         elapsed = now - w.step_begin
         offset = 0.0
-        for duration, slack in held:
+        for duration, slack in heapq.merge(held, (own,)):
             if slack - offset - elapsed <= 0.0:
                 return False
             offset += self.margin * duration
         return True
+
+
+class _ToggleTargets:
+    """`MultiplexingToggle.dispatch` for one `place` call, with what every prompt would recompute worked out once.
+
+    Within a call the workers' views do not change; only the set of workers
+    given a prompt in it grows. So the least-loaded multiplexing worker (where
+    every short prompt goes), the multiplexing workers open to a longer prompt
+    with their reserve deadlines, and each prefill worker's queue are computed
+    once, each list in the order `min` would prefer (load, then position).
+    """
+
+    def __init__(self, toggle: MultiplexingToggle, workers: Sequence[WorkerView], now: float) -> None:
+        self.toggle = toggle
+        self.now = now
+        mux = [w for w in workers if w.role is Role.MULTIPLEX] if toggle.multiplexing else []
+        self.least_loaded = min(mux, key=lambda w: w.decode_load).id if mux else None
+        open_ = [w for w in mux if not w.prefills and toggle.steady(w)]
+        self.open = sorted((w.decode_load, i, w.id, toggle.reserve(w)) for i, w in enumerate(open_))
+        prefill = [w for w in workers if w.role is Role.PREFILL and w.placed_since_step == 0]
+        self.prefill = sorted((w.prefill_load, i, w) for i, w in enumerate(prefill))
+        self.queues: dict[int, list[tuple[float, float]] | None] = {}  # a prefill worker's sorted queue, or None if idle
+
+    def dispatch(self, r: RequestView, touched: AbstractSet[int]) -> int | None:
+        toggle = self.toggle
+        if toggle.multiplexing and r.prompt_tokens < toggle.max_inline_prompt:
+            if r.prompt_tokens < toggle.short_prompt:
+                if self.least_loaded is not None:
+                    return self.least_loaded
+            else:
+                stall_end = self.now + toggle.model.prefill_time(r.prompt_tokens)
+                for _, _, worker_id, reserve in self.open:
+                    if stall_end <= reserve and worker_id not in touched:
+                        return worker_id
+        for _, _, w in self.prefill:
+            if w.id not in touched and self._clockwork_feasible(r, w):
+                return w.id
+        return None
+
+    def _clockwork_feasible(self, r: RequestView, w: WorkerView) -> bool:
+        if w.id not in self.queues:
+            self.queues[w.id] = None if not w.busy and not w.prefills else sorted(self.toggle.clockwork_queue(w))
+        held = self.queues[w.id]
+        return held is None or self.toggle.clockwork_fits(r, w, held, self.now)
 
 
 @dataclass(frozen=True)
@@ -163,22 +203,21 @@ class UrgencyRouter:
         if not free or not queue:
             return RouterDecision()
         busy_until = sum(max(w.step_end - now, 0.0) for w in prefill if w.prefills)
-        order = urgency_order(queue, self.model, now, start=now + busy_until / len(prefill), servers=len(prefill))
+        order = iter_urgency(queue, self.model, now, start=now + busy_until / len(prefill), servers=len(prefill))
         placements: list[Placement] = []
-        position = 0
+        head = next(order, None)  # the most urgent prompt not handed out yet
         for w in sorted(free, key=lambda w: w.id):
             budget = self.batch_tokens
             taken = 0
-            while position < len(order) and taken < self.max_batch:
-                r = order[position]
-                if taken and r.remaining_prefill > budget:
+            while head is not None and taken < self.max_batch:
+                if taken and head.remaining_prefill > budget:
                     break
-                if r.prefill_tokens > w.kv_free:
+                if head.prefill_tokens > w.kv_free:
                     break
-                budget -= r.remaining_prefill
+                budget -= head.remaining_prefill
                 taken += 1
-                position += 1
-                placements.append(Placement(r.id, w.id))
-            if position >= len(order):
+                placements.append(Placement(head.id, w.id))
+                head = next(order, None)
+            if head is None:
                 break
         return RouterDecision(tuple(placements))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from tropical.latency.model import LatencyModel
 from tropical.policies.prefill_queue import Job, PrefillOrder, moore_hodgson, order_prefills, urgency_order
@@ -70,8 +71,6 @@ class SlackAwareRouter:
         takers = [w for w in workers if w.role is Role.PREFILL or (self.multiplexing and w.role.takes_prompts)]
         if not takers or not queue:
             return RouterDecision()
-        queued: dict[int, list[RequestView]] = {w.id: list(w.prefills) for w in takers}
-        free_kv = {w.id: w.kv_free - sum(r.prefill_tokens for r in w.prefills if r.prefilled == 0) for w in takers}
         placements: list[Placement] = []
         drops: list[int] = []
         if self.reject_unattainable:
@@ -81,7 +80,12 @@ class SlackAwareRouter:
                 refused = set(drops)
                 queue = [r for r in queue if r.id not in refused]
         # a decoding worker with a waiting decode already behind its budget has no slack to lend to prompt chunks
-        lenders = [w for w in takers if not (self.protect_waiting and w.role is not Role.PREFILL and any(q.token_deadline < now for q in w.waiting))]
+        lenders = [
+            w
+            for w in takers
+            if not (self.protect_waiting and w.role is not Role.PREFILL and w.waiting and any(q.token_deadline < now for q in w.waiting))
+        ]
+        board = _Board(self, lenders, now)
         passed = 0  # late binding: prompts left waiting in this call; past `window` the rest wait without a look
         if self.order is PrefillOrder.URGENCY:
             ordered = urgency_order(queue, self.model, now, servers=len(takers))
@@ -90,52 +94,38 @@ class SlackAwareRouter:
         for r in ordered:
             if passed >= self.window:
                 break
-            best = self._best_on_time(r, lenders, queued, free_kv, now)
+            best = board.best_on_time(r)
             if best is None:  # a sure miss: spare capacity only, or refused
                 if self.drop_hopeless:
                     drops.append(r.id)
                     continue
-                spare = [w for w in takers if self._spare(w, queued[w.id]) and (r.prefill_tokens <= free_kv[w.id] or not w.kv_used)]
+                spare = [w for w in takers if self._spare(w, board.held(w)) and (r.prefill_tokens <= board.free_kv(w) or not w.kv_used)]
                 if not spare:
                     passed += 1
                     continue
                 best = min(spare, key=lambda w: self.predict(r, w, [], now)[0])
             placements.append(Placement(r.id, best.id))
-            queued[best.id].append(r)
-            free_kv[best.id] -= r.prefill_tokens
+            board.add(best, r)
         return RouterDecision(tuple(placements), tuple(drops))
 
     @staticmethod
-    def _spare(w: WorkerView, queued: list[RequestView]) -> bool:
+    def _spare(w: WorkerView, queued: Sequence[RequestView]) -> bool:
         """Nothing for it to do: no prompt queued, and no decode either on a decoding worker."""
         return not queued and (w.role is Role.PREFILL or (w.batch.size == 0 and not w.waiting))
 
-    def _best_on_time(
-        self, r: RequestView, takers: list[WorkerView], queued: dict[int, list[RequestView]], free_kv: dict[int, int], now: float
-    ) -> WorkerView | None:
-        if now + self.model.prefill_time(r.remaining_prefill) > r.ttft_deadline:
-            return None  # not even an idle worker could make it
-        best: WorkerView | None = None
-        best_key: tuple[float, bool, float] = (math.inf, True, math.inf)
-        for w in takers:
-            if r.prefill_tokens > free_kv[w.id] and (w.kv_used or queued[w.id]):
-                continue
-            finish, harm = self.predict(r, w, queued[w.id], now)
-            key = (harm, self.prefer_prefill_workers and w.role is not Role.PREFILL, finish)
-            if finish <= r.ttft_deadline and key < best_key:
-                best, best_key = w, key
-        return best
-
-    def predict(self, r: RequestView, w: WorkerView, queued: list[RequestView], now: float) -> tuple[float, int]:
+    def predict(self, r: RequestView, w: WorkerView, queued: Sequence[RequestView], now: float) -> tuple[float, int]:
         """When r's first token would come out on w, and how many queued prompts it would make late."""
         start = max(now, w.step_end) if w.busy else now
         if w.role is Role.PREFILL:
             return self._on_prefill_worker(r, w, queued, start, now)
-        ahead = [q for q in queued if q.generated > 0 or q.ttft_deadline <= r.ttft_deadline]
-        work = sum(prompt_work(self.model, q, w.unstarted_prefill(q)) for q in ahead) + prompt_work(self.model, r)
-        return start + self.inline_time(w, work, start), 0
+        return start + self.inline_time(w, self._ahead(r, w, queued) + prompt_work(self.model, r), start), 0
 
-    def _on_prefill_worker(self, r: RequestView, w: WorkerView, queued: list[RequestView], start: float, now: float) -> tuple[float, int]:
+    def _ahead(self, r: RequestView, w: WorkerView, queued: Sequence[RequestView]) -> float:
+        """Prompt compute on w that runs before r: recomputes, and prompts due no later than r."""
+        ahead = [q for q in queued if q.generated > 0 or q.ttft_deadline <= r.ttft_deadline]
+        return sum(prompt_work(self.model, q, w.unstarted_prefill(q)) for q in ahead)
+
+    def _on_prefill_worker(self, r: RequestView, w: WorkerView, queued: Sequence[RequestView], start: float, now: float) -> tuple[float, int]:
         """r's finish in the order the worker's planner will run its queue, and the prompts r pushes out of time.
 
         What a step has begun runs first; then the Moore–Hodgson on-time set
@@ -170,18 +160,134 @@ class SlackAwareRouter:
 
     def inline_time(self, w: WorkerView, work: float, now: float) -> float:
         """Seconds to run `work` of prompt compute as chunks riding on w's decode steps."""
-        batch = w.batch
-        decodes = batch.size + len(w.waiting)
+        return self.inline_line(w, now).time(work)
+
+    def inline_line(self, w: WorkerView, now: float) -> _InlineLine:
+        """`inline_time` on w from `now` as a function of the work alone: a router asks it of many prompts per call."""
+        batch, waiting = w.batch, w.waiting
+        decodes = batch.size + len(waiting)
         if decodes == 0:
-            return work + self.model.c2
-        context = batch.context_tokens + sum(q.context_tokens for q in w.waiting)
+            return _InlineLine(now, self.model.c2)
+        if waiting:
+            context = batch.context_tokens + sum(q.context_tokens for q in waiting)
+            tpot = min(batch.tpot_slo, min(q.tpot_slo for q in waiting))
+            deadline = min(batch.on_time_deadline, min((q.token_deadline for q in waiting if q.met_ttft), default=math.inf))
+        else:
+            context, tpot, deadline = batch.context_tokens, batch.tpot_slo, batch.on_time_deadline
         step = self.model.decode_time(decodes, context)
-        tpot = min(batch.tpot_slo, min((q.tpot_slo for q in w.waiting), default=math.inf))
-        deadline = min(batch.on_time_deadline, min((q.token_deadline for q in w.waiting if q.met_ttft), default=math.inf))
         if math.isinf(deadline):
-            return work + step
+            return _InlineLine(now, step)
         # the first step spends the spendable share of the bank; later ones carry what one TPOT leaves after the decodes
         surplus = max(0.0, deadline - self.reserve_tpots * tpot - now - tpot)
-        first = min(work, max(0.0, tpot + surplus / self.bank_steps - step))
         floor = max(tpot - step, self.model.c0 * self.min_chunk**2 + self.model.c1 * self.min_chunk)
-        return first + step + (work - first) * (step + floor) / floor
+        return _InlineLine(now, step, max(0.0, tpot + surplus / self.bank_steps - step), floor, step + floor)
+
+
+class _Board:
+    """One `place` call's view of the workers it may place on: what it has placed there so far, and a fast best worker.
+
+    The best worker for a prompt is the lexicographic least (harm, inline,
+    predicted first token) that meets its deadline, the first such worker on a
+    tie. Prefill workers are few and each predicted. Decoding workers are many:
+    a prompt's first token there comes no sooner than the worker's start plus
+    one decode step plus the prompt's own work (chunks only add to a step), so
+    they are visited in order of that bound, each prediction's numbers kept for
+    the call, and the visit stops once the bound passes the best finish found.
+    """
+
+    def __init__(self, router: SlackAwareRouter, lenders: list[WorkerView], now: float) -> None:
+        self.router = router
+        self.now = now
+        self.queued: dict[int, list[RequestView]] = {}  # prompts placed in this call added to a worker's own queue
+        self.free: dict[int, int] = {}
+        self.lines: dict[int, _InlineLine] = {}
+        self.prefill = [(i, w) for i, w in enumerate(lenders) if w.role is Role.PREFILL]
+        model = router.model
+        chunk = model.c0 * router.min_chunk**2 + model.c1 * router.min_chunk
+        self.bounded = min(model.c0, model.c1, model.c2, model.d0, model.d1, model.d2) >= 0.0 and chunk > 0.0
+        d0, d1, d2 = model.d0, model.d1, model.d2
+        decoding = [
+            ((max(now, w.step_end) if w.busy else now) + (d0 + d1 * w.batch.size + d2 * w.batch.context_tokens if w.batch.size else 0.0), i, w)
+            for i, w in enumerate(lenders)
+            if w.role is not Role.PREFILL
+        ]
+        self.decoding = sorted(decoding, key=lambda entry: (entry[0], entry[1])) if self.bounded else decoding
+
+    def held(self, w: WorkerView) -> Sequence[RequestView]:
+        return self.queued.get(w.id, w.prefills)
+
+    def free_kv(self, w: WorkerView) -> int:
+        free = self.free.get(w.id)
+        if free is None:
+            free = self.free[w.id] = w.kv_free - sum(r.prefill_tokens for r in w.prefills if r.prefilled == 0)
+        return free
+
+    def add(self, w: WorkerView, r: RequestView) -> None:
+        self.queued[w.id] = [*self.held(w), r]
+        self.free[w.id] = self.free_kv(w) - r.prefill_tokens
+
+    def best_on_time(self, r: RequestView) -> WorkerView | None:
+        router, now = self.router, self.now
+        deadline = r.ttft_deadline
+        if now + router.model.prefill_time(r.remaining_prefill) > deadline:
+            return None  # not even an idle worker could make it
+        tokens = r.prefill_tokens
+        best: tuple[tuple[float, bool, float], int, WorkerView] | None = None
+        for i, w in self.prefill:
+            held = self.held(w)
+            if tokens > self.free_kv(w) and (w.kv_used or held):
+                continue
+            finish, harm = router.predict(r, w, held, now)
+            key = (harm, False, finish)
+            if finish <= deadline and (best is None or key < best[0]):
+                best = (key, i, w)
+        inline = self._best_inline(r, deadline, tokens)
+        if inline is not None:
+            finish, i, w = inline
+            key = (0, router.prefer_prefill_workers, finish)
+            if best is None or (key, i) < (best[0], best[1]):
+                best = (key, i, w)
+        return None if best is None else best[2]
+
+    def _best_inline(self, r: RequestView, deadline: float, tokens: int) -> tuple[float, int, WorkerView] | None:
+        """The decoding worker with the earliest predicted first token within the deadline, the first on a tie."""
+        router = self.router
+        work = prompt_work(router.model, r)
+        best: tuple[float, int, WorkerView] | None = None
+        limit = deadline
+        for bound, i, w in self.decoding:
+            if self.bounded and bound + work > limit + 1e-9 + 1e-12 * abs(limit):
+                break  # every later worker finishes it later still (the margin covers rounding)
+            held = self.held(w)
+            if tokens > self.free_kv(w) and (w.kv_used or held):
+                continue
+            line = self.lines.get(w.id)
+            if line is None:
+                line = self.lines[w.id] = router.inline_line(w, max(self.now, w.step_end) if w.busy else self.now)
+            ahead = router._ahead(r, w, held) if held else 0
+            finish = line.start + line.time(ahead + work)
+            if finish <= deadline and (best is None or (finish, i) < (best[0], best[1])):
+                best = (finish, i, w)
+                limit = finish
+        return best
+
+
+class _InlineLine(NamedTuple):
+    """Seconds to run prompt work as chunks on one worker's decode steps, from `start`: a fixed step, or banked steps.
+
+    Without a banked deadline the work runs in one step of `step` seconds more;
+    with one, the first step spends up to `first` of it, and the rest rides at
+    `floor` seconds of work per `stride` seconds.
+    """
+
+    start: float
+    step: float
+    first: float | None = None
+    floor: float = 0.0
+    stride: float = 0.0
+
+    def time(self, work: float) -> float:
+        if self.first is None:
+            return work + self.step
+        first = min(work, self.first)
+        return first + self.step + (work - first) * self.stride / self.floor
