@@ -110,11 +110,12 @@ async def test_a_silent_workers_unstarted_prompts_complete_elsewhere_and_it_drop
             await eventually(lambda: len(router.placements) == 0, WAIT, what="the router forgetting the finished requests")
     finally:
         gate.set()  # the slow worker comes back: it ends its hung step and drops what was cancelled meanwhile
-        await router.stop()
-        for worker in (slow, spare):
-            await worker.stop()
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout=WAIT)
-        await bus.close()
+        async with asyncio.timeout(WAIT):
+            await router.stop()
+            for worker in (slow, spare):
+                await worker.stop()
+            await asyncio.gather(*tasks)
+            await bus.close()
     reference = engine().generate(prompts, max_tokens=6)
     for name, outcome, expected in zip(names, outcomes, reference, strict=True):
         if name in started:  # begun on the slow worker: its client is told once that worker is gone
@@ -157,8 +158,9 @@ async def test_a_worker_drops_a_dispatch_cancelled_quietly_and_ignores_cancels_f
     try:
         await asyncio.wait_for(finished.wait(), timeout=WAIT)
     finally:
-        await worker.stop()
-        await asyncio.wait_for(task, timeout=WAIT)
-        await bus.close()
+        async with asyncio.timeout(WAIT):
+            await worker.stop()
+            await task
+            await bus.close()
     assert {getattr(m, "request_id", None) for m in replies} == {"kept"}
     assert not worker.engine.engine.has_unfinished() and worker.state.view(time.time()).kv_used == 0

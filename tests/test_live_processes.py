@@ -1,4 +1,4 @@
-"""Separate processes on the real RabbitMQ and Redis: a router and two workers, started as users start them."""
+"""Separate processes on the real RabbitMQ and Redis, started as users start them: every policy, a profiler, a worker killed."""
 
 from __future__ import annotations
 
@@ -8,90 +8,224 @@ import random
 import signal
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+from redis.exceptions import RedisError
 
-from tests.servers import RABBITMQ_URL, REDIS_URL, connect_rabbit
+from tests.helpers import eventually
+from tests.servers import RABBITMQ_URL, REDIS_URL, START_HINT, connect_rabbit
+from tropical.bus import Delivery
 from tropical.engine import Engine, EngineConfig
+from tropical.latency.profiling import default_latency_model
 from tropical.live.client import Client
-from tropical.protocol import Slo
+from tropical.live.engines import EngineChoice
+from tropical.live.run import policy_roles
+from tropical.live.worker_service import worker_queue
+from tropical.policies import POLICY_NAMES, make_policy
+from tropical.protocol import CancelRequest, Dispatch, Message, Slo, decode
 from tropical.settings import Settings
-from tropical.store import open_store
+from tropical.store import Store, StoreError, open_store
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]  # processes load torch on a few shared cores
 
 MAX_MODEL_LEN = 256
+SLO = Slo(ttft_ms=600_000, tpot_ms=60_000)
+START_S = 60.0  # a process imports torch and loads its engine: on a loaded 2-core machine, tens of seconds
+SERVE_S = 90.0  # fifty requests of the tiny engine on CPU, the profiler maybe profiling beside them
+PROFILED = "unified"  # the deployment a profiler process runs beside
 
 
-@pytest.fixture
-def namespace() -> str:
-    return f"test-{uuid.uuid4().hex[:8]}"
+@dataclass(frozen=True)
+class Workload:
+    """Fifty prompts and their lengths, with a single engine's greedy tokens for them: the expected outputs."""
+
+    prompts: list[list[int]]
+    lengths: list[int]
+    expected: list[list[int]]
 
 
-# (policy, how the two workers are started): colocated workers, and a prefill worker handing KV to a decode worker
-LAYOUTS = {
-    "vllm": (["-m", "tropical.cli", "serve", "colocated"], ["-m", "tropical.cli", "serve", "colocated"]),
-    "distserve": (["-m", "services.prefill"], ["-m", "services.decode", "--kv-transport", "host"]),
-}
+@pytest.fixture(scope="module")
+def workload() -> Workload:
+    rng = random.Random(3)
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(2, 40))] for _ in range(50)]
+    lengths = [rng.randint(1, 8) for _ in prompts]
+    generated = Engine.load("tiny", EngineConfig(device="cpu", max_model_len=MAX_MODEL_LEN)).generate(prompts, max_tokens=max(lengths))
+    return Workload(prompts, lengths, [g.token_ids[:n] for g, n in zip(generated, lengths, strict=True)])
 
 
-@pytest.fixture(params=list(LAYOUTS))
-def policy(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+class Processes:
+    """One deployment's service processes in their own namespace; each logs to a file, read when a check fails."""
 
+    def __init__(self, policy: str, logs: Path) -> None:
+        self.policy = policy
+        self.logs = logs
+        self.settings = Settings(broker_url=RABBITMQ_URL, redis_url=REDIS_URL, namespace=f"test-{uuid.uuid4().hex[:8]}")
+        self.env = {
+            **os.environ, "TROPICAL_BROKER_URL": RABBITMQ_URL, "TROPICAL_REDIS_URL": REDIS_URL, "TROPICAL_NAMESPACE": self.settings.namespace,
+            "OMP_NUM_THREADS": "1",  # several engines share a few cores: one thread each, not a pool each
+        }
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
 
-@pytest.fixture
-def deployment(namespace: str, policy: str) -> Iterator[list[subprocess.Popen[bytes]]]:
-    env = {**os.environ, "TROPICAL_BROKER_URL": RABBITMQ_URL, "TROPICAL_REDIS_URL": REDIS_URL, "TROPICAL_NAMESPACE": namespace}
-    common = ["--policy", policy, "--engine", "tiny", "--max-model-len", str(MAX_MODEL_LEN)]
-    first, second = LAYOUTS[policy]
-    commands = [
-        [sys.executable, "-m", "services.router", *common],
-        [sys.executable, *first, *common, "--name", "w0"],
-        [sys.executable, *second, *common, "--name", "w1"],
-    ]
-    processes = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for command in commands]
-    yield processes
-    for process in processes:
+    def start(self, name: str, *command: str, served: bool = True) -> None:
+        """`python -m <command>`; a `served` one (router, worker) is given the deployment's policy and engine."""
+        options = ["--policy", self.policy, "--engine", "tiny", "--max-model-len", str(MAX_MODEL_LEN)] if served else []
+        with open(self.logs / f"{name}.log", "wb") as log:
+            self.running[name] = subprocess.Popen([sys.executable, "-m", *command, *options], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def start_deployment(self, workers: int = 2) -> list[str]:
+        """The router and the workers the policy needs (services.<role>, or `tropical serve colocated`); their names."""
+        self.start("router", "services.router")
+        names = []
+        for index, role in enumerate(policy_roles(make_policy(self.policy, default_latency_model("tiny")), workers)):
+            name = f"w{index}"
+            command = ["tropical.cli", "serve", "colocated"] if role.value == "colocated" else [f"services.{role.value}"]
+            self.start(name, *command, "--name", name)
+            names.append(name)
+        return names
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def tail(self, name: str) -> str:
+        return f"--- {name} ---\n" + self.log(name)[-3000:]
+
+    def stop(self, name: str, timeout: float = 30.0) -> int:
+        """SIGTERM (a drain), then the exit status."""
+        process = self.running[name]
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-    for process in processes:
         try:
-            process.wait(timeout=30)
+            return process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
+            return process.wait(timeout=timeout)
+
+    def stop_all(self) -> None:
+        for process in self.running.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for name in self.running:
+            self.stop(name)
 
 
-async def test_fifty_requests_through_separate_processes(deployment: list[subprocess.Popen[bytes]], namespace: str, policy: str) -> None:
-    rng = random.Random(3)
-    prompts = [[rng.randrange(256) for _ in range(rng.randint(2, 60))] for _ in range(50)]
-    lengths = [rng.randint(1, 12) for _ in prompts]
-    settings = Settings(broker_url=RABBITMQ_URL, redis_url=REDIS_URL, namespace=namespace)
+@pytest.fixture
+def processes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Processes]:
+    started = Processes(getattr(request, "param", "vllm"), tmp_path)
+    yield started
+    started.stop_all()
+
+
+async def statuses(store: Store) -> dict[str, float]:
+    """Each reporting worker's last heartbeat time."""
+    return {s.worker_id: s.sent_at for s in await asyncio.wait_for(store.list_worker_statuses(), timeout=5)}
+
+
+@pytest.fixture
+async def store(processes: Processes) -> AsyncIterator[Store]:
+    """The deployment's store; a Redis that cannot be reached fails the test at once (never a skip)."""
+    opened = open_store(processes.settings)
+    try:
+        await asyncio.wait_for(opened.list_worker_statuses(), timeout=5)
+    except (OSError, ConnectionError, TimeoutError, StoreError, RedisError) as exc:
+        await opened.close()
+        pytest.fail(f"Redis at {REDIS_URL} cannot be reached ({exc!r}); {START_HINT}", pytrace=False)
+    yield opened
+    await opened.close()
+
+
+async def complete_all(client: Client, prompts: list[list[int]], lengths: list[int]) -> list[list[int]]:
+    requests = (client.complete(p, max_tokens=n, slo=SLO) for p, n in zip(prompts, lengths, strict=True))
+    return await asyncio.wait_for(asyncio.gather(*requests), timeout=START_S + SERVE_S)
+
+
+@pytest.fixture
+async def client(processes: Processes) -> AsyncIterator[Client]:
     bus = await connect_rabbit()
     try:
-        async with Client(bus, settings, timeout_s=90) as client:
-            slo = Slo(ttft_ms=600_000, tpot_ms=60_000)
-            outputs = await asyncio.wait_for(
-                asyncio.gather(*(client.complete(p, max_tokens=n, slo=slo) for p, n in zip(prompts, lengths))), timeout=240
-            )
+        async with Client(bus, processes.settings, timeout_s=START_S + SERVE_S) as opened:
+            yield opened
     finally:
         await bus.close()
-    reference = Engine.load("tiny", EngineConfig(device="cpu", max_model_len=MAX_MODEL_LEN)).generate(prompts, max_tokens=12)
-    for output, expected, n in zip(outputs, reference, lengths, strict=True):
-        assert output == expected.token_ids[:n]
-    store = open_store(settings)
+
+
+@pytest.mark.parametrize("processes", POLICY_NAMES, indirect=True)
+async def test_fifty_requests_through_separate_processes_get_a_single_engines_greedy_tokens(
+    processes: Processes, client: Client, store: Store, workload: Workload
+) -> None:
+    workers = processes.start_deployment()
+    profiled = processes.policy == PROFILED
+    if profiled:  # profiles while the deployment serves; the router and workers switch to its model as it is published
+        processes.start("profiler", "services.profiler", "--engine", "tiny", "--quick", "--device", "cpu", served=False)
+    outputs = await complete_all(client, workload.prompts, workload.lengths)
+    assert outputs == workload.expected, "\n".join(processes.tail(n) for n in processes.running)
+    assert sorted(await statuses(store)) == workers
+    if profiled:
+        key = EngineChoice("tiny").model_key()
+        assert key is not None
+        await eventually(lambda: asyncio.wait_for(store.get_latency_model(key), 5), START_S + SERVE_S, interval=0.2, what=f"the profiler publishing {key}")
+        again = await complete_all(client, workload.prompts[:8], workload.lengths[:8])  # serving on after the switch
+        assert again == workload.expected[:8]
+        assert processes.stop("profiler") == 0, processes.tail("profiler")
+    for name in workers:  # SIGTERM drains, and the worker leaves the store at once
+        assert processes.stop(name) == 0, processes.tail(name)
+    assert await statuses(store) == {}
+    if profiled:  # every service followed the published model
+        assert all("adopted the model fitted at" in processes.log(n) for n in ["router", *workers]), "\n".join(processes.tail(n) for n in processes.running)
+
+
+async def test_requests_queued_on_a_worker_killed_with_sigkill_complete_on_the_other(
+    processes: Processes, client: Client, store: Store, workload: Workload
+) -> None:
+    processes.start_deployment()
+    await eventually(lambda: _reporting(store, {"w0", "w1"}), START_S, interval=0.1, what="both workers reporting")
+    since = time.time()
+    await eventually(lambda: _reported_since(store, "w0", since), START_S, interval=0.02, what="a fresh heartbeat of w0")
+    victim = processes.running["w0"]
+    victim.send_signal(signal.SIGKILL)  # its status looks fresh for a second more: the router queues work on it meanwhile
+    assert victim.wait(timeout=30) == -signal.SIGKILL
+    count = 20
+    outputs = await complete_all(client, workload.prompts[:count], workload.lengths[:count])
+    assert outputs == workload.expected[:count], processes.tail("router") + processes.tail("w1")
+
+    queued = await _drain_queue(processes.settings, "w0")  # what the router sent the dead worker: each dispatch, then its quiet cancel
+    dispatched = [m.request.request_id for m in queued if isinstance(m, Dispatch)]
+    cancelled = [m.request_id for m in queued if isinstance(m, CancelRequest) and m.quiet]
+    assert dispatched and sorted(cancelled) == sorted(dispatched), processes.tail("router")
+
+
+async def _reporting(store: Store, names: set[str]) -> bool:
+    return set(await statuses(store)) >= names
+
+
+async def _reported_since(store: Store, name: str, since: float) -> bool:
+    return (await statuses(store)).get(name, 0.0) > since
+
+
+async def _drain_queue(settings: Settings, worker: str) -> list[Message]:
+    """Every message waiting on a worker's queue, in order; the queue is deleted after."""
+    queue = worker_queue(settings, worker)
+    bus = await connect_rabbit()
     try:
-        statuses = await store.list_worker_statuses()
-        assert sorted(s.worker_id for s in statuses) == ["w0", "w1"]
+        async with asyncio.timeout(30):
+            depth = await bus.queue_depth(queue)
+            taken: list[Message] = []
+            all_taken = asyncio.Event()
+
+            async def take(delivery: Delivery) -> None:
+                taken.append(decode(delivery.body))
+                await delivery.ack()
+                if len(taken) >= depth:
+                    all_taken.set()
+
+            subscription = await bus.consume(queue, take, prefetch=1)
+            await all_taken.wait()
+            await subscription.cancel()
+            await bus.delete_queue(queue)
+            return taken
     finally:
-        await store.close()
-    for process in deployment[1:]:  # SIGTERM drains and the worker leaves the store at once
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0, process.stderr.read().decode()[-2000:] if process.stderr else ""
-    store = open_store(settings)
-    try:
-        assert await store.list_worker_statuses() == []
-    finally:
-        await store.close()
+        await bus.close()
