@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from tests.servers import RABBITMQ_URL, REDIS_URL
 from tropical.bus import MemoryBroker
 from tropical.cli import app
 from tropical.engine import Engine, EngineConfig, ModelConfig
@@ -119,3 +121,30 @@ async def test_requests_nobody_serves_time_out_at_their_deadline() -> None:
     report = bench_report(result)
     assert (report["completed"], report["failed"], report["timeouts"], report["error_replies"]) == (0, 2, 2, 0)
     assert report["slo_attainment"] == 0.0 and report["request_goodput"] == 0.0
+
+
+@pytest.mark.integration
+def test_spawned_deployment_serves_as_separate_processes_on_rabbitmq_and_redis(tmp_path: Path) -> None:
+    """`--spawn`: router and workers as `tropical serve` processes on the real servers, stopped (drained) afterwards."""
+    out = tmp_path / "bench.json"
+    namespace = f"test-spawn-{uuid.uuid4().hex[:8]}"
+    result = CliRunner().invoke(
+        app,
+        [
+            "--broker-url", RABBITMQ_URL, "--redis-url", REDIS_URL, "--namespace", namespace,
+            "bench", "--spawn", "--engine", "emulated", "--setting", "chat-13b", "--policy", "distserve", "--workers", "2",
+            "--request-rate", "4", "--num-prompts", "16", "--compare-sim", "--json", str(out),
+        ],
+        env={"COLUMNS": "300"},
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["mode"] == "spawned" and report["workers"] == {"prefill": 1, "decode": 1}
+    assert (report["completed"], report["failed"]) == (16, 0)
+    assert report["mean_kv_transfer_ms"] >= 0 and "sim" in report
+    assert abs(report["live_minus_sim_attainment"]) <= 0.25
+
+
+def test_spawn_needs_a_real_broker(tmp_path: Path) -> None:
+    code, output, report = bench(tmp_path, "--spawn", "--request-rate", "5", "--num-prompts", "2")
+    assert code == 2 and "--spawn needs a real broker" in output and report is None

@@ -9,6 +9,7 @@ import logging
 import os
 import platform
 import sys
+import uuid
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
@@ -698,9 +699,12 @@ def ablate(
 def bench(
     ctx: typer.Context,
     embedded: Annotated[bool, typer.Option("--embedded", help="serve in this process (in-memory bus and store unless URLs are given)")] = False,
+    spawn: Annotated[
+        bool, typer.Option("--spawn", help="serve as separate processes (`tropical serve` router and workers) on the broker and Redis, then stop them")
+    ] = False,
     policy: PolicyName = "unified",
-    workers: Annotated[int, typer.Option(min=1, help="--embedded: workers in this process")] = 2,
-    engine: Annotated[str, typer.Option("--engine", help="--embedded: tiny, or emulated (the setting's timing and KV)")] = "tiny",
+    workers: Annotated[int, typer.Option(min=1, help="--embedded / --spawn: workers to serve")] = 2,
+    engine: Annotated[str, typer.Option("--engine", help="--embedded / --spawn: tiny, or emulated (the setting's timing and KV)")] = "tiny",
     setting_name: Annotated[
         str | None,
         typer.Option("--setting", help="replay this preset's trace with its SLOs as `tropical sim` does; without it, Poisson load (emulated engines: chat-13b)"),
@@ -719,7 +723,9 @@ def bench(
     ttft_slo_scale: TtftScaleOption = None,
     tpot_slo_ms: TpotMsOption = None,
     request_timeout_s: Annotated[float, typer.Option(min=1e-3, help="a request not done this long after its arrival fails")] = 300.0,
-    compare_sim: Annotated[bool, typer.Option("--compare-sim", help="--embedded emulated: also simulate the same requests on the same roles")] = False,
+    compare_sim: Annotated[
+        bool, typer.Option("--compare-sim", help="--embedded / --spawn emulated: also simulate the same requests on the same roles")
+    ] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="also write the report here")] = None,
 ) -> None:
     """Replay a trace or Poisson load onto a deployment and print a `vllm bench serve`-style summary."""
@@ -727,7 +733,7 @@ def bench(
     from collections import Counter
 
     from tropical.experiments import setting_named, workload
-    from tropical.live.bench import bench_embedded, bench_remote, bench_report, bench_requests, poisson_load, simulated_summary
+    from tropical.live.bench import bench_embedded, bench_remote, bench_report, bench_requests, bench_spawned, poisson_load, simulated_summary
     from tropical.live.run import deployment
 
     settings: Settings = ctx.obj
@@ -746,26 +752,38 @@ def bench(
     timing = setting_named(setting_name or "chat-13b")  # what emulated engines and --compare-sim time steps by
     roles: tuple[Any, ...] = ()
     started = time.perf_counter()
-    if embedded:
+    if embedded and spawn:
+        raise typer.BadParameter("--embedded serves in this process, --spawn in processes of their own: give one")
+    if embedded or spawn:
         choice = _engine_choice(engine, timing.name, None)
         roles = _live_roles(_policy_checked(policy), workers, choice.latency_model())
         if compare_sim and engine != "emulated":
             raise typer.BadParameter("--compare-sim needs --engine emulated: only emulated engines keep the simulator's time")
+    if spawn:
+        if settings.broker_url.startswith(MEMORY_URL) or settings.redis_url.startswith(MEMORY_URL):
+            raise typer.BadParameter("--spawn needs a real broker and Redis (--broker-url, --redis-url)")
+        settings = settings.with_overrides(namespace=f"{settings.namespace}.bench-{uuid.uuid4().hex[:8]}")
+        try:
+            result = run_async(bench_spawned(settings, policy, roles, choice, bench_requests(load), timeout_s=request_timeout_s))
+        except RuntimeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+    elif embedded:
         if not os.environ.get("TROPICAL_BROKER_URL") and ctx.parent is not None and ctx.parent.params.get("broker_url") is None:
             settings = settings.with_overrides(broker_url=MEMORY_URL, redis_url=MEMORY_URL)
         result = run_async(bench_embedded(deployment(settings, policy, workers, choice), bench_requests(load), timeout_s=request_timeout_s))
     else:
         if settings.broker_url.startswith(MEMORY_URL) or compare_sim:
-            raise typer.BadParameter("give --embedded, or the --broker-url of a running deployment (--compare-sim needs --embedded)")
+            raise typer.BadParameter("give --embedded, --spawn, or the --broker-url of a running deployment (--compare-sim needs --embedded or --spawn)")
         result = run_async(bench_remote(settings, bench_requests(load), timeout_s=request_timeout_s))
     report = bench_report(result)
     simulated = simulated_summary(timing, policy, roles, load, seed=seed) if compare_sim else None
     record = {
-        "mode": "embedded" if embedded else "broker",
+        "mode": "embedded" if embedded else "spawned" if spawn else "broker",
         "setting": None if setting is None else setting.name,
         "trace": None if setting is None else str(trace or setting.trace),
-        "policy": policy if embedded else None,
-        "engine": engine if embedded else None,
+        "policy": policy if embedded or spawn else None,
+        "engine": engine if embedded or spawn else None,
         "workers": dict(Counter(role.value for role in roles)),
         "rate": rate,
         "seed": seed,

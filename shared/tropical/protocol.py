@@ -303,7 +303,7 @@ class WorkerStatus(Message, tag="worker_status", kw_only=True, frozen=True):
     incoming: list[RequestSnapshot] = []  # decodes handed here whose KV has not arrived
     decode_load: Count = 0  # Σ prompt tokens of the batch, waiting and incoming
     in_step: list[ChunkInStep] = []  # prompt chunks the step in progress computes
-    accepted: list[Id] = []  # requests taken since the previous status (confirms the router's dispatches)
+    accepted: list[Id] = []  # requests taken within about the last second (confirms the router's dispatches even if it missed a status)
 
 
 class PrefillCoefficients(Record, kw_only=True, frozen=True):

@@ -31,6 +31,7 @@ from tropical.traces import synthetic_arrivals
 if TYPE_CHECKING:
     from tropical.experiments import Setting
     from tropical.live.deployment import Deployment
+    from tropical.live.engines import EngineChoice
     from tropical.policies.records import Role
 
 PROMPT_TOKEN_KINDS = 250  # request i's prompt repeats token (i % 250) + 1: inside every engine's vocabulary
@@ -230,6 +231,16 @@ async def bench_remote(settings: Settings, requests: Sequence[BenchRequest], *, 
             return await _replay_now(client, requests, timeout_s)
     finally:
         await bus.close()
+
+
+async def bench_spawned(
+    settings: Settings, policy: str, roles: Sequence[Role], engine: EngineChoice, requests: Sequence[BenchRequest], *, timeout_s: float = 300.0
+) -> BenchResult:
+    """Serve with the router and each worker a process of its own (`tropical serve`), replay onto it, drain it."""
+    from tropical.live.spawn import spawned
+
+    async with spawned(settings, policy, roles, engine):
+        return await bench_remote(settings, requests, timeout_s=timeout_s)
 
 
 async def _replay_now(client: Client, requests: Sequence[BenchRequest], timeout_s: float) -> BenchResult:

@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 ROUNDING_SEQUENCES = 64  # the core counts KV in tokens, the engine in blocks: a block per sequence is kept in hand
 KV_LEASE_S = 30.0  # how long a prefill worker keeps a handed-off KV for its receiver
 KV_FETCH_TIMEOUT_S = 10.0
+ACCEPTED_WINDOW_S = 1.0  # a request taken stays in this long of heartbeats: a router that misses one still sees it
 HANDED_TO_REMEMBERED = 10_000  # handed-off requests a cancel can still be forwarded for
 
 
@@ -107,11 +109,13 @@ class WorkerService:
         transport: Transport | None = None,  # type: ignore[type-arg]
         feed: LatencyModelFeed | None = None,
         heartbeat_s: float = 0.2,
+        status_interval_s: float = 0.005,
         token_flush_s: float = 0.02,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`token_flush_s`: tokens of one request go out together unless this long has passed since its last message
-        (the first token always goes at once: it is the request's TTFT)."""
+        (the first token always goes at once: it is the request's TTFT). `heartbeat_s`: the longest silence between two
+        statuses; `status_interval_s`: the shortest gap between two (a status goes out whenever a step begins)."""
         if transport is None and role in (Role.PREFILL, Role.DECODE):
             raise ValueError(f"a {role} worker moves KV between workers: it needs a KV transport")
         self.name = name
@@ -122,6 +126,7 @@ class WorkerService:
         self.transport = transport
         self.feed = feed
         self.heartbeat_s = heartbeat_s
+        self.status_interval_s = status_interval_s
         self.token_flush_s = token_flush_s
         self.clock = clock
         self.queue = worker_queue(settings, name)
@@ -139,9 +144,12 @@ class WorkerService:
         self._handed_to: dict[str, str] = {}  # request → the worker decoding it, for a cancel that follows
         self._expired: list[bytes] = []  # leases that ran out before their receiver acked
         self._workers = RequestIds()  # other workers' names as the core's integers
-        self._accepted: list[int] = []
+        self._accepted: deque[tuple[float, int]] = deque()  # (when, request) taken in the last ACCEPTED_WINDOW_S
         self._tokens = itertools.count(1)
         self._wake = asyncio.Event()
+        self._outbox: list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]] = []  # replies of the last step
+        self._sending: asyncio.Task[None] | None = None  # the batch of replies in flight
+        self._changed = asyncio.Event()  # the state changed in a way the router places by: publish a status
         self._stopping = asyncio.Event()
         self._consumer: MessageConsumer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -170,6 +178,8 @@ class WorkerService:
             await self._step_loop()
         finally:
             done.set()  # an event, not a cancel: a cancel can be lost inside wait_for on Python 3.11
+            if self._sending is not None:
+                await asyncio.gather(self._sending, return_exceptions=True)
             await asyncio.gather(heartbeat, *self._tasks, return_exceptions=True)
             self._engine_thread.shutdown(wait=False)
             await self.store.remove_worker_status(self.name)
@@ -182,20 +192,27 @@ class WorkerService:
         self._wake.set()
 
     async def publish_status(self) -> None:
-        accepted, self._accepted = self._accepted, []
+        now = self.clock()
+        while self._accepted and now - self._accepted[0][0] > ACCEPTED_WINDOW_S:
+            self._accepted.popleft()
+        accepted = [job for _, job in self._accepted]
         status = status_of(
-            self.state, self.clock(), worker_id=self.name, queue=self.queue, names=self.names, accepted=accepted,
+            self.state, now, worker_id=self.name, queue=self.queue, names=self.names, accepted=accepted,
             draining=self._stopping.is_set(),
         )
         await asyncio.wait_for(self.store.put_worker_status(status, ttl_s=self.settings.status_ttl_s), timeout=self.settings.status_ttl_s)
 
     async def _heartbeats(self, done: asyncio.Event) -> None:
+        """Publish the status when the state changes for the router (a step begins, the worker goes idle), at most
+        every `status_interval_s`, and at least every `heartbeat_s`: a router sees each worker as it is, not as it was."""
         while not done.is_set():
             try:
-                await asyncio.wait_for(done.wait(), timeout=self.heartbeat_s)
-                return
+                await asyncio.wait_for(self._changed.wait(), timeout=self.heartbeat_s)
             except TimeoutError:
                 pass
+            if done.is_set():
+                return
+            self._changed.clear()
             try:
                 await self.publish_status()
                 if self.transport is not None and (expired := await self.transport.expire()):
@@ -203,6 +220,11 @@ class WorkerService:
                     self._wake.set()
             except (TimeoutError, ConnectionError) as exc:
                 log.warning("worker %s could not publish its status: %s", self.name, exc)
+            try:  # the floor between two statuses; a drain still ends at once
+                await asyncio.wait_for(done.wait(), timeout=self.status_interval_s)
+                return
+            except TimeoutError:
+                pass
 
     async def _receive(self, message: Message, delivery: Delivery) -> None:
         """Messages wait for the step loop, the only place that changes the engine and the core."""
@@ -212,16 +234,22 @@ class WorkerService:
     # --- the loop ---------------------------------------------------------------------------
 
     async def _step_loop(self) -> None:
+        stepping = False
         while True:
             await self._apply_inbox()
             ran = await self._step_once()
+            await self._post()
             if ran:
+                stepping = True
                 continue
             if self._stopping.is_set() and not self._streams and not self._outgoing and not self._inbox:
                 return
             self._wake.clear()
             if self._inbox or self._arrived:
                 continue
+            if stepping:
+                stepping = False
+                self._changed.set()  # idle now: the router may place here
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.heartbeat_s)
             except TimeoutError:
@@ -261,6 +289,7 @@ class WorkerService:
         plan = self.engine.plan(actions)
         if not state.busy:
             return False
+        self._changed.set()
         batch, context, chunks = state.step_shape()
         result: StepResult = await asyncio.get_running_loop().run_in_executor(self._engine_thread, self.engine.run, plan)
         if self.feed is not None:
@@ -306,7 +335,7 @@ class WorkerService:
             return
         self._streams[request.request_id] = _Stream(request, job, dispatch.dispatched_at)
         self.state.place(job, self.clock())
-        self._accepted.append(job.id)
+        self._accepted.append((self.clock(), job.id))
 
     def _job(self, request: GenerateRequest, prompt_tokens: int) -> RequestState:
         slo = request.slo
@@ -375,12 +404,42 @@ class WorkerService:
         await self._reply(request, ErrorReply(request_id=request.request_id, code=code, message=text))
 
     async def _reply(self, request: GenerateRequest, message: TokenChunk | RequestFinished | ErrorReply) -> None:
-        try:
-            await send(self.bus, request.reply_to, message)
-        except Unroutable:  # the client has gone: what it asked for is stopped and its KV freed, as on a cancel
-            log.info("request %s: its reply queue is gone; stopping it", request.request_id)
-            if request.request_id in self._streams:
-                self._inbox.append(CancelRequest(request_id=request.request_id, reason="the client has gone"))
+        self._outbox.append((request, message))
+
+    async def _post(self) -> None:
+        """Send what the steps produced while the next step runs: one batch in flight at a time, batches in order.
+
+        A broker confirms each publish; awaited one by one inside the loop they
+        would add a round trip per running request to every step.
+        """
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        await self._sent()  # bounded by the bus's own publish deadline
+        self._sending = asyncio.create_task(self._send_batch(batch))
+
+    async def _sent(self) -> None:
+        """Wait until every reply handed to `_post` is out."""
+        if self._sending is not None:
+            await self._sending
+
+    async def _send_batch(self, batch: list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]) -> None:
+        """Each client's messages in order; different clients at once."""
+        by_client: dict[str, list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]] = {}
+        for request, message in batch:
+            by_client.setdefault(request.reply_to, []).append((request, message))
+        await asyncio.gather(*(self._send_in_order(messages) for messages in by_client.values()))
+
+    async def _send_in_order(self, messages: list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]) -> None:
+        for request, message in messages:
+            try:
+                await send(self.bus, request.reply_to, message)
+            except Unroutable:  # the client has gone: what it asked for is stopped and its KV freed, as on a cancel
+                log.info("request %s: its reply queue is gone; stopping it", request.request_id)
+                if request.request_id in self._streams:
+                    self._inbox.append(CancelRequest(request_id=request.request_id, reason="the client has gone"))
+                    self._wake.set()
+                return
 
     # --- KV handoff: the sending side --------------------------------------------------------
 
@@ -421,6 +480,8 @@ class WorkerService:
         self._handed_to[name] = statuses[target].worker_id
         if len(self._handed_to) > HANDED_TO_REMEMBERED:
             del self._handed_to[next(iter(self._handed_to))]
+        await self._post()  # its first token reaches the client before the decoding worker can send the second
+        await self._sent()
         await send(self.bus, worker_queue(self.settings, statuses[target].worker_id), message)
 
     async def _acked(self, handoff_id: str, ok: bool, error: str) -> None:
@@ -450,7 +511,7 @@ class WorkerService:
         self._handoffs_in[job.id] = handoff
         self._streams[request.request_id] = _Stream(request, job, handoff.dispatched_at, sent=1)
         self.state.receive(job, self._workers.id_of(handoff.source_worker), self.clock())
-        self._accepted.append(job.id)
+        self._accepted.append((self.clock(), job.id))
 
     async def _pull(self, request_id: int) -> None:
         """Fetch a handed-over KV (the core made room); the step loop imports it between steps."""
