@@ -76,7 +76,9 @@ class RouterService:
         self.router = RouterState(policy, self._out)
         self.ledger = DispatchLedger(confirm_after=settings.status_ttl_s)
         self._requests: dict[int, GenerateRequest] = {}  # the queued ones
+        self._routed: dict[str, float] = {}  # when each queued one was taken off the `requests` queue
         self.placements = Placements(forget_after=settings.status_ttl_s)  # the placed ones, until done
+        self._heard: dict[str, float] = {}  # each live worker's latest heartbeat already followed (its `sent_at`)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._consumer: MessageConsumer | None = None
@@ -115,10 +117,12 @@ class RouterService:
     # --- arrivals ---------------------------------------------------------------------------
 
     async def _on_request(self, request: GenerateRequest, delivery: Delivery) -> None:
+        self._routed[request.request_id] = self.clock()
         try:
             request = self._checked(request)
         except ValueError as exc:
             await delivery.nack(requeue=False)
+            self._routed.pop(request.request_id, None)
             await reply_error(self.bus, request.reply_to, request.request_id, ErrorCode.INVALID, str(exc))
             return
         record = RequestRecord(
@@ -144,7 +148,7 @@ class RouterService:
         request_id = self.ids.id_of(cancel.request_id)
         job = self.router.remove(request_id)
         if job is not None:
-            request = self._requests.pop(request_id)
+            request, _ = self._dequeued(request_id)
             self.placements.forget(request.request_id)
             await reply_error(self.bus, request.reply_to, request.request_id, ErrorCode.CANCELLED, cancel.reason or "cancelled")
             return
@@ -185,7 +189,7 @@ class RouterService:
             await self._dispatch(job, status, now)
         dropped = before - set(self.router.queue) - {job.id for job, _ in placed}
         for request_id in dropped:
-            request = self._requests.pop(request_id)
+            request, _ = self._dequeued(request_id)
             self.placements.forget(request.request_id)
             await reply_error(self.bus, request.reply_to, request.request_id, ErrorCode.OVERLOADED, "refused: it cannot meet its SLO")
         self._out.clear()  # a RouterWake moved `router.wake`, which `run` sleeps until
@@ -199,9 +203,11 @@ class RouterService:
         `present`: the workers whose status has not expired yet; one missing is
         gone, and the requests it had started fail.
         """
-        for status in live:
+        heard = [s for s in live if self._heard.get(s.worker_id) != s.sent_at]  # each heartbeat is read once
+        self._heard = {s.worker_id: s.sent_at for s in live}
+        for status in heard:
             self.ledger.confirm(status.worker_id, (self.ids.id_of(name) for name in held_requests(status)))
-        for name in self.placements.observe(live, now):
+        for name in self.placements.observe(heard, now):
             self.ids.forget(name)
         for worker, view in self.ledger.lost(now):
             request = self.placements.take_back(self.ids.name_of(view.id), str(worker))
@@ -231,14 +237,20 @@ class RouterService:
         except Unroutable:
             log.info("worker %s has no queue any more; its cancel of %s is moot", worker, cancel.request_id)
 
+    def _dequeued(self, job_id: int) -> tuple[GenerateRequest, float | None]:
+        """A request leaves the queue (placed, refused or cancelled), with when the router took it (None: placed again)."""
+        request = self._requests.pop(job_id)
+        return request, self._routed.pop(request.request_id, None)
+
     async def _dispatch(self, job: RequestState, status: WorkerStatus, now: float) -> None:
-        request = self._requests.pop(job.id)
+        request, routed_at = self._dequeued(job.id)
         message = Dispatch(
             request=request,
             prefill_worker=status.worker_id,
             decode_worker=status.worker_id,
             ttft_deadline=request.arrival_time + job.ttft_slo,
             dispatched_at=now,
+            routed_at=routed_at,
         )
         self.ledger.dispatched(status.worker_id, job.view, now)
         self.placements.dispatched(request, status.worker_id)
