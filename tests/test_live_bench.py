@@ -55,6 +55,10 @@ def test_embedded_tiny_engines_serve_every_request_and_report_every_key(tmp_path
         assert 0 < report[f"mean_{metric}_ms"] <= report[f"p99_{metric}_ms"]
     assert report["mean_queue_ms"] >= 0 and report["mean_prefill_ms"] > 0 and report["mean_decode_ms"] > 0
     assert report["workers"] == {"colocated": 2}
+    assert report["control_plane_requests"] == 12  # every request's hops between the services were measured
+    for hop in ("to_router", "to_worker", "to_client"):
+        assert 0 <= report[f"p50_control_{hop}_ms"] <= report[f"p99_control_{hop}_ms"] <= report["p99_ttft_ms"]
+    assert report["p50_control_total_ms"] >= report["p50_control_to_router_ms"]
 
 
 def test_emulated_chat_13b_attains_what_the_simulator_does_on_the_same_window(tmp_path: Path) -> None:

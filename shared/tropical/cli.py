@@ -832,6 +832,8 @@ def _bench_lines(record: dict[str, Any], simulated: Any) -> list[str]:
         f"{'Queue / prefill / KV / decode (ms):':<40}"
         f"{r['mean_queue_ms']:.1f} / {r['mean_prefill_ms']:.1f} / {r['mean_kv_transfer_ms']:.1f} / {r['mean_decode_ms']:.1f}",
         f"{'Late publishes, mean / max (ms):':<40}{r['mean_send_lag_ms']:.1f} / {r['max_send_lag_ms']:.1f}",
+        f"{'Control plane p50 / p99 (ms):':<40}{r['p50_control_total_ms']:.2f} / {r['p99_control_total_ms']:.2f}"
+        f"  (queue {r['p50_control_to_router_ms']:.2f}, dispatch {r['p50_control_to_worker_ms']:.2f}, first token {r['p50_control_to_client_ms']:.2f} at p50)",
     ]
     if simulated is not None:
         lines.append(f"{'Simulated attainment (same requests):':<40}{simulated.attainment:.3f} / {simulated.ttft_attainment:.3f} / {simulated.tpot_attainment:.3f}")

@@ -128,6 +128,7 @@ class Dispatch(Message, tag="dispatch", kw_only=True, frozen=True):
     decode_worker: Id  # equal to prefill_worker for a multiplexed prefill
     ttft_deadline: Timestamp
     dispatched_at: Timestamp
+    routed_at: Timestamp | None = None  # when the router took the request off the queue
 
 
 # --- KV handoff -----------------------------------------------------------------
@@ -165,6 +166,8 @@ class KvHandoff(Message, tag="kv_handoff", kw_only=True, frozen=True):
     lease_expires_at: Timestamp
     dispatched_at: Timestamp | None = None  # the request's milestones so far, for its `finished` timings
     prefill_start: Timestamp | None = None
+    routed_at: Timestamp | None = None
+    taken_at: Timestamp | None = None
 
 
 class KvAck(Message, tag="kv_ack", kw_only=True, frozen=True):
@@ -202,6 +205,8 @@ class Timings(Record, kw_only=True, frozen=True):
     arrival: Timestamp
     dispatched: Timestamp | None = None
     prefill_start: Timestamp | None = None
+    routed: Timestamp | None = None  # the router took it off the queue (arrival → routed: the queue's hop)
+    taken: Timestamp | None = None  # its worker took the dispatch (dispatched → taken: the bus's hop)
     first_token: Timestamp | None = None
     kv_transferred: Timestamp | None = None
     finished: Timestamp | None = None

@@ -13,6 +13,7 @@ milestones the workers stamp into `RequestFinished.timings`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -86,6 +87,26 @@ class Measured:
     chunk_gaps: tuple[float, ...] = ()
     error: str | None = None  # the code of the error reply that ended it
     timed_out: bool = False
+    hops: ControlHops | None = None
+
+
+@dataclass(frozen=True)
+class ControlHops:
+    """What the control plane added to one request (seconds): the time its messages spent between the services.
+
+    `to_router`: published → the router took it off the queue; `to_worker`: the
+    router dispatched it → its worker took it; `to_client`: its first token
+    left the worker → the client had it. Queueing by the policy and engine time
+    are not in it: they are the serving itself, which the simulator also has.
+    """
+
+    to_router: float
+    to_worker: float
+    to_client: float
+
+    @property
+    def total(self) -> float:
+        return self.to_router + self.to_worker + self.to_client
 
 
 @dataclass(frozen=True)
@@ -130,6 +151,8 @@ async def _measure(client: Client, index: int, request: BenchRequest, now: Calla
     request_id = f"bench-{client.name}-{index}"
     sent = now()
     chunks: list[float] = []
+    first_emitted: float | None = None  # the worker's clock (Unix time), as the milestones
+    first_received: float | None = None
     tokens = 0
     error: str | None = None
     timed_out = False
@@ -139,6 +162,8 @@ async def _measure(client: Client, index: int, request: BenchRequest, now: Calla
                 list(request.prompt_token_ids), max_tokens=request.output_tokens, sampling=FORCED_LENGTH, slo=request.slo, request_id=request_id
             )
             async for chunk in stream:
+                if not chunks:
+                    first_emitted, first_received = chunk.emitted_at, time.time()
                 chunks.append(now())
                 tokens += len(chunk.token_ids)
     except RequestFailed as failed:
@@ -160,7 +185,16 @@ async def _measure(client: Client, index: int, request: BenchRequest, now: Calla
         **(_phases(finished.timings) if finished is not None else {}),
     )
     gaps = tuple(b - a for a, b in zip(chunks, chunks[1:]))
-    return Measured(outcome, sent - request.arrival, gaps, error=error, timed_out=timed_out)
+    hops = None
+    if finished is not None and first_emitted is not None and first_received is not None:
+        hops = _hops(finished.timings, first_emitted, first_received)
+    return Measured(outcome, sent - request.arrival, gaps, error=error, timed_out=timed_out, hops=hops)
+
+
+def _hops(t: Timings, first_emitted: float, first_received: float) -> ControlHops | None:
+    if t.routed is None or t.dispatched is None or t.taken is None:
+        return None
+    return ControlHops(t.routed - t.arrival, t.taken - t.dispatched, first_received - first_emitted)
 
 
 def _phases(t: Timings) -> dict[str, float | None]:
@@ -197,7 +231,19 @@ def bench_report(result: BenchResult) -> dict[str, Any]:
         "p99_itl_ms": _stat(gaps, lambda a: np.percentile(a, 99)),
         "mean_send_lag_ms": _stat(lags, np.mean),
         "max_send_lag_ms": _stat(lags, np.max),
+        **_control_plane(result),
     }
+
+
+def _control_plane(result: BenchResult) -> dict[str, Any]:
+    """p50 / p99 of each hop and of their sum per request (ms), over the requests whose milestones all arrived."""
+    hops = [m.hops for m in result.measured if m.hops is not None]
+    report: dict[str, Any] = {"control_plane_requests": len(hops)}
+    for name in ("to_router", "to_worker", "to_client", "total"):
+        values = np.array([getattr(h, name) * 1000.0 for h in hops], dtype=float)
+        report[f"p50_control_{name}_ms"] = _stat(values, np.median)
+        report[f"p99_control_{name}_ms"] = _stat(values, lambda a: np.percentile(a, 99))
+    return report
 
 
 def _stat(values: np.ndarray, reduce: Callable[[np.ndarray], Any]) -> float:

@@ -79,6 +79,8 @@ class _Stream:
     request: GenerateRequest
     job: RequestState
     dispatched_at: float | None
+    routed_at: float | None = None
+    taken_at: float | None = None
     sent: int = 0  # output tokens already sent (the first one by the prefill worker, after a handoff)
     pending: list[int] = field(default_factory=list)
     flushed_at: float = 0.0
@@ -137,6 +139,7 @@ class WorkerService:
         self.engine = EngineWorker(self.state, engine, self.names)
         self._streams: dict[str, _Stream] = {}
         self._inbox: list[Message] = []
+        self._taken: dict[str, float] = {}  # when each dispatch in the inbox arrived (its `taken` milestone)
         self._arrived: list[tuple[RequestState, KvHandoff, KvExport | None]] = []  # pulled KV, imported between steps
         self._handoffs_in: dict[int, KvHandoff] = {}
         self._outgoing: dict[str, _Outgoing] = {}  # by handoff id
@@ -228,6 +231,8 @@ class WorkerService:
 
     async def _receive(self, message: Message, delivery: Delivery) -> None:
         """Messages wait for the step loop, the only place that changes the engine and the core."""
+        if isinstance(message, Dispatch):
+            self._taken[message.request.request_id] = self.clock()
         self._inbox.append(message)
         self._wake.set()
 
@@ -324,6 +329,7 @@ class WorkerService:
 
     async def _place(self, dispatch: Dispatch) -> None:
         request = dispatch.request
+        taken_at = self._taken.pop(request.request_id, None)
         if request.request_id in self._streams:
             return  # a redelivered dispatch: it is here already
         prompt = list(request.prompt_token_ids or [])
@@ -333,7 +339,9 @@ class WorkerService:
         except ValueError as exc:
             await self._error(request, ErrorCode.INVALID, str(exc))
             return
-        self._streams[request.request_id] = _Stream(request, job, dispatch.dispatched_at)
+        self._streams[request.request_id] = _Stream(
+            request, job, dispatch.dispatched_at, routed_at=dispatch.routed_at, taken_at=taken_at
+        )
         self.state.place(job, self.clock())
         self._accepted.append((self.clock(), job.id))
 
@@ -391,6 +399,8 @@ class WorkerService:
             arrival=request.arrival_time,
             dispatched=stream.dispatched_at,
             prefill_start=job.prefill_start,
+            routed=stream.routed_at,
+            taken=stream.taken_at,
             first_token=job.first_token,
             kv_transferred=job.kv_ready,
             finished=job.finish if job.finish is not None else self.clock(),
@@ -473,6 +483,8 @@ class WorkerService:
             lease_expires_at=offer.lease_expires_at,
             dispatched_at=stream.dispatched_at,
             prefill_start=job.prefill_start,
+            routed_at=stream.routed_at,
+            taken_at=stream.taken_at,
         )
         if stream.pending:
             await self._flush(stream)
@@ -509,7 +521,9 @@ class WorkerService:
         job.first_token, job.prefill_start = handoff.first_token_time, handoff.prefill_start
         job.met_ttft = job.first_token - job.arrival <= job.ttft_slo
         self._handoffs_in[job.id] = handoff
-        self._streams[request.request_id] = _Stream(request, job, handoff.dispatched_at, sent=1)
+        self._streams[request.request_id] = _Stream(
+            request, job, handoff.dispatched_at, routed_at=handoff.routed_at, taken_at=handoff.taken_at, sent=1
+        )
         self.state.receive(job, self._workers.id_of(handoff.source_worker), self.clock())
         self._accepted.append((self.clock(), job.id))
 
