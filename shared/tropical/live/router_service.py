@@ -55,13 +55,14 @@ class RouterService:
         *,
         tokenizer: Tokenizer | None = None,
         max_model_len: int | None = None,
-        refresh_s: float = 0.05,
+        refresh_s: float = 0.01,
         stale_after_s: float = 1.0,
         feed: LatencyModelFeed | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`stale_after_s`: a worker whose last heartbeat is older is out of placement and its unstarted work placed again
-        (its status may live longer in the store; the started work fails once that is gone too)."""
+        (its status may live longer in the store; the started work fails once that is gone too). `refresh_s`: how often
+        the workers' statuses are read again between arrivals (workers publish one whenever a step begins)."""
         self.policy = policy
         self.bus = bus
         self.store = store
