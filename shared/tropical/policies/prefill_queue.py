@@ -89,12 +89,16 @@ def _urgency_split(
 ) -> tuple[list[int], list[tuple[int, float, int]]]:
     """Positions of the savable requests in order (on time, then late), and (tokens, arrival, position) of the hopeless."""
     c0, c1, c2 = model.c0, model.c1, model.c2
+    past_is_hopeless = min(c0, c1, c2) >= 0.0  # prefill times are then never negative: a deadline already past is hopeless
     hopeless: list[tuple[int, float, int]] = []  # sorted, shortest first, then queue order
     jobs: list[tuple[float, float, int]] = []
     for i, r in enumerate(requests):
         tokens = r.prompt_tokens + r.generated - r.prefilled  # r.remaining_prefill
-        duration = c2 + (c0 * (tokens * tokens) + c1 * tokens) if tokens > 0 else model.prefill_time(tokens)  # model.prefill_time, inlined
         deadline = r.arrival + r.ttft_slo  # r.ttft_deadline
+        if past_is_hopeless and deadline < now:
+            hopeless.append((tokens, r.arrival, i))
+            continue
+        duration = c2 + (c0 * (tokens * tokens) + c1 * tokens) if tokens > 0 else model.prefill_time(tokens)  # model.prefill_time, inlined
         if deadline - now - duration < 0.0:
             hopeless.append((tokens, r.arrival, i))
         else:

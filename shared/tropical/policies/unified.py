@@ -201,6 +201,7 @@ class _Board:
         self.queued: dict[int, list[RequestView]] = {}  # prompts placed in this call added to a worker's own queue
         self.free: dict[int, int] = {}
         self.lines: dict[int, _InlineLine] = {}
+        self.works: dict[int, list[tuple[bool, float, float]]] = {}  # per queued prompt: (a recompute, its deadline, its work)
         self.prefill = [(i, w) for i, w in enumerate(lenders) if w.role is Role.PREFILL]
         model = router.model
         chunk = model.c0 * router.min_chunk**2 + model.c1 * router.min_chunk
@@ -219,12 +220,25 @@ class _Board:
     def free_kv(self, w: WorkerView) -> int:
         free = self.free.get(w.id)
         if free is None:
-            free = self.free[w.id] = w.kv_free - sum(r.prefill_tokens for r in w.prefills if r.prefilled == 0)
+            free = w.kv_free
+            if w.prefills:
+                free -= sum(r.prefill_tokens for r in w.prefills if r.prefilled == 0)
+            self.free[w.id] = free
         return free
 
     def add(self, w: WorkerView, r: RequestView) -> None:
         self.queued[w.id] = [*self.held(w), r]
         self.free[w.id] = self.free_kv(w) - r.prefill_tokens
+        self.works.pop(w.id, None)
+
+    def ahead(self, r: RequestView, w: WorkerView, held: Sequence[RequestView]) -> float:
+        """`SlackAwareRouter._ahead`, each queued prompt's work computed once per call."""
+        works = self.works.get(w.id)
+        if works is None:
+            model = self.router.model
+            works = self.works[w.id] = [(q.generated > 0, q.ttft_deadline, prompt_work(model, q, w.unstarted_prefill(q))) for q in held]
+        deadline = r.ttft_deadline
+        return sum([work for recompute, due, work in works if recompute or due <= deadline])
 
     def best_on_time(self, r: RequestView) -> WorkerView | None:
         router, now = self.router, self.now
@@ -264,7 +278,7 @@ class _Board:
             line = self.lines.get(w.id)
             if line is None:
                 line = self.lines[w.id] = router.inline_line(w, max(self.now, w.step_end) if w.busy else self.now)
-            ahead = router._ahead(r, w, held) if held else 0
+            ahead = self.ahead(r, w, held) if held else 0
             finish = line.start + line.time(ahead + work)
             if finish <= deadline and (best is None or (finish, i) < (best[0], best[1])):
                 best = (finish, i, w)
