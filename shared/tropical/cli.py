@@ -156,7 +156,7 @@ def bench_router(
     seed: Annotated[int, typer.Option(help="seed of the simulated runs the states come from")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="also write the report here")] = None,
 ) -> None:
-    """Time one router decision (placement, decode routing, a step plan, the views from heartbeats) on loaded clusters."""
+    """Time router decisions on loaded clusters: on a 1,000-prompt burst, and per event (an arrival, a status change) in steady state."""
     from tropical.core.bench_router import RouterTiming, cluster_roles, run_router_benchmark
     from tropical.policies import POLICY_NAMES
 
@@ -179,19 +179,21 @@ def bench_router(
                 raise typer.BadParameter(str(exc), param_hint="--workers") from None
 
     def progress(t: RouterTiming) -> None:
-        decision, views = t.times["decision"], t.times["views"]
+        decision, views, event, beat = t.times["decision"], t.times["views"], t.times["event"], t.times["heartbeat"]
         typer.echo(
-            f"{t.policy:>10} {t.workers:>4} workers: decision p50 {decision.p50_ms:8.3f} ms  p99 {decision.p99_ms:8.3f} ms"
-            f"  | views p50 {views.p50_ms:6.3f} ms  p99 {views.p99_ms:6.3f} ms"
+            f"{t.policy:>10} {t.workers:>4} workers: burst decision p50 {decision.p50_ms:8.3f} ms  p99 {decision.p99_ms:8.3f} ms"
+            f"  | event p50 {event.p50_ms:6.3f} ms  p99 {event.p99_ms:6.3f} ms ({t.backlog:.0f} queued at the router, {t.held:.0f} on workers)"
+            f"  | views p50 {views.p50_ms:6.3f} ms  p99 {views.p99_ms:6.3f} ms, one heartbeat p99 {beat.p99_ms:6.3f} ms"
             f"  | placed {t.placed:.0f}, refused {t.dropped:.0f} of {t.queued}; {t.busy_workers:.0f} busy workers"
         )
 
     load = os.getloadavg()
     report = run_router_benchmark(names, sizes, decisions=decisions, queue_size=queue, seed=seed, progress=progress)
-    worst = report["profile"]
-    typer.echo(f"slowest: {worst['policy']} on {worst['workers']} workers; most time of its own (cProfile, ms per decision):")
-    for row in worst["hot"]:
-        typer.echo(f"  {row['own_ms_per_decision']:9.3f}  {row['function']}  ({row['calls_per_decision']:g} calls)")
+    for key, what in (("profile", "burst decision"), ("event_profile", "event")):
+        worst = report[key]
+        typer.echo(f"slowest {what}: {worst['policy']} on {worst['workers']} workers; most time of its own (cProfile, ms per decision):")
+        for row in worst["hot"]:
+            typer.echo(f"  {row['own_ms_per_decision']:9.3f}  {row['function']}  ({row['calls_per_decision']:g} calls)")
     if json_path:
         busy = {"load_average_before": [round(x, 2) for x in load], "load_average_after": [round(x, 2) for x in os.getloadavg()]}
         record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": _machine(), **busy, "decisions": decisions, **report}
