@@ -179,10 +179,12 @@ def bench_router(
                 raise typer.BadParameter(str(exc), param_hint="--workers") from None
 
     def progress(t: RouterTiming) -> None:
-        decision, views, event, beat = t.times["decision"], t.times["views"], t.times["event"], t.times["heartbeat"]
+        decision, views, beat = t.times["decision"], t.times["views"], t.times["heartbeat"]
+        arrival, status = t.times["arrival"], t.times["status_change"]
         typer.echo(
             f"{t.policy:>10} {t.workers:>4} workers: burst decision p50 {decision.p50_ms:8.3f} ms  p99 {decision.p99_ms:8.3f} ms"
-            f"  | event p50 {event.p50_ms:6.3f} ms  p99 {event.p99_ms:6.3f} ms ({t.backlog:.0f} queued at the router, {t.held:.0f} on workers)"
+            f"  | arrival p50 {arrival.p50_ms:6.3f} p99 {arrival.p99_ms:6.3f} ms, status change p50 {status.p50_ms:6.3f} p99 {status.p99_ms:6.3f} ms"
+            f" ({t.backlog:.0f} queued at the router, {t.held:.0f} on workers)"
             f"  | views p50 {views.p50_ms:6.3f} ms  p99 {views.p99_ms:6.3f} ms, one heartbeat p99 {beat.p99_ms:6.3f} ms"
             f"  | placed {t.placed:.0f}, refused {t.dropped:.0f} of {t.queued}; {t.busy_workers:.0f} busy workers"
         )
