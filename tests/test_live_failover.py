@@ -1,4 +1,4 @@
-"""A worker that goes silent: the router places its unstarted work again, fails its started work, and it drops both if it comes back."""
+"""A worker that goes silent, or never takes a dispatch: the router places its unstarted work again and fails its started work; a worker that comes back drops both."""
 
 from __future__ import annotations
 
@@ -28,9 +28,11 @@ from tropical.protocol import (
     Message,
     RequestFinished,
     Slo,
+    WorkerRole,
     WorkerStatus,
     decode,
 )
+from tropical.queues import declare_requests_queue
 from tropical.settings import Settings
 from tropical.store import MemoryStore, Store
 
@@ -164,3 +166,46 @@ async def test_a_worker_drops_a_dispatch_cancelled_quietly_and_ignores_cancels_f
             await bus.close()
     assert {getattr(m, "request_id", None) for m in replies} == {"kept"}
     assert not worker.engine.engine.has_unfinished() and worker.state.view(time.time()).kv_used == 0
+
+
+async def test_a_dispatch_that_raced_a_workers_drain_is_placed_again_on_its_arrival_time() -> None:
+    bus, store = MemoryBus(), MemoryStore()
+    now = [1000.0]  # the router's clock, moved by hand
+    received: dict[str, asyncio.Queue[Message]] = {}
+    for name in ("leaving", "other"):
+        await bus.declare_queue(QueueSpec(worker_queue(SETTINGS, name)))
+        received[name] = inbox = asyncio.Queue()
+
+        async def take(delivery: Delivery, inbox: asyncio.Queue[Message] = inbox) -> None:
+            inbox.put_nowait(decode(delivery.body))
+
+        await bus.consume(worker_queue(SETTINGS, name), take)
+
+    async def report(name: str, *, draining: bool = False) -> None:
+        status = WorkerStatus(
+            worker_id=name, role=WorkerRole.COLOCATED, queue=worker_queue(SETTINGS, name), sent_at=now[0], kv_capacity_tokens=10_000,
+            kv_free_tokens=10_000, draining=draining,
+        )
+        await store.put_worker_status(status, ttl_s=60)
+
+    await report("leaving")
+    router = RouterService(make_policy("vllm", MODEL), bus, store, SETTINGS, clock=lambda: now[0])
+    task = asyncio.create_task(router.run())
+    try:
+        request = GenerateRequest(request_id="r", prompt_token_ids=[1, 2, 3], max_tokens=2, arrival_time=now[0], reply_to="nobody")
+        await send(bus, await declare_requests_queue(bus, SETTINGS), request)
+        first = await asyncio.wait_for(received["leaving"].get(), timeout=WAIT)
+        assert isinstance(first, Dispatch) and first.request.request_id == "r"
+        # the worker drains (its consumer stopped, the dispatch never taken) and keeps reporting; another one joins
+        now[0] += SETTINGS.status_ttl_s + 1
+        await report("leaving", draining=True)
+        await report("other")
+        moved = await asyncio.wait_for(received["other"].get(), timeout=WAIT)
+        assert isinstance(moved, Dispatch) and moved.request == request  # arrival time and all, as it came
+        cancel = await asyncio.wait_for(received["leaving"].get(), timeout=WAIT)
+        assert isinstance(cancel, CancelRequest) and cancel.request_id == "r" and cancel.quiet
+    finally:
+        async with asyncio.timeout(WAIT):
+            await router.stop()
+            await task
+            await bus.close()
