@@ -191,3 +191,49 @@ async def test_a_client_that_vanishes_frees_its_requests() -> None:
     worker = served.workers[0]
     # its reply queue gone, the worker stopped the request at its next message instead of running its 200 steps
     assert worker.steps < 100 and not worker.engine.engine.has_unfinished()
+
+
+async def _cancel_after_first_token(served: Deployment, ready: asyncio.Event | None = None) -> None:
+    async with await served.client() as client:
+        stream = client.generate([9, 8, 7], max_tokens=50, sampling=SamplingParams(ignore_eos=True), request_id="handed")
+        await asyncio.wait_for(anext(stream), timeout=30)  # the prefill worker's first token
+        if ready is not None:
+            await asyncio.wait_for(ready.wait(), timeout=30)
+        await client.cancel("handed")
+        async for _ in stream:
+            pass
+        assert client.finished["handed"].finish_reason is FinishReason.CANCELLED
+
+
+async def test_a_cancel_frees_a_handed_over_kv_that_has_not_been_pulled() -> None:
+    served = await deployment("distserve", (Role.PREFILL, Role.DECODE))
+    prefill, decoder = served.workers
+    decoder.state.pull = lambda now: None  # type: ignore[method-assign]  # the decoding worker never has room
+    try:
+        await _cancel_after_first_token(served)
+    finally:
+        await served.stop()  # a drain waits for every lease to be acked: the sender heard of the cancel
+    assert not decoder.state.incoming and decoder.state.view(time.time()).kv_used == 0
+    assert not prefill._outgoing and prefill.state.view(time.time()).kv_used == 0
+
+
+async def test_a_cancel_during_the_pull_lets_the_kv_go_when_it_lands() -> None:
+    served = await deployment("distserve", (Role.PREFILL, Role.DECODE))
+    prefill, decoder = served.workers
+    assert decoder.transport is not None
+    fetch, started, release = decoder.transport.fetch, asyncio.Event(), asyncio.Event()
+
+    async def held_fetch(*args: object, **kwargs: object) -> object:
+        started.set()
+        await asyncio.wait_for(release.wait(), timeout=30)
+        return await fetch(*args, **kwargs)  # type: ignore[arg-type]
+
+    decoder.transport.fetch = held_fetch  # type: ignore[method-assign]
+    try:
+        await _cancel_after_first_token(served, ready=started)
+        release.set()
+    finally:
+        release.set()
+        await served.stop()
+    assert not decoder._cancelled_pulls and not decoder.state.incoming and not decoder.engine.engine.has_unfinished()
+    assert decoder.state.view(time.time()).kv_used == 0 and not prefill._outgoing

@@ -142,6 +142,7 @@ class WorkerService:
         self._taken: dict[str, float] = {}  # when each dispatch in the inbox arrived (its `taken` milestone)
         self._arrived: list[tuple[RequestState, KvHandoff, KvExport | None]] = []  # pulled KV, imported between steps
         self._handoffs_in: dict[int, KvHandoff] = {}
+        self._cancelled_pulls: set[int] = set()  # requests cancelled while their KV was being pulled
         self._outgoing: dict[str, _Outgoing] = {}  # by handoff id
         self._stranded: list[RequestState] = []  # prefilled here, no decoding worker chosen yet
         self._handed_to: dict[str, str] = {}  # request → the worker decoding it, for a cancel that follows
@@ -180,6 +181,7 @@ class WorkerService:
         try:
             await self._step_loop()
         finally:
+            await self._consumer.stop()
             done.set()  # an event, not a cancel: a cancel can be lost inside wait_for on Python 3.11
             if self._sending is not None:
                 await asyncio.gather(self._sending, return_exceptions=True)
@@ -188,11 +190,14 @@ class WorkerService:
             await self.store.remove_worker_status(self.name)
 
     async def stop(self) -> None:
-        """Drain: take no new work, finish what is held, then return from `run`."""
-        if self._consumer is not None:
-            await self._consumer.stop()
+        """Drain: say so in the status (the router places nothing more here), finish what is held, then return from `run`.
+
+        The queue is read until then: acks of our handoffs and cancels still
+        arrive, and a dispatch already on its way is served, not lost.
+        """
         self._stopping.set()
         self._wake.set()
+        self._changed.set()
 
     async def publish_status(self) -> None:
         now = self.clock()
@@ -247,7 +252,7 @@ class WorkerService:
             if ran:
                 stepping = True
                 continue
-            if self._stopping.is_set() and not self._streams and not self._outgoing and not self._inbox:
+            if self._stopping.is_set() and self._drained():
                 return
             self._wake.clear()
             if self._inbox or self._arrived:
@@ -260,6 +265,10 @@ class WorkerService:
             except TimeoutError:
                 pass
             self.state.needs_plan = True
+
+    def _drained(self) -> bool:
+        """Nothing held: no request, no lease of ours, no message to read, no cancelled KV still to let go of."""
+        return not (self._streams or self._outgoing or self._inbox or self._arrived or self._cancelled_pulls)
 
     async def _apply_inbox(self) -> None:
         inbox, self._inbox = self._inbox, []
@@ -359,15 +368,28 @@ class WorkerService:
             await send(self.bus, worker_queue(self.settings, onward), cancel)
             return
         stream = self._streams.get(request_id)
-        job = self.engine.jobs.pop(request_id, None)
-        if stream is None or job is None or job.finish is not None:
-            return
-        self.state.stop(job, self.clock())
-        self.engine.engine.abort(request_id)
+        if stream is not None and stream.job.id in self.state.incoming:
+            await self._cancel_incoming(stream.job)
+        else:
+            job = self.engine.jobs.pop(request_id, None)
+            if stream is None or job is None or job.finish is not None:
+                return
+            self.state.stop(job, self.clock())
+            self.engine.engine.abort(request_id)
         if cancel.quiet:  # placed again elsewhere (or failed): the client hears nothing more from here
             del self._streams[request_id]
             return
         await self._finish(stream, FinishReason.CANCELLED)
+
+    async def _cancel_incoming(self, job: RequestState) -> None:
+        """A handed-over request whose KV has not arrived: the room held for it is freed, and so is the sender's lease
+        (told now, or when a pull already under way ends)."""
+        handoff = self._handoffs_in.pop(job.id, None)
+        self.state.transfer_failed(job, self.clock())
+        if handoff is None:  # its pull is under way: `_import` lets the KV go when it lands
+            self._cancelled_pulls.add(job.id)
+            return
+        await self._ack(handoff, ok=False, error="cancelled")
 
     # --- streaming -------------------------------------------------------------------------
 
@@ -530,7 +552,9 @@ class WorkerService:
     async def _pull(self, request_id: int) -> None:
         """Fetch a handed-over KV (the core made room); the step loop imports it between steps."""
         assert self.transport is not None
-        handoff = self._handoffs_in.pop(request_id)
+        handoff = self._handoffs_in.pop(request_id, None)
+        if handoff is None:
+            return  # cancelled before its pull began
         job = self.state.incoming[request_id]
         try:
             data = await self.transport.fetch(handoff.handle, handoff.layout, timeout_s=KV_FETCH_TIMEOUT_S)
@@ -552,6 +576,10 @@ class WorkerService:
         self._wake.set()
 
     async def _import(self, job: RequestState, handoff: KvHandoff, kv: KvExport | None) -> None:
+        if job.id in self._cancelled_pulls:  # cancelled while its KV was on the way: nothing to import
+            self._cancelled_pulls.discard(job.id)
+            await self._ack(handoff, ok=False, error="cancelled")
+            return
         ack = KvAck(handoff_id=handoff.handoff_id, request_id=handoff.request.request_id, receiver=self.name)
         if kv is not None:
             try:
@@ -565,6 +593,12 @@ class WorkerService:
                 await self._error(stream.request, ErrorCode.KV_TRANSFER_FAILED, "its KV cache could not be moved to the decoding worker")
         else:
             self.state.kv_arrived(job, self.clock())
+        await self._send_ack(handoff, ack)
+
+    async def _ack(self, handoff: KvHandoff, *, ok: bool, error: str = "") -> None:
+        await self._send_ack(handoff, KvAck(handoff_id=handoff.handoff_id, request_id=handoff.request.request_id, receiver=self.name, ok=ok, error=error))
+
+    async def _send_ack(self, handoff: KvHandoff, ack: KvAck) -> None:
         try:
             await send(self.bus, worker_queue(self.settings, handoff.source_worker), ack)
         except Unroutable:
