@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     request_record_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
     default_ttft_slo_ms: Annotated[float, Field(gt=0)] = 1000.0
     default_tpot_slo_ms: Annotated[float, Field(gt=0)] = 100.0
+    token_flush_ms: Annotated[float, Field(ge=0)] = 20.0  # a stream's tokens wait this long to share a message (the first never waits)
     log_level: str = "INFO"
 
     @field_validator("broker_url")

@@ -45,7 +45,13 @@ async def spawned(settings: Settings, policy: str, roles: Sequence[Role], engine
     """
     if settings.broker_url.startswith(MEMORY_URL) or settings.redis_url.startswith(MEMORY_URL):
         raise ValueError("separate processes meet only through a real broker and Redis: give --broker-url and --redis-url")
-    env = {**os.environ, "TROPICAL_BROKER_URL": settings.broker_url, "TROPICAL_REDIS_URL": settings.redis_url, "TROPICAL_NAMESPACE": settings.namespace}
+    env = {
+        **os.environ,
+        "TROPICAL_BROKER_URL": settings.broker_url,
+        "TROPICAL_REDIS_URL": settings.redis_url,
+        "TROPICAL_NAMESPACE": settings.namespace,
+        "TROPICAL_TOKEN_FLUSH_MS": str(settings.token_flush_ms),
+    }
     with tempfile.TemporaryDirectory(prefix="tropical-spawn-") as logs:
         processes: list[tuple[asyncio.subprocess.Process, Path]] = []
         try:

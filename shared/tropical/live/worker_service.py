@@ -54,6 +54,7 @@ from tropical.protocol import (
     RequestFinished,
     Timings,
     TokenChunk,
+    encode,
 )
 from tropical.settings import Settings
 from tropical.store import Store
@@ -112,11 +113,11 @@ class WorkerService:
         feed: LatencyModelFeed | None = None,
         heartbeat_s: float = 0.2,
         status_interval_s: float = 0.005,
-        token_flush_s: float = 0.02,
+        token_flush_s: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """`token_flush_s`: tokens of one request go out together unless this long has passed since its last message
-        (the first token always goes at once: it is the request's TTFT). `heartbeat_s`: the longest silence between two
+        """`token_flush_s` (default: the settings' `token_flush_ms`): tokens of one request go out together unless this long
+        has passed since its last message (the first token always goes at once: it is the request's TTFT). `heartbeat_s`: the longest silence between two
         statuses; `status_interval_s`: the shortest gap between two (a status goes out whenever a step begins)."""
         if transport is None and role in (Role.PREFILL, Role.DECODE):
             raise ValueError(f"a {role} worker moves KV between workers: it needs a KV transport")
@@ -129,7 +130,7 @@ class WorkerService:
         self.feed = feed
         self.heartbeat_s = heartbeat_s
         self.status_interval_s = status_interval_s
-        self.token_flush_s = token_flush_s
+        self.token_flush_s = settings.token_flush_ms / 1000.0 if token_flush_s is None else token_flush_s
         self.clock = clock
         self.queue = worker_queue(settings, name)
         self.names = RequestIds()
@@ -456,22 +457,21 @@ class WorkerService:
             await self._sending
 
     async def _send_batch(self, batch: list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]) -> None:
-        """Each client's messages in order; different clients at once."""
+        """One publish per client: its messages in order, confirmed together; different clients at once."""
         by_client: dict[str, list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]] = {}
         for request, message in batch:
             by_client.setdefault(request.reply_to, []).append((request, message))
-        await asyncio.gather(*(self._send_in_order(messages) for messages in by_client.values()))
+        await asyncio.gather(*(self._send_to(queue, messages) for queue, messages in by_client.items()))
 
-    async def _send_in_order(self, messages: list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]) -> None:
-        for request, message in messages:
-            try:
-                await send(self.bus, request.reply_to, message)
-            except Unroutable:  # the client has gone: what it asked for is stopped and its KV freed, as on a cancel
-                log.info("request %s: its reply queue is gone; stopping it", request.request_id)
-                if request.request_id in self._streams:
-                    self._inbox.append(CancelRequest(request_id=request.request_id, reason="the client has gone"))
-                    self._wake.set()
-                return
+    async def _send_to(self, queue: str, messages: list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]) -> None:
+        try:
+            await self.bus.publish_many(queue, [encode(message) for _, message in messages])
+        except Unroutable:  # the client has gone: what it asked for is stopped and its KV freed, as on a cancel
+            for request_id in dict.fromkeys(request.request_id for request, _ in messages):
+                log.info("request %s: its reply queue is gone; stopping it", request_id)
+                if request_id in self._streams:
+                    self._inbox.append(CancelRequest(request_id=request_id, reason="the client has gone"))
+            self._wake.set()
 
     # --- KV handoff: the sending side --------------------------------------------------------
 
