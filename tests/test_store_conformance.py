@@ -288,6 +288,19 @@ async def test_putting_a_status_again_replaces_it(store: Store) -> None:
     assert await store.list_worker_statuses() == [worker_status("w-1", kv_free_tokens=20)]
 
 
+async def test_listing_again_decodes_only_the_statuses_that_changed(store: Store) -> None:
+    """The router lists every status every few milliseconds: an unchanged one comes back as the same object."""
+    for worker_id in ("w-1", "w-2"):
+        await store.put_worker_status(worker_status(worker_id, kv_free_tokens=10), ttl_s=LONG_TTL)
+    first = await store.list_worker_statuses()
+    await store.put_worker_status(worker_status("w-2", kv_free_tokens=20), ttl_s=LONG_TTL)
+    second = await store.list_worker_statuses()
+    assert second[0] is first[0]
+    assert second[1] is not first[1] and second[1] == worker_status("w-2", kv_free_tokens=20)
+    await store.remove_worker_status("w-1")
+    assert await store.list_worker_statuses() == [second[1]]
+
+
 async def test_removed_worker_status_is_gone_at_once(store: Store) -> None:
     await store.put_worker_status(worker_status("w-leaving"), ttl_s=LONG_TTL)
     await store.put_worker_status(worker_status("w-staying"), ttl_s=LONG_TTL)

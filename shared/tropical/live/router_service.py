@@ -79,6 +79,7 @@ class RouterService:
         self._requests: dict[int, GenerateRequest] = {}  # the queued ones
         self._routed: dict[str, float] = {}  # when each queued one was taken off the `requests` queue
         self.placements = Placements(forget_after=settings.status_ttl_s)  # the placed ones, until done
+        self._made: dict[str, tuple[WorkerStatus, int, WorkerView]] = {}  # each worker's latest status, its position, its view
         self._heard: dict[str, float] = {}  # each live worker's latest heartbeat already followed (its `sent_at`)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -196,7 +197,18 @@ class RouterService:
         self._out.clear()  # a RouterWake moved `router.wake`, which `run` sleeps until
 
     def _views(self, statuses: list[WorkerStatus]) -> list[WorkerView]:
-        return [self.ledger.view(s.worker_id, view_of(s, index, self.ids)) for index, s in enumerate(statuses)]
+        """Each worker's view, made once per heartbeat (the store hands back the same status object until it changes),
+        plus the dispatches its heartbeats do not show yet."""
+        made: dict[str, tuple[WorkerStatus, int, WorkerView]] = {}
+        views = []
+        for index, status in enumerate(statuses):
+            seen = self._made.get(status.worker_id)
+            if seen is None or seen[0] is not status or seen[1] != index:
+                seen = (status, index, view_of(status, index, self.ids))
+            made[status.worker_id] = seen
+            views.append(self.ledger.view(status.worker_id, seen[2]))
+        self._made = made
+        return views
 
     async def _follow(self, live: list[WorkerStatus], present: set[str], now: float) -> None:
         """Track the placed requests on the fresh heartbeats; place again what silent workers had not started.

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tropical.bus import Bus, Delivery, QueueSpec, Unroutable
 from tropical.core.actions import Abandoned, Action, TransferStarted
@@ -290,8 +290,7 @@ class WorkerService:
             await self._import(job, handoff, kv)
         if self._stranded:
             stranded, self._stranded = self._stranded, []
-            for job in stranded:
-                await self._hand_off(job)
+            await self._hand_off(stranded)
         await self._carry_out()
 
     async def _step_once(self) -> bool:
@@ -313,8 +312,8 @@ class WorkerService:
         self.engine.end(result, self.clock())
         await self._stream(result)
         handoffs, self.engine.handoffs = self.engine.handoffs, []
-        for job in handoffs:
-            await self._hand_off(job)
+        if handoffs:
+            await self._hand_off(handoffs)
         await self._carry_out()
         return True
 
@@ -475,48 +474,71 @@ class WorkerService:
 
     # --- KV handoff: the sending side --------------------------------------------------------
 
-    async def _hand_off(self, job: RequestState) -> None:
-        """Offer a prompt prefilled here to the decoding worker the policy picks, or keep it until one is picked."""
+    async def _hand_off(self, jobs: list[RequestState]) -> None:
+        """Offer the prompts prefilled here to the decoding workers the policy picks (one read of the statuses for all,
+        each choice counted in the next one's view); one no worker can take yet is kept until one can.
+
+        The messages go out from a task, after the first tokens: the next step need not wait for the broker.
+        """
         assert self.transport is not None
         statuses = [s for s in await asyncio.wait_for(self.store.list_worker_statuses(), timeout=self.settings.status_ttl_s) if not s.draining]
         views = [view_of(s, i, self.names) for i, s in enumerate(statuses)]
-        target = self.policy.route_decode(job.view, views, self.clock())
-        name = self.names.name_of(job.id)
-        stream = self._streams.get(name)
-        if target is None or stream is None:
-            if stream is not None:
+        now = self.clock()
+        messages: list[tuple[str, KvHandoff]] = []
+        for job in jobs:
+            name = self.names.name_of(job.id)
+            stream = self._streams.get(name)
+            if stream is None:
+                continue
+            target = self.policy.route_decode(job.view, views, now)
+            if target is None:
                 self._stranded.append(job)
-            return
-        kv = self.engine.export(job)
-        offer = await self.transport.offer(kv, lease_s=KV_LEASE_S)
-        handoff_id = f"{name}@{self.name}"
-        self._outgoing[handoff_id] = _Outgoing(job, offer.handle)
-        message = KvHandoff(
-            handoff_id=handoff_id,
-            request=stream.request,
-            prompt_token_ids=kv.prompt_token_ids,
-            first_token_id=kv.output_token_ids[0],
-            first_token_time=job.first_token or self.clock(),
-            source_worker=self.name,
-            transport=self.transport.kind,
-            handle=offer.handle,
-            layout=offer.layout,
-            nbytes=offer.nbytes,
-            lease_expires_at=offer.lease_expires_at,
-            dispatched_at=stream.dispatched_at,
-            prefill_start=job.prefill_start,
-            routed_at=stream.routed_at,
-            taken_at=stream.taken_at,
-        )
-        if stream.pending:
-            await self._flush(stream)
-        del self._streams[name]  # the decoding worker streams the rest
-        self._handed_to[name] = statuses[target].worker_id
-        if len(self._handed_to) > HANDED_TO_REMEMBERED:
-            del self._handed_to[next(iter(self._handed_to))]
-        await self._post()  # its first token reaches the client before the decoding worker can send the second
+                continue
+            chosen = views[target]
+            views[target] = replace(chosen, incoming=chosen.incoming + (job.view,), decode_load=chosen.decode_load + job.prompt)
+            kv = self.engine.export(job)
+            offer = await self.transport.offer(kv, lease_s=KV_LEASE_S)
+            handoff_id = f"{name}@{self.name}"
+            self._outgoing[handoff_id] = _Outgoing(job, offer.handle)
+            messages.append((statuses[target].worker_id, KvHandoff(
+                handoff_id=handoff_id,
+                request=stream.request,
+                prompt_token_ids=kv.prompt_token_ids,
+                first_token_id=kv.output_token_ids[0],
+                first_token_time=job.first_token or now,
+                source_worker=self.name,
+                transport=self.transport.kind,
+                handle=offer.handle,
+                layout=offer.layout,
+                nbytes=offer.nbytes,
+                lease_expires_at=offer.lease_expires_at,
+                dispatched_at=stream.dispatched_at,
+                prefill_start=job.prefill_start,
+                routed_at=stream.routed_at,
+                taken_at=stream.taken_at,
+            )))
+            if stream.pending:
+                await self._flush(stream)
+            del self._streams[name]  # the decoding worker streams the rest
+            self._handed_to[name] = statuses[target].worker_id
+            if len(self._handed_to) > HANDED_TO_REMEMBERED:
+                del self._handed_to[next(iter(self._handed_to))]
+        if messages:
+            await self._post()
+            self._spawn(self._send_handoffs(messages))
+
+    async def _send_handoffs(self, messages: list[tuple[str, KvHandoff]]) -> None:
+        """After the first tokens are out (a decoding worker must not send the second before them), each to its receiver."""
         await self._sent()
-        await send(self.bus, worker_queue(self.settings, statuses[target].worker_id), message)
+        results = await asyncio.gather(
+            *(send(self.bus, worker_queue(self.settings, worker), message) for worker, message in messages), return_exceptions=True
+        )
+        for (worker, message), result in zip(messages, results, strict=True):
+            if isinstance(result, Exception):  # the receiver is gone (or the broker refused): the lease goes, the client is told
+                log.warning("handoff %s to %s could not be sent: %s", message.handoff_id, worker, result)
+                self._inbox.append(KvAck(handoff_id=message.handoff_id, request_id=message.request.request_id, receiver=worker, ok=False, error=str(result)))
+                await self._error(message.request, ErrorCode.KV_TRANSFER_FAILED, f"its KV cache could not be offered to worker {worker}")
+                self._wake.set()
 
     async def _acked(self, handoff_id: str, ok: bool, error: str) -> None:
         """The receiver has the KV (or gave up on it, or the lease ran out): this worker lets it go."""

@@ -11,7 +11,7 @@ from tropical.protocol import LatencyModelSpec, RequestRecord, WorkerStatus, enc
 from tropical.store.base import LatencyModelUpdates, Store
 from tropical.store.errors import StoreClosed
 from tropical.store.feed import QueuedUpdates
-from tropical.store.values import StoredT, check_ttl, decode_listing, decode_value
+from tropical.store.values import DecodedListing, StoredT, check_ttl, decode_listing, decode_value
 
 Table = Literal["worker_status", "latency_model", "request_record"]
 
@@ -65,6 +65,7 @@ class MemoryStore(Store):
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._statuses = _ExpiringTable(clock)
+        self._status_listing = DecodedListing(WorkerStatus)
         self._records = _ExpiringTable(clock)
         self._models: dict[str, bytes] = {}
         self._subscriptions: set[QueuedUpdates] = set()
@@ -83,7 +84,7 @@ class MemoryStore(Store):
     async def list_worker_statuses(self) -> list[WorkerStatus]:
         self._check_open()
         entries = [(_key("worker_status", name), name, data) for name, data in self._statuses.items()]
-        return decode_listing(entries, WorkerStatus)
+        return self._status_listing.decode(entries)
 
     async def remove_worker_status(self, worker_id: str) -> None:
         self._check_open()

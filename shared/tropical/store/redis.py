@@ -25,7 +25,7 @@ from tropical.protocol import LatencyModelSpec, RequestRecord, WorkerStatus, enc
 from tropical.store.base import LatencyModelUpdates, Store
 from tropical.store.errors import StoreClosed, StoreError
 from tropical.store.feed import QueuedUpdates
-from tropical.store.values import check_ttl, decode_listing, decode_value
+from tropical.store.values import DecodedListing, check_ttl, decode_listing, decode_value
 
 DEFAULT_SUBSCRIBE_TIMEOUT_S: Final = 5.0
 DEFAULT_RESUBSCRIBE_TIMEOUT_S: Final = 60.0
@@ -68,6 +68,7 @@ class RedisStore(Store):
         self._subscribe_timeout_s = subscribe_timeout_s
         self.resubscribe_timeout_s = resubscribe_timeout_s
         self._prune = client.register_script(_PRUNE_SCRIPT)
+        self._status_listing = DecodedListing(WorkerStatus)
         self._subscriptions: set[_RedisUpdates] = set()
         self._closed = False
 
@@ -128,7 +129,7 @@ class RedisStore(Store):
                 args=[worker_id for _, worker_id in expired],
             )
         live = [(key, worker_id, data) for key, worker_id, data in zip(keys, ids, values) if data is not None]
-        return decode_listing(live, WorkerStatus)
+        return self._status_listing.decode(live)
 
     async def remove_worker_status(self, worker_id: str) -> None:
         self._check_open()

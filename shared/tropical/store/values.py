@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from tropical.protocol import (
     LatencyModelSpec,
@@ -58,6 +58,34 @@ def decode_listing(entries: Iterable[tuple[str, str, bytes]], expected: type[Sto
         except CorruptValue as exc:
             log.warning("skipping a stored %s: %s", expected.__name__, exc)
     return values
+
+
+class DecodedListing(Generic[StoredT]):
+    """A listing read again and again (the router reads every worker's status every few milliseconds): only the
+    entries whose bytes changed since the last read are decoded; an unchanged one is the same object as before."""
+
+    def __init__(self, expected: type[StoredT]) -> None:
+        self.expected = expected
+        self._last: dict[str, tuple[bytes, StoredT]] = {}
+
+    def decode(self, entries: Iterable[tuple[str, str, bytes]]) -> list[StoredT]:
+        """As `decode_listing`, reusing what the previous call decoded from the same bytes."""
+        values: list[StoredT] = []
+        last: dict[str, tuple[bytes, StoredT]] = {}
+        for key, name, data in entries:
+            seen = self._last.get(key)
+            if seen is not None and seen[0] == data:
+                value = seen[1]
+            else:
+                try:
+                    value = decode_value(data, self.expected, key=key, name=name)
+                except CorruptValue as exc:
+                    log.warning("skipping a stored %s: %s", self.expected.__name__, exc)
+                    continue
+            last[key] = (data, value)
+            values.append(value)
+        self._last = last
+        return values
 
 
 def check_ttl(ttl_s: float) -> float:
