@@ -194,6 +194,20 @@ async def test_cancel_returns_unsettled_messages(broker: Broker) -> None:
     assert all(d.redelivered for d in got)
 
 
+async def test_auto_ack_delivers_in_order_and_leaves_nothing_to_settle(broker: Broker) -> None:
+    """A reply stream: every message arrives, in order, and none waits in the queue for an ack."""
+    bus = await broker.connect()
+    queue = await broker.work_queue(bus)
+    inbox = Inbox(settle="hold")  # the handler never settles: with auto_ack nothing needs it
+    await bus.consume(queue, inbox, prefetch=1, auto_ack=True)
+    bodies = [f"token {i}".encode() for i in range(50)]
+    await bus.publish_many(queue, bodies)
+    got = await inbox.take(50)
+    assert [d.body for d in got] == bodies
+    await got[0].ack()  # settling anyway is harmless
+    assert await bus.queue_depth(queue) == 0
+
+
 async def test_closed_connection_gives_unsettled_messages_to_others(broker: Broker) -> None:
     worker, survivor = await broker.connect(), await broker.connect()
     queue = await broker.work_queue(worker)

@@ -139,12 +139,14 @@ class Bus(abc.ABC):
         """Publish several messages and wait for all of them to be taken at once (fewer round trips)."""
 
     @abc.abstractmethod
-    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 16) -> Subscription:
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 16, auto_ack: bool = False) -> Subscription:
         """Call `handler` for each message, at most `prefetch` unsettled at a time.
 
         A handler that returns without settling acks its message. One that raises has
         its message requeued the first time and dead-lettered if it fails again, so a
-        poison message cannot loop forever.
+        poison message cannot loop forever. With `auto_ack` the broker forgets each
+        message as it sends it (no settling, no redelivery): for a client's private
+        reply stream, where an ack per token message would cost more than the message.
         """
 
     @abc.abstractmethod

@@ -107,20 +107,26 @@ class MemoryDelivery(Delivery):
 
 
 class _Consumer(Subscription):
-    def __init__(self, bus: MemoryBus, queue: _Queue, handler: Handler, prefetch: int) -> None:
+    def __init__(self, bus: MemoryBus, queue: _Queue, handler: Handler, prefetch: int, auto_ack: bool = False) -> None:
         self.bus = bus
         self.queue = queue
         self.handler = handler
         self.prefetch = prefetch
+        self.auto_ack = auto_ack  # settled as it is handed over: no prefetch limit, nothing given back on cancel
         self.unsettled: dict[MemoryDelivery, asyncio.Task[None]] = {}
+        self._handing: set[asyncio.Task[None]] = set()
 
     def has_room(self) -> bool:
-        return len(self.unsettled) < self.prefetch
+        return self.auto_ack or len(self.unsettled) < self.prefetch
 
     def deliver(self, message: _Message) -> None:
         delivery = MemoryDelivery(self, message)
         task = asyncio.get_running_loop().create_task(run_handler(self.handler, delivery))
-        self.unsettled[delivery] = task
+        if self.auto_ack:
+            self._handing.add(task)
+            task.add_done_callback(self._handing.discard)
+        else:
+            self.unsettled[delivery] = task
 
     def settle(self, delivery: MemoryDelivery) -> bool:
         """Forget a settled delivery; False if its subscription had already given it back."""
@@ -198,14 +204,14 @@ class MemoryBus(Bus):
         for body in bodies:
             await self.publish(queue, body, reply_to=reply_to)
 
-    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 16) -> Subscription:
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 16, auto_ack: bool = False) -> Subscription:
         self._check_open()
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
         target = self._queue(queue)
         if target.owner not in (None, self):
             raise QueueLocked(f"queue {queue!r} is exclusive to another connection")
-        consumer = _Consumer(self, target, handler, prefetch)
+        consumer = _Consumer(self, target, handler, prefetch, auto_ack)
         target.consumers.append(consumer)
         self._consumers.add(consumer)
         target.pump()

@@ -105,6 +105,8 @@ class _RabbitDelivery(Delivery):
     async def _settle(self, what: str, action: Callable[[], Awaitable[None]]) -> None:
         # The delivery tag is only valid on the channel the message came on; once
         # that channel is gone the broker has requeued the message by itself.
+        if self._subscription.auto_ack:
+            return  # nothing to settle: the broker forgot it when it sent it
         if self._subscription.cancelled:
             log.debug("%s on %s after its subscription was cancelled: the message was requeued", what, self.queue)
             return
@@ -115,7 +117,8 @@ class _RabbitDelivery(Delivery):
 
 
 class _RabbitSubscription(Subscription):
-    def __init__(self, bus: RabbitBus, channel: AbstractRobustChannel, queue: str, handler: Handler) -> None:
+    def __init__(self, bus: RabbitBus, channel: AbstractRobustChannel, queue: str, handler: Handler, *, auto_ack: bool = False) -> None:
+        self.auto_ack = auto_ack  # the broker settled each message as it sent it
         self._bus = bus
         self._channel = channel
         self.queue = queue
@@ -336,20 +339,20 @@ class RabbitBus(Bus):
                 pause = min(pause * 2, 1.0)
             pending = lost
 
-    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 16) -> Subscription:
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 16, auto_ack: bool = False) -> Subscription:
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
         # Ask on a channel of its own first, so a refusal never lands on the consuming one.
         await self.queue_depth(queue)
         channel = await self._connection.channel(publisher_confirms=False)
-        subscription = _RabbitSubscription(self, channel, queue, handler)
+        subscription = _RabbitSubscription(self, channel, queue, handler, auto_ack=auto_ack)
         try:
             async with self._robustly(f"consume {queue!r}"), _broker_refusals(queue):
                 await channel.set_qos(prefetch_count=prefetch)
                 # Looked up, not declared: after a reconnect the channel consumes
                 # again once the queue is back, and never creates one by itself.
                 source = await channel.get_queue(queue)
-                await source.consume(subscription.on_message, no_ack=False)
+                await source.consume(subscription.on_message, no_ack=auto_ack)
         except BaseException:
             subscription.cancelled = True
             with suppress(*_CONNECTION_LOST):

@@ -46,7 +46,7 @@ class Client:
     async def __aenter__(self) -> Self:
         await self.bus.declare_queue(reply_queue(self.settings, self.name))
         self._requests = await declare_requests_queue(self.bus, self.settings)
-        self._subscription = await self.bus.consume(self.reply_to, self._on_reply, prefetch=1024)
+        self._subscription = await self.bus.consume(self.reply_to, self._on_reply, prefetch=1024, auto_ack=True)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

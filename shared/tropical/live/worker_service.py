@@ -154,6 +154,7 @@ class WorkerService:
         self._wake = asyncio.Event()
         self._outbox: list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]] = []  # replies of the last step
         self._sending: asyncio.Task[None] | None = None  # the batch of replies in flight
+        self._firsts: set[asyncio.Future[None]] = set()  # first tokens in flight, each sent on its own
         self._changed = asyncio.Event()  # the state changed in a way the router places by: publish a status
         self._stopping = asyncio.Event()
         self._consumer: MessageConsumer | None = None
@@ -184,8 +185,7 @@ class WorkerService:
         finally:
             await self._consumer.stop()
             done.set()  # an event, not a cancel: a cancel can be lost inside wait_for on Python 3.11
-            if self._sending is not None:
-                await asyncio.gather(self._sending, return_exceptions=True)
+            await asyncio.gather(self._sent(), return_exceptions=True)
             await asyncio.gather(heartbeat, *self._tasks, return_exceptions=True)
             self._engine_thread.shutdown(wait=False)
             await self.store.remove_worker_status(self.name)
@@ -411,8 +411,13 @@ class WorkerService:
         tokens, stream.pending = stream.pending, []
         stream.flushed_at = self.clock()
         message = TokenChunk(request_id=stream.request.request_id, index=stream.sent, token_ids=tokens, emitted_at=stream.flushed_at)
-        stream.sent += len(tokens)
-        await self._reply(stream.request, message)
+        first, stream.sent = stream.sent == 0, stream.sent + len(tokens)
+        if first:  # the request's TTFT: out at once, not behind the step's batch of replies
+            task = asyncio.ensure_future(self._send_to(stream.request.reply_to, [(stream.request, message)]))
+            self._firsts.add(task)
+            task.add_done_callback(self._firsts.discard)
+        else:
+            await self._reply(stream.request, message)
 
     async def _finish(self, stream: _Stream, reason: FinishReason) -> None:
         request, job = stream.request, stream.job
@@ -451,12 +456,18 @@ class WorkerService:
         self._sending = asyncio.create_task(self._send_batch(batch))
 
     async def _sent(self) -> None:
-        """Wait until every reply handed to `_post` is out."""
+        """Wait until every reply handed to `_post`, and every first token, is out."""
         if self._sending is not None:
             await self._sending
+        await self._firsts_sent()
+
+    async def _firsts_sent(self) -> None:
+        if self._firsts:
+            await asyncio.gather(*self._firsts, return_exceptions=True)
 
     async def _send_batch(self, batch: list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]) -> None:
         """One publish per client: its messages in order, confirmed together; different clients at once."""
+        await self._firsts_sent()  # a request's first token goes before anything else of it
         by_client: dict[str, list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]] = {}
         for request, message in batch:
             by_client.setdefault(request.reply_to, []).append((request, message))
