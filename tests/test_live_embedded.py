@@ -20,7 +20,21 @@ from tropical.live.router_service import RouterService
 from tropical.live.worker_service import WorkerService, worker_queue
 from tropical.messaging import send
 from tropical.policies import Role, make_policy
-from tropical.protocol import Dispatch, ErrorCode, FinishReason, GenerateRequest, Message, RequestFinished, SamplingParams, Slo, WorkerRole, WorkerStatus, decode
+from tropical.protocol import (
+    Dispatch,
+    ErrorCode,
+    FinishReason,
+    GenerateRequest,
+    Message,
+    RequestFinished,
+    SamplingParams,
+    Slo,
+    Timings,
+    TokenChunk,
+    WorkerRole,
+    WorkerStatus,
+    decode,
+)
 from tropical.queues import declare_requests_queue
 from tropical.settings import Settings
 from tropical.store import MemoryStore
@@ -237,3 +251,33 @@ async def test_a_cancel_during_the_pull_lets_the_kv_go_when_it_lands() -> None:
         await served.stop()
     assert not decoder._cancelled_pulls and not decoder.state.incoming and not decoder.engine.engine.has_unfinished()
     assert decoder.state.view(time.time()).kv_used == 0 and not prefill._outgoing
+
+
+async def test_a_stream_generated_again_from_its_start_yields_each_token_once() -> None:
+    """A request placed again after its first worker went silent may repeat what that worker had sent."""
+    bus = MemoryBus()
+    async with Client(bus, SETTINGS) as client:
+        requests = await declare_requests_queue(bus, SETTINGS)
+        taken: asyncio.Queue[GenerateRequest] = asyncio.Queue()
+
+        async def router(delivery: Delivery) -> None:
+            message = decode(delivery.body)
+            if isinstance(message, GenerateRequest):
+                taken.put_nowait(message)
+
+        await bus.consume(requests, router)
+        stream = client.generate([1, 2], max_tokens=4, request_id="again")
+        first = asyncio.ensure_future(anext(stream))
+        request = await asyncio.wait_for(taken.get(), timeout=10)
+        now = time.time()
+        replies = [
+            TokenChunk(request_id="again", index=0, token_ids=[7], emitted_at=now),  # the worker that went silent
+            TokenChunk(request_id="again", index=0, token_ids=[7, 8], emitted_at=now),  # the one it was placed on again
+            TokenChunk(request_id="again", index=2, token_ids=[9, 10], emitted_at=now),
+            RequestFinished(request_id="again", finish_reason=FinishReason.LENGTH, num_prompt_tokens=2, num_output_tokens=4, timings=Timings(arrival=now)),
+        ]
+        for reply in replies:
+            await send(bus, request.reply_to, reply)
+        chunks = [await asyncio.wait_for(first, timeout=10)] + [chunk async for chunk in stream]
+    assert [(c.index, c.token_ids) for c in chunks] == [(0, [7]), (1, [8]), (2, [9, 10])]
+    await bus.close()

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Self
 
+import msgspec
+
 from tropical.bus import Bus, Delivery, Subscription
 from tropical.messaging import send
 from tropical.protocol import CancelRequest, ErrorReply, GenerateRequest, Message, RequestFinished, SamplingParams, Slo, TokenChunk, decode
@@ -74,10 +76,14 @@ class Client:
         self._streams[request_id] = stream
         try:
             await send(self.bus, self._requests, request)
+            next_index = 0
             while True:
                 message = await asyncio.wait_for(stream.get(), timeout=self.timeout_s)
                 if isinstance(message, TokenChunk):
-                    yield message
+                    fresh = unseen(message, next_index)
+                    if fresh is not None:
+                        next_index = fresh.index + len(fresh.token_ids)
+                        yield fresh
                 elif isinstance(message, RequestFinished):
                     self.finished[request_id] = message
                     return
@@ -102,3 +108,18 @@ class Client:
         stream = self._streams.get(getattr(message, "request_id", None) or "")
         if stream is not None:
             stream.put_nowait(message)
+
+
+def unseen(chunk: TokenChunk, next_index: int) -> TokenChunk | None:
+    """The part of `chunk` from output position `next_index` on (None: all of it was yielded already).
+
+    A request the router placed again, after the worker that had begun it went
+    silent, is generated again from its first token: what the client has
+    already seen is not repeated.
+    """
+    skip = next_index - chunk.index
+    if skip <= 0:
+        return chunk
+    if skip >= len(chunk.token_ids):
+        return None
+    return msgspec.structs.replace(chunk, index=next_index, token_ids=chunk.token_ids[skip:])
