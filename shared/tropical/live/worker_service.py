@@ -462,8 +462,11 @@ class WorkerService:
         await self._firsts_sent()
 
     async def _firsts_sent(self) -> None:
-        if self._firsts:
-            await asyncio.gather(*self._firsts, return_exceptions=True)
+        if not self._firsts:
+            return
+        for result in await asyncio.gather(*self._firsts, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.error("worker %s could not send a first token: %s", self.name, result)
 
     async def _send_batch(self, batch: list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]) -> None:
         """One publish per client: its messages in order, confirmed together; different clients at once."""
