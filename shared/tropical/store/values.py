@@ -51,13 +51,7 @@ def decode_value(data: bytes, expected: type[StoredT], *, key: str, name: str | 
 
 def decode_listing(entries: Iterable[tuple[str, str, bytes]], expected: type[StoredT]) -> list[StoredT]:
     """Decode ``(key, name, data)`` entries, logging and skipping the corrupt ones."""
-    values: list[StoredT] = []
-    for key, name, data in entries:
-        try:
-            values.append(decode_value(data, expected, key=key, name=name))
-        except CorruptValue as exc:
-            log.warning("skipping a stored %s: %s", expected.__name__, exc)
-    return values
+    return DecodedListing(expected).decode(entries)
 
 
 class DecodedListing(Generic[StoredT]):
@@ -69,7 +63,8 @@ class DecodedListing(Generic[StoredT]):
         self._last: dict[str, tuple[bytes, StoredT]] = {}
 
     def decode(self, entries: Iterable[tuple[str, str, bytes]]) -> list[StoredT]:
-        """As `decode_listing`, reusing what the previous call decoded from the same bytes."""
+        """Decode ``(key, name, data)`` entries, logging and skipping the corrupt ones; bytes seen at the last call are not
+        decoded again."""
         values: list[StoredT] = []
         last: dict[str, tuple[bytes, StoredT]] = {}
         for key, name, data in entries:
