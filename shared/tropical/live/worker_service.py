@@ -616,12 +616,12 @@ class WorkerService:
             self._cancelled_pulls.discard(job.id)
             await self._ack(handoff, ok=False, error="cancelled")
             return
-        ack = KvAck(handoff_id=handoff.handoff_id, request_id=handoff.request.request_id, receiver=self.name)
+        refused = ""  # why the engine would not take the KV that arrived
         if kv is not None:
             try:
                 self.engine.receive(job, kv)
             except ValueError as exc:
-                kv, ack = None, KvAck(handoff_id=ack.handoff_id, request_id=ack.request_id, receiver=self.name, ok=False, error=str(exc))
+                kv, refused = None, str(exc)
         if kv is None:
             self.state.transfer_failed(job, self.clock())
             stream = self._streams.pop(handoff.request.request_id, None)
@@ -629,12 +629,11 @@ class WorkerService:
                 await self._error(stream.request, ErrorCode.KV_TRANSFER_FAILED, "its KV cache could not be moved to the decoding worker")
         else:
             self.state.kv_arrived(job, self.clock())
-        await self._send_ack(handoff, ack)
+        await self._ack(handoff, ok=not refused, error=refused)
 
     async def _ack(self, handoff: KvHandoff, *, ok: bool, error: str = "") -> None:
-        await self._send_ack(handoff, KvAck(handoff_id=handoff.handoff_id, request_id=handoff.request.request_id, receiver=self.name, ok=ok, error=error))
-
-    async def _send_ack(self, handoff: KvHandoff, ack: KvAck) -> None:
+        """Tell the sender it may let the KV go (`ok=False`: it was not taken, and why)."""
+        ack = KvAck(handoff_id=handoff.handoff_id, request_id=handoff.request.request_id, receiver=self.name, ok=ok, error=error)
         try:
             await send(self.bus, worker_queue(self.settings, handoff.source_worker), ack)
         except Unroutable:
