@@ -275,9 +275,9 @@ class WorkerService:
         inbox, self._inbox = self._inbox, []
         for message in inbox:
             if isinstance(message, Dispatch):
-                await self._place(message)
+                self._place(message)
             elif isinstance(message, KvHandoff):
-                await self._take_handoff(message)
+                self._take_handoff(message)
             elif isinstance(message, KvAck):
                 await self._acked(message.handoff_id, message.ok, message.error)
             elif isinstance(message, CancelRequest):
@@ -291,7 +291,7 @@ class WorkerService:
         if self._stranded:
             stranded, self._stranded = self._stranded, []
             await self._hand_off(stranded)
-        await self._carry_out()
+        self._carry_out()
 
     async def _step_once(self) -> bool:
         state = self.state
@@ -299,7 +299,7 @@ class WorkerService:
             return False
         state.needs_plan = False
         state.start_step(self.policy, self._tokens.__next__, self.clock())
-        actions = await self._carry_out()
+        actions = self._carry_out()
         plan = self.engine.plan(actions)
         if not state.busy:
             return False
@@ -310,21 +310,21 @@ class WorkerService:
             self.feed.observe_step(batch, context, chunks, result.step_time_s)  # keeps the predictions calibrated
         self.steps += 1
         self.engine.end(result, self.clock())
-        await self._stream(result)
+        self._stream(result)
         handoffs, self.engine.handoffs = self.engine.handoffs, []
         if handoffs:
             await self._hand_off(handoffs)
-        await self._carry_out()
+        self._carry_out()
         return True
 
-    async def _carry_out(self) -> list[Action]:
+    def _carry_out(self) -> list[Action]:
         """The core's actions since the last look: pulls start, abandoned requests are told; the rest is returned."""
         actions, self._out[:] = list(self._out), []
         for action in actions:
             if isinstance(action, Abandoned):
                 stream = self._streams.pop(self.names.name_of(action.request), None)
                 if stream is not None:
-                    await self._error(stream.request, ErrorCode.TIMEOUT, "abandoned: it could no longer meet its SLO")
+                    self._error(stream.request, ErrorCode.TIMEOUT, "abandoned: it could no longer meet its SLO")
             elif isinstance(action, TransferStarted):
                 self._spawn(self._pull(action.request))
         return actions
@@ -336,7 +336,7 @@ class WorkerService:
 
     # --- placing, cancelling ---------------------------------------------------------------
 
-    async def _place(self, dispatch: Dispatch) -> None:
+    def _place(self, dispatch: Dispatch) -> None:
         request = dispatch.request
         taken_at = self._taken.pop(request.request_id, None)
         if request.request_id in self._streams:
@@ -346,7 +346,7 @@ class WorkerService:
         try:
             self.engine.add(job, prompt, request.sampling, request.max_tokens)
         except ValueError as exc:
-            await self._error(request, ErrorCode.INVALID, str(exc))
+            self._error(request, ErrorCode.INVALID, str(exc))
             return
         self._streams[request.request_id] = _Stream(
             request, job, dispatch.dispatched_at, routed_at=dispatch.routed_at, taken_at=taken_at
@@ -379,7 +379,7 @@ class WorkerService:
         if cancel.quiet:  # placed again elsewhere (or failed): the client hears nothing more from here
             del self._streams[request_id]
             return
-        await self._finish(stream, FinishReason.CANCELLED)
+        self._finish(stream, FinishReason.CANCELLED)
 
     async def _cancel_incoming(self, job: RequestState) -> None:
         """A handed-over request whose KV has not arrived: the room held for it is freed, and so is the sender's lease
@@ -393,21 +393,21 @@ class WorkerService:
 
     # --- streaming -------------------------------------------------------------------------
 
-    async def _stream(self, result: StepResult) -> None:
+    def _stream(self, result: StepResult) -> None:
         for output in result.outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
             stream.pending.extend(output.new_token_ids)
             if output.finished:
-                await self._flush(stream)
-                await self._finish(stream, output.finish_reason or FinishReason.LENGTH)
+                self._flush(stream)
+                self._finish(stream, output.finish_reason or FinishReason.LENGTH)
         now = self.clock()
         for stream in list(self._streams.values()):
             if stream.pending and (stream.sent == 0 or now - stream.flushed_at >= self.token_flush_s):
-                await self._flush(stream)
+                self._flush(stream)
 
-    async def _flush(self, stream: _Stream) -> None:
+    def _flush(self, stream: _Stream) -> None:
         tokens, stream.pending = stream.pending, []
         stream.flushed_at = self.clock()
         message = TokenChunk(request_id=stream.request.request_id, index=stream.sent, token_ids=tokens, emitted_at=stream.flushed_at)
@@ -417,9 +417,9 @@ class WorkerService:
             self._firsts.add(task)
             task.add_done_callback(self._firsts.discard)
         else:
-            await self._reply(stream.request, message)
+            self._reply(stream.request, message)
 
-    async def _finish(self, stream: _Stream, reason: FinishReason) -> None:
+    def _finish(self, stream: _Stream, reason: FinishReason) -> None:
         request, job = stream.request, stream.job
         self._streams.pop(request.request_id, None)
         timings = Timings(
@@ -435,12 +435,12 @@ class WorkerService:
         finished = RequestFinished(
             request_id=request.request_id, finish_reason=reason, num_prompt_tokens=job.prompt, num_output_tokens=stream.sent, timings=timings
         )
-        await self._reply(request, finished)
+        self._reply(request, finished)
 
-    async def _error(self, request: GenerateRequest, code: ErrorCode, text: str) -> None:
-        await self._reply(request, ErrorReply(request_id=request.request_id, code=code, message=text))
+    def _error(self, request: GenerateRequest, code: ErrorCode, text: str) -> None:
+        self._reply(request, ErrorReply(request_id=request.request_id, code=code, message=text))
 
-    async def _reply(self, request: GenerateRequest, message: TokenChunk | RequestFinished | ErrorReply) -> None:
+    def _reply(self, request: GenerateRequest, message: TokenChunk | RequestFinished | ErrorReply) -> None:
         self._outbox.append((request, message))
 
     async def _post(self) -> None:
@@ -532,7 +532,7 @@ class WorkerService:
                 taken_at=stream.taken_at,
             )))
             if stream.pending:
-                await self._flush(stream)
+                self._flush(stream)
             del self._streams[name]  # the decoding worker streams the rest
             self._handed_to[name] = statuses[target].worker_id
             if len(self._handed_to) > HANDED_TO_REMEMBERED:
@@ -551,7 +551,7 @@ class WorkerService:
             if isinstance(result, Exception):  # the receiver is gone (or the broker refused): the lease goes, the client is told
                 log.warning("handoff %s to %s could not be sent: %s", message.handoff_id, worker, result)
                 self._inbox.append(KvAck(handoff_id=message.handoff_id, request_id=message.request.request_id, receiver=worker, ok=False, error=str(result)))
-                await self._error(message.request, ErrorCode.KV_TRANSFER_FAILED, f"its KV cache could not be offered to worker {worker}")
+                self._error(message.request, ErrorCode.KV_TRANSFER_FAILED, f"its KV cache could not be offered to worker {worker}")
                 self._wake.set()
 
     async def _acked(self, handoff_id: str, ok: bool, error: str) -> None:
@@ -567,12 +567,12 @@ class WorkerService:
 
     # --- KV handoff: the receiving side ------------------------------------------------------
 
-    async def _take_handoff(self, handoff: KvHandoff) -> None:
+    def _take_handoff(self, handoff: KvHandoff) -> None:
         request = handoff.request
         if request.request_id in self._streams:
             return
         if self.transport is None or self.transport.kind is not handoff.transport:
-            await self._error(request, ErrorCode.KV_TRANSFER_FAILED, f"worker {self.name} cannot pull KV over {handoff.transport}")
+            self._error(request, ErrorCode.KV_TRANSFER_FAILED, f"worker {self.name} cannot pull KV over {handoff.transport}")
             return
         job = self._job(request, len(handoff.prompt_token_ids))
         job.prefilled, job.generated, job.kv = job.prompt, 1, job.prompt
@@ -626,7 +626,7 @@ class WorkerService:
             self.state.transfer_failed(job, self.clock())
             stream = self._streams.pop(handoff.request.request_id, None)
             if stream is not None:
-                await self._error(stream.request, ErrorCode.KV_TRANSFER_FAILED, "its KV cache could not be moved to the decoding worker")
+                self._error(stream.request, ErrorCode.KV_TRANSFER_FAILED, "its KV cache could not be moved to the decoding worker")
         else:
             self.state.kv_arrived(job, self.clock())
         await self._ack(handoff, ok=not refused, error=refused)
