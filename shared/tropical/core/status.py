@@ -130,12 +130,15 @@ def view_of(status: WorkerStatus, index: int, ids: RequestIds) -> WorkerView:
     )
 
 
+def resident_requests(status: WorkerStatus) -> list[str]:
+    """Every request a status shows on its worker now: prompts, decodes running, waiting or on their way."""
+    resident = [s.request_id for group in (status.prefills, status.waiting, status.incoming) for s in group]
+    return resident + [d.request_id for d in status.decodes]
+
+
 def held_requests(status: WorkerStatus) -> list[str]:
     """Every request a status shows its worker holding or having taken: what confirms the router's dispatches."""
-    held = [s.request_id for group in (status.prefills, status.waiting, status.incoming) for s in group]
-    held += [d.request_id for d in status.decodes]
-    held += status.accepted
-    return held
+    return resident_requests(status) + status.accepted
 
 
 def _snapshot(r: RequestView, names: RequestIds) -> RequestSnapshot:

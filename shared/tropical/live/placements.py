@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from tropical.core.status import resident_requests
 from tropical.protocol import GenerateRequest, WorkerStatus
 
 
@@ -79,8 +80,7 @@ class Placements:
                 self._draining.discard(worker)
             waiting = {p.request_id for p in status.prefills if p.prefilled == 0 and p.generated == 0}
             waiting.difference_update(c.request_id for c in status.in_step)
-            held = {s.request_id for group in (status.prefills, status.waiting, status.incoming) for s in group}
-            held.update(d.request_id for d in status.decodes)
+            held = set(resident_requests(status))
             shown = held.union(status.accepted)  # held, or taken since the previous heartbeat (and maybe gone already)
             for placed in here.get(worker, ()):
                 if placed.worker == worker and placed.seen_at is not None and placed.request_id not in shown:
