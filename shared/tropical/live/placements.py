@@ -66,6 +66,9 @@ class Placements:
 
     def observe(self, statuses: Iterable[WorkerStatus], now: float) -> list[str]:
         """Follow the requests through fresh heartbeats; the names forgotten as finished."""
+        statuses = list(statuses)
+        if not statuses:  # the router asks every few milliseconds; most times no worker has reported since
+            return []
         here: dict[str, list[Placed]] = {}
         for placed in self._placed.values():
             if placed.worker is not None:
