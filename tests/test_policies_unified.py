@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -19,7 +20,7 @@ from tropical.policies import (
     RouterDecision,
     WorkerView,
 )
-from tropical.policies.prefill_queue import urgent_first
+from tropical.policies.prefill_queue import urgency_order, urgent_first
 from tropical.policies.records import EMPTY_BATCH
 from tropical.policies.unified import SlackAwareRouter, prompt_work
 
@@ -216,3 +217,63 @@ def test_refuses_the_unattainable_and_holds_predicted_misses_for_spare_capacity(
     assert keep_all.place([unattainable], [busy], 0.0) == RouterDecision()  # nowhere spare: it waits
     spare = worker(1, Role.PREFILL)
     assert [(p.request_id, p.worker_id) for p in keep_all.place([unattainable], [busy, spare], 0.0).placements] == [(1, 1)]
+
+
+# --- the bounded search against every worker -------------------------------------------------
+
+
+def exhaustive_place(router: SlackAwareRouter, queue: list[RequestView], workers: list[WorkerView], now: float) -> list[tuple[int, int | None]]:
+    """Each prompt's worker (None: refused) by predicting it on every worker, as the router's docstring defines the best."""
+    held = {w.id: list(w.prefills) for w in workers}
+    free = {w.id: w.kv_free - sum(r.prefill_tokens for r in w.prefills if r.prefilled == 0) for w in workers}
+    chosen: list[tuple[int, int | None]] = []
+    for r in urgency_order(queue, router.model, now, servers=len(workers)):
+        best: tuple[tuple[int, bool, float], int] | None = None
+        for i, w in enumerate(workers):
+            if r.prefill_tokens > free[w.id] and (w.kv_used or held[w.id]):
+                continue
+            finish, harm = router.predict(r, w, held[w.id], now)
+            key = (harm, w.role is not Role.PREFILL and router.prefer_prefill_workers, finish)
+            if finish <= r.ttft_deadline and (best is None or (key, i) < best):
+                best = (key, i)
+        if best is None:
+            chosen.append((r.id, None))
+            continue
+        target = workers[best[1]]
+        held[target.id].append(r)
+        free[target.id] -= r.prefill_tokens
+        chosen.append((r.id, target.id))
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_the_bounded_search_finds_what_predicting_every_worker_finds(seed: int) -> None:
+    rng = random.Random(seed)
+    now = 10.0
+    model = LatencyModel(c0=1e-7, c1=2e-4, c2=0.01, d0=0.015, d1=2e-4, d2=3e-7)
+    router = SlackAwareRouter(model, window=1000)
+
+    def prompt(id: int, arrival: float, ttft: tuple[float, ...] = (0.6, 1.5, 4.0)) -> RequestView:
+        return request(id, rng.choice([30, 200, 900, 2500]), arrival=arrival, ttft=rng.choice(ttft), tpot=0.1)
+
+    workers = []
+    for i in range(rng.randint(1, 32)):
+        role = Role.PREFILL if rng.random() < 0.03 else Role.MULTIPLEX
+        queued = tuple(prompt(1000 * (i + 1) + k, now - rng.uniform(0.0, 0.5)) for k in range(rng.choice([0, 1, 2, 3, 4])))
+        if queued and rng.random() < 0.5:  # the first is being prefilled in chunks
+            queued = (replace(queued[0], prefilled=min(queued[0].prompt_tokens - 1, 16)), *queued[1:])
+        in_step = ((queued[0].id, min(64, queued[0].remaining_prefill)),) if queued and rng.random() < 0.5 else ()
+        busy = rng.random() < 0.8
+        size = 0 if role is Role.PREFILL else rng.choice([0, 0, 4, 16, 40])
+        deadline = now + rng.uniform(-0.05, 1.0)
+        workers.append(
+            worker(i, role, prefills=queued, busy=busy, step_end=now + rng.uniform(0.0, 0.05) if busy else now, in_step=in_step,
+                   batch=batch(size, size * rng.randint(200, 1500), deadline=deadline) if size else EMPTY_BATCH)
+        )
+    queue = [prompt(k, now - rng.uniform(0.0, 0.1), (1.5, 4.0, 8.0)) for k in range(rng.randint(1, 6))]  # mostly due after the queued
+    queue = [r for r in queue if now + model.prefill_time(r.remaining_prefill) <= r.ttft_deadline]  # the unattainable are refused first
+    decision = router.place(queue, workers, now)
+    placed = {p.request_id: p.worker_id for p in decision.placements}
+    assert set(placed) | set(decision.drops) == {r.id for r in queue}
+    expected = exhaustive_place(router, queue, workers, now)
+    assert [(r, placed.get(r)) for r, _ in expected] == expected

@@ -40,25 +40,26 @@ def _moore_hodgson(jobs: list[tuple[float, float, int]], start: float) -> tuple[
     """`moore_hodgson` over (deadline, duration, position) tuples: the positions on time and late, each in EDF order.
 
     Sorting the tuples is the stable sort by (deadline, duration); plain tuples
-    keep the router's per-arrival ordering of a long queue cheap.
+    keep the router's per-arrival ordering of a long queue cheap. The k-th job
+    in EDF order is known by k alone, so the heap holds (−duration, k).
     """
-    kept: list[tuple[int, float]] = []  # (position, duration)
-    longest: list[tuple[float, int]] = []  # max-heap of (−duration, index into kept)
-    dropped: set[int] = set()
+    jobs = sorted(jobs)
+    longest: list[tuple[float, int]] = []  # max-heap of (−duration, k)
+    dropped: list[int] = []
+    push, pop = heapq.heappush, heapq.heappop
     finish = start
-    for deadline, duration, position in sorted(jobs):
-        heapq.heappush(longest, (-duration, len(kept)))
-        kept.append((position, duration))
+    for k, (deadline, duration, _) in enumerate(jobs):
+        push(longest, (-duration, k))
         finish += duration
         if finish > deadline:
-            _, index = heapq.heappop(longest)
-            dropped.add(index)
-            finish -= kept[index][1]
+            negative, index = pop(longest)
+            dropped.append(index)
+            finish += negative
     if not dropped:
-        return [position for position, _ in kept], []
-    on_time = [position for index, (position, _) in enumerate(kept) if index not in dropped]
-    late = [position for index, (position, _) in enumerate(kept) if index in dropped]
-    return on_time, late
+        return [position for _, _, position in jobs], []
+    late = set(dropped)
+    on_time = [job[2] for k, job in enumerate(jobs) if k not in late]
+    return on_time, [jobs[k][2] for k in sorted(late)]
 
 
 def urgency_order(requests: Sequence[RequestView], model: LatencyModel, now: float, *, start: float | None = None, servers: int = 1) -> list[RequestView]:
@@ -69,9 +70,7 @@ def urgency_order(requests: Sequence[RequestView], model: LatencyModel, now: flo
     With several prefill servers, the queue is treated as one server `servers`
     times as fast (an approximation; exact for one server).
     """
-    head, hopeless = _urgency_split(requests, model, now, now if start is None else start, servers)
-    hopeless.sort()
-    return [requests[i] for i in head] + [requests[i] for _, _, i in hopeless]
+    return list(iter_urgency(requests, model, now, start=start, servers=servers))
 
 
 def iter_urgency(requests: Sequence[RequestView], model: LatencyModel, now: float, *, start: float | None = None, servers: int = 1) -> Iterator[RequestView]:
@@ -79,28 +78,31 @@ def iter_urgency(requests: Sequence[RequestView], model: LatencyModel, now: floa
     head, hopeless = _urgency_split(requests, model, now, now if start is None else start, servers)
     for i in head:
         yield requests[i]
-    hopeless.sort()
-    for _, _, i in hopeless:
+    tail = [(requests[i].remaining_prefill, requests[i].arrival, i) for i in hopeless]  # shortest first, then queue order
+    tail.sort()
+    for _, _, i in tail:
         yield requests[i]
 
 
-def _urgency_split(
-    requests: Sequence[RequestView], model: LatencyModel, now: float, start: float, servers: int
-) -> tuple[list[int], list[tuple[int, float, int]]]:
-    """Positions of the savable requests in order (on time, then late), and (tokens, arrival, position) of the hopeless."""
+def _urgency_split(requests: Sequence[RequestView], model: LatencyModel, now: float, start: float, servers: int) -> tuple[list[int], list[int]]:
+    """Positions of the savable requests in order (on time, then late), and of the hopeless in queue order.
+
+    The router runs this over its whole queue on every decision, so the loop
+    reads each field once and keeps only a position for a hopeless request.
+    """
     c0, c1, c2 = model.c0, model.c1, model.c2
     past_is_hopeless = min(c0, c1, c2) >= 0.0  # prefill times are then never negative: a deadline already past is hopeless
-    hopeless: list[tuple[int, float, int]] = []  # sorted, shortest first, then queue order
+    hopeless: list[int] = []
     jobs: list[tuple[float, float, int]] = []
     for i, r in enumerate(requests):
-        tokens = r.prompt_tokens + r.generated - r.prefilled  # r.remaining_prefill
         deadline = r.arrival + r.ttft_slo  # r.ttft_deadline
         if past_is_hopeless and deadline < now:
-            hopeless.append((tokens, r.arrival, i))
+            hopeless.append(i)
             continue
+        tokens = r.prompt_tokens + r.generated - r.prefilled  # r.remaining_prefill
         duration = c2 + (c0 * (tokens * tokens) + c1 * tokens) if tokens > 0 else model.prefill_time(tokens)  # model.prefill_time, inlined
         if deadline - now - duration < 0.0:
-            hopeless.append((tokens, r.arrival, i))
+            hopeless.append(i)
         else:
             jobs.append((deadline, duration / servers, i))
     on_time, late = _moore_hodgson(jobs, start)

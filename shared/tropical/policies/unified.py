@@ -37,6 +37,7 @@ from tropical.latency.model import LatencyModel
 from tropical.policies.prefill_queue import Job, PrefillOrder, moore_hodgson, order_prefills, urgency_order
 from tropical.policies.records import (
     Placement,
+    RequestId,
     RequestView,
     Role,
     RouterDecision,
@@ -68,7 +69,7 @@ class SlackAwareRouter:
     order: PrefillOrder = PrefillOrder.URGENCY  # the order prompts are considered in
 
     def place(self, queue: Sequence[RequestView], workers: Sequence[WorkerView], now: float) -> RouterDecision:
-        takers = [w for w in workers if w.role is Role.PREFILL or (self.multiplexing and w.role.takes_prompts)]
+        takers = [w for w in workers if w.role is Role.PREFILL or (self.multiplexing and w.role is not Role.DECODE)]  # Role.takes_prompts
         if not takers or not queue:
             return RouterDecision()
         placements: list[Placement] = []
@@ -85,7 +86,7 @@ class SlackAwareRouter:
             for w in takers
             if not (self.protect_waiting and w.role is not Role.PREFILL and w.waiting and any(q.token_deadline < now for q in w.waiting))
         ]
-        board = _Board(self, lenders, now)
+        board = _Board(self, lenders, now, min((r.arrival + r.ttft_slo for r in queue), default=math.inf))
         passed = 0  # late binding: prompts left waiting in this call; past `window` the rest wait without a look
         if self.order is PrefillOrder.URGENCY:
             ordered = urgency_order(queue, self.model, now, servers=len(takers))
@@ -190,12 +191,16 @@ class _Board:
     predicted first token) that meets its deadline, the first such worker on a
     tie. Prefill workers are few and each predicted. Decoding workers are many:
     a prompt's first token there comes no sooner than the worker's start plus
-    one decode step plus the prompt's own work (chunks only add to a step), so
-    they are visited in order of that bound, each prediction's numbers kept for
-    the call, and the visit stops once the bound passes the best finish found.
+    one decode step plus the prompt work that runs before it and its own
+    (chunks only add to a step). The queued prompts that run before every
+    prompt of the call (recomputes, and those due no later than the earliest)
+    stay ahead whatever the call places, as placing only adds to a queue; so
+    the workers are visited in order of that bound, each prediction's numbers
+    kept for the call, and the visit stops once the bound plus the prompt's own
+    work passes the best finish found.
     """
 
-    def __init__(self, router: SlackAwareRouter, lenders: list[WorkerView], now: float) -> None:
+    def __init__(self, router: SlackAwareRouter, lenders: list[WorkerView], now: float, earliest_due: float) -> None:
         self.router = router
         self.now = now
         self.queued: dict[int, list[RequestView]] = {}  # prompts placed in this call added to a worker's own queue
@@ -206,12 +211,23 @@ class _Board:
         model = router.model
         chunk = model.c0 * router.min_chunk**2 + model.c1 * router.min_chunk
         self.bounded = min(model.c0, model.c1, model.c2, model.d0, model.d1, model.d2) >= 0.0 and chunk > 0.0
-        d0, d1, d2 = model.d0, model.d1, model.d2
-        decoding = [
-            ((max(now, w.step_end) if w.busy else now) + (d0 + d1 * w.batch.size + d2 * w.batch.context_tokens if w.batch.size else 0.0), i, w)
-            for i, w in enumerate(lenders)
-            if w.role is not Role.PREFILL
-        ]
+        d0, d1, d2, c0, c1 = model.d0, model.d1, model.d2, model.c0, model.c1
+        decoding = []
+        for i, w in enumerate(lenders):
+            if w.role is Role.PREFILL:
+                continue
+            bound = max(now, w.step_end) if w.busy else now
+            batch = w.batch
+            if batch.size:
+                bound += d0 + d1 * batch.size + d2 * batch.context_tokens
+            if w.prefills and self.bounded:  # `prompt_work` of the unstarted tokens, written out: this runs for most queued prompts of the cluster
+                begun = _begun(w) if w.in_step else None
+                for q in w.prefills:
+                    if q.generated > 0 or q.arrival + q.ttft_slo <= earliest_due:
+                        end = q.prompt_tokens + q.generated
+                        start = q.prefilled + begun.get(q.id, 0) if begun else q.prefilled
+                        bound += c0 * (end * end - start * start) + c1 * (end - start)
+            decoding.append((bound, i, w))
         self.decoding = sorted(decoding, key=lambda entry: (entry[0], entry[1])) if self.bounded else decoding
 
     def held(self, w: WorkerView) -> Sequence[RequestView]:
@@ -233,12 +249,15 @@ class _Board:
 
     def ahead(self, r: RequestView, w: WorkerView, held: Sequence[RequestView]) -> float:
         """`SlackAwareRouter._ahead`, each queued prompt's work computed once per call."""
+        deadline = r.ttft_deadline
+        return sum([work for recompute, due, work in self._works(w, held) if recompute or due <= deadline])
+
+    def _works(self, w: WorkerView, held: Sequence[RequestView]) -> list[tuple[bool, float, float]]:
         works = self.works.get(w.id)
         if works is None:
             model = self.router.model
             works = self.works[w.id] = [(q.generated > 0, q.ttft_deadline, prompt_work(model, q, w.unstarted_prefill(q))) for q in held]
-        deadline = r.ttft_deadline
-        return sum([work for recompute, due, work in works if recompute or due <= deadline])
+        return works
 
     def best_on_time(self, r: RequestView) -> WorkerView | None:
         router, now = self.router, self.now
@@ -284,6 +303,14 @@ class _Board:
                 best = (finish, i, w)
                 limit = finish
         return best
+
+
+def _begun(w: WorkerView) -> dict[RequestId, int]:
+    """Prompt tokens per request that w's step in progress computes."""
+    begun: dict[RequestId, int] = {}
+    for request, tokens in w.in_step:
+        begun[request] = begun.get(request, 0) + tokens
+    return begun
 
 
 class _InlineLine(NamedTuple):
