@@ -220,15 +220,16 @@ class _Board:
             batch = w.batch
             if batch.size:
                 bound += d0 + d1 * batch.size + d2 * batch.context_tokens
-            if w.prefills and self.bounded:  # `prompt_work` of the unstarted tokens, written out: this runs for most queued prompts of the cluster
-                begun = _begun(w) if w.in_step else None
+            floor = 0.0
+            if w.prefills and self.bounded:
+                begun = _begun(w) if w.in_step else {}
                 for q in w.prefills:
                     if q.generated > 0 or q.arrival + q.ttft_slo <= earliest_due:
-                        end = q.prompt_tokens + q.generated
-                        start = q.prefilled + begun.get(q.id, 0) if begun else q.prefilled
-                        bound += c0 * (end * end - start * start) + c1 * (end - start)
-            decoding.append((bound, i, w))
-        self.decoding = sorted(decoding, key=lambda entry: (entry[0], entry[1])) if self.bounded else decoding
+                        floor += _unstarted_work(c0, c1, q, begun)
+            decoding.append((bound + floor, i, w, floor))
+        if self.bounded:
+            decoding.sort()  # by (bound, position): positions differ, so the views are never compared
+        self.decoding = decoding  # (bound, position, worker, queued work that runs before every prompt of the call)
 
     def held(self, w: WorkerView) -> Sequence[RequestView]:
         return self.queued.get(w.id, w.prefills)
@@ -255,8 +256,9 @@ class _Board:
     def _works(self, w: WorkerView, held: Sequence[RequestView]) -> list[tuple[bool, float, float]]:
         works = self.works.get(w.id)
         if works is None:
-            model = self.router.model
-            works = self.works[w.id] = [(q.generated > 0, q.ttft_deadline, prompt_work(model, q, w.unstarted_prefill(q))) for q in held]
+            c0, c1 = self.router.model.c0, self.router.model.c1
+            begun = _begun(w) if w.in_step else {}
+            works = self.works[w.id] = [(q.generated > 0, q.arrival + q.ttft_slo, _unstarted_work(c0, c1, q, begun)) for q in held]
         return works
 
     def best_on_time(self, r: RequestView) -> WorkerView | None:
@@ -288,15 +290,19 @@ class _Board:
         work = prompt_work(router.model, r)
         best: tuple[float, int, WorkerView] | None = None
         limit = deadline
-        for bound, i, w in self.decoding:
-            if self.bounded and bound + work > limit + 1e-9 + 1e-12 * abs(limit):
-                break  # every later worker finishes it later still (the margin covers rounding)
-            held = self.held(w)
-            if tokens > self.free_kv(w) and (w.kv_used or held):
-                continue
+        bounded = self.bounded
+        for bound, i, w, floor in self.decoding:
+            margin = 1e-9 + 1e-12 * abs(limit)  # covers rounding
+            if bounded and bound + work > limit + margin:
+                break  # every later worker finishes it later still
             line = self.lines.get(w.id)
             if line is None:
                 line = self.lines[w.id] = router.inline_line(w, max(self.now, w.step_end) if w.busy else self.now)
+            if bounded and line.start + line.time(floor + work) > limit + margin:
+                continue  # chunks stretched over its decode steps: no sooner than this
+            held = self.held(w)
+            if tokens > self.free_kv(w) and (w.kv_used or held):
+                continue
             ahead = self.ahead(r, w, held) if held else 0
             finish = line.start + line.time(ahead + work)
             if finish <= deadline and (best is None or (finish, i) < (best[0], best[1])):
@@ -311,6 +317,13 @@ def _begun(w: WorkerView) -> dict[RequestId, int]:
     for request, tokens in w.in_step:
         begun[request] = begun.get(request, 0) + tokens
     return begun
+
+
+def _unstarted_work(c0: float, c1: float, q: RequestView, begun: dict[RequestId, int]) -> float:
+    """`prompt_work` of q's `unstarted_prefill`, written out: a `place` call asks it of most prompts queued in the cluster."""
+    end = q.prompt_tokens + q.generated  # q.prefill_tokens
+    start = q.prefilled + begun.get(q.id, 0) if begun else q.prefilled
+    return c0 * (end * end - start * start) + c1 * (end - start)
 
 
 class _InlineLine(NamedTuple):
