@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.servers import RABBITMQ_URL, REDIS_URL
-from tropical.bus import MemoryBroker
+from tropical.bus import MemoryBroker, QueueNotFound, connect_bus, dead_letter_queue
 from tropical.cli import app
 from tropical.engine import Engine, EngineConfig, ModelConfig
 from tropical.experiments import SETTINGS, Replay, run_policy, workload
@@ -147,6 +147,20 @@ def test_spawned_deployment_serves_as_separate_processes_on_rabbitmq_and_redis(t
     assert (report["completed"], report["failed"]) == (16, 0)
     assert report["mean_kv_transfer_ms"] >= 0 and "sim" in report
     assert abs(report["live_minus_sim_attainment"]) <= 0.25
+    assert str(report["namespace"]).startswith(f"{namespace}.bench-")
+    asyncio.run(assert_no_queues(Settings(broker_url=RABBITMQ_URL, namespace=str(report["namespace"])), ["requests", "worker.w0", "worker.w1"]))
+
+
+async def assert_no_queues(settings: Settings, names: list[str]) -> None:
+    """None of the namespace's queues, nor their dead letters, is left on the broker."""
+    bus = await connect_bus(settings)
+    try:
+        for name in names:
+            for queue in (settings.queue(name), dead_letter_queue(settings.queue(name))):
+                with pytest.raises(QueueNotFound):
+                    await asyncio.wait_for(bus.queue_depth(queue), timeout=10.0)
+    finally:
+        await bus.close()
 
 
 def test_spawn_needs_a_real_broker(tmp_path: Path) -> None:

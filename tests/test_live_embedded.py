@@ -17,7 +17,8 @@ from tropical.live.client import Client, RequestFailed
 from tropical.live.deployment import Deployment
 from tropical.live.model_feed import LatencyModelFeed
 from tropical.live.router_service import RouterService
-from tropical.live.worker_service import WorkerService, worker_queue
+from tropical.live.worker_service import WorkerService
+from tropical.queues import worker_queue
 from tropical.messaging import send
 from tropical.policies import Role, make_policy
 from tropical.protocol import (

@@ -784,6 +784,7 @@ def bench(
     simulated = simulated_summary(timing, policy, roles, load, seed=seed) if compare_sim else None
     record = {
         "mode": "embedded" if embedded else "spawned" if spawn else "broker",
+        "namespace": settings.namespace,  # a spawned deployment's own: its queues are removed afterwards
         "setting": None if setting is None else setting.name,
         "trace": None if setting is None else str(trace or setting.trace),
         "policy": policy if embedded or spawn else None,

@@ -11,6 +11,11 @@ def requests_queue(settings: Settings) -> QueueSpec:
     return QueueSpec(settings.queue("requests"))
 
 
+def worker_queue(settings: Settings, name: str) -> str:
+    """Where the router and other workers reach worker `name`."""
+    return settings.queue(f"worker.{name}")
+
+
 def reply_queue(settings: Settings, client_id: str) -> QueueSpec:
     """A client's private stream of tokens and errors; it vanishes with the client's connection."""
     return QueueSpec.reply(settings.queue(f"reply.{client_id}"))

@@ -31,12 +31,11 @@ from tropical.engine.tokenizer import Tokenizer
 from tropical.latency.model import LatencyModel
 from tropical.live.model_feed import LatencyModelFeed
 from tropical.live.placements import Placements
-from tropical.live.worker_service import worker_queue
 from tropical.messaging import MessageConsumer, reply_error, send
 from tropical.policies.records import WorkerView
 from tropical.policies.serving import ServingPolicy, make_policy
 from tropical.protocol import CancelRequest, Dispatch, ErrorCode, GenerateRequest, RequestRecord, RequestState as RecordState, Timings, WorkerStatus
-from tropical.queues import declare_requests_queue
+from tropical.queues import declare_requests_queue, worker_queue
 from tropical.settings import Settings
 from tropical.store import Store
 

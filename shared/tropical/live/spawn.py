@@ -17,17 +17,20 @@ import tempfile
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+from tropical.bus import connect_bus
 from tropical.live.engines import EngineChoice
 from tropical.policies.records import Role
+from tropical.queues import requests_queue, worker_queue
 from tropical.settings import MEMORY_URL, Settings
 from tropical.store import open_store
 
 READY_TIMEOUT_S = 120.0  # every process imports torch and connects
 DRAIN_TIMEOUT_S = 60.0
+QUEUE_DELETE_TIMEOUT_S = 10.0
 
 
 def serve_commands(policy: str, roles: Sequence[Role], engine: EngineChoice) -> list[list[str]]:
-    """`tropical serve` for the router and each worker (named w0, w1, ...), as a user would start them."""
+    """`tropical serve` for the router and each worker (named w0, w1, ...; `_remove_queues` knows them so), as a user would start them."""
     common = ["--policy", policy, "--engine", engine.source, "--setting", engine.setting]
     if engine.max_model_len is not None:
         common += ["--max-model-len", str(engine.max_model_len)]
@@ -64,6 +67,7 @@ async def spawned(settings: Settings, policy: str, roles: Sequence[Role], engine
             yield settings
         finally:
             await _stop(processes)
+            await _remove_queues(settings, len(roles))
 
 
 async def _ready(settings: Settings, processes: list[tuple[asyncio.subprocess.Process, Path]], workers: int) -> None:
@@ -75,6 +79,16 @@ async def _ready(settings: Settings, processes: list[tuple[asyncio.subprocess.Pr
                         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
                         raise RuntimeError(f"a served process exited ({process.returncode}) before the deployment was ready: " + " | ".join(tail))
                 await asyncio.sleep(0.2)  # polling the store: nothing announces the last worker's first status
+
+
+async def _remove_queues(settings: Settings, workers: int) -> None:
+    """The deployment's queues (and their dead letters) go with its processes: a namespace of its own is left empty."""
+    bus = await connect_bus(settings)
+    try:
+        for name in [requests_queue(settings).name, *(worker_queue(settings, f"w{i}") for i in range(workers))]:
+            await asyncio.wait_for(bus.delete_queue(name), timeout=QUEUE_DELETE_TIMEOUT_S)
+    finally:
+        await bus.close()
 
 
 async def _stop(processes: list[tuple[asyncio.subprocess.Process, Path]]) -> None:

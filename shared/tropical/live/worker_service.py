@@ -56,6 +56,7 @@ from tropical.protocol import (
     TokenChunk,
     encode,
 )
+from tropical.queues import worker_queue
 from tropical.settings import Settings
 from tropical.store import Store
 
@@ -66,11 +67,7 @@ KV_LEASE_S = 30.0  # how long a prefill worker keeps a handed-off KV for its rec
 KV_FETCH_TIMEOUT_S = 10.0
 ACCEPTED_WINDOW_S = 1.0  # a request taken stays in this long of heartbeats: a router that misses one still sees it
 HANDED_TO_REMEMBERED = 10_000  # handed-off requests a cancel can still be forwarded for
-
-
-def worker_queue(settings: Settings, name: str) -> str:
-    """Where the router and other workers reach worker `name`."""
-    return settings.queue(f"worker.{name}")
+BATCHES_IN_FLIGHT = 8  # steps' replies waiting on the broker before the step loop waits for it too
 
 
 @dataclass
@@ -153,7 +150,8 @@ class WorkerService:
         self._tokens = itertools.count(1)
         self._wake = asyncio.Event()
         self._outbox: list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]] = []  # replies of the last step
-        self._sending: asyncio.Task[None] | None = None  # the batch of replies in flight
+        self._sending: asyncio.Task[None] | None = None  # the last batch of replies handed to the broker; it sends after the one before
+        self._in_flight = 0  # batches not sent yet
         self._firsts: set[asyncio.Future[None]] = set()  # first tokens in flight, each sent on its own
         self._changed = asyncio.Event()  # the state changed in a way the router places by: publish a status
         self._stopping = asyncio.Event()
@@ -444,16 +442,20 @@ class WorkerService:
         self._outbox.append((request, message))
 
     async def _post(self) -> None:
-        """Send what the steps produced while the next step runs: one batch in flight at a time, batches in order.
+        """Send what the steps produced while the next steps run: batches in order, each after the one before.
 
-        A broker confirms each publish; awaited one by one inside the loop they
-        would add a round trip per running request to every step.
+        A broker confirms each publish; awaited inside the loop, even once per
+        step, a confirm's round trip would be added to every step (and to every
+        prefill worker's step, as each has first tokens out). The loop waits
+        only once `BATCHES_IN_FLIGHT` batches are still unsent.
         """
         if not self._outbox:
             return
         batch, self._outbox = self._outbox, []
-        await self._sent()  # bounded by the bus's own publish deadline
-        self._sending = asyncio.create_task(self._send_batch(batch))
+        if self._in_flight >= BATCHES_IN_FLIGHT:
+            await self._sent()  # bounded by the bus's own publish deadline
+        self._in_flight += 1
+        self._sending = asyncio.create_task(self._send_batch(batch, self._sending))
 
     async def _sent(self) -> None:
         """Wait until every reply handed to `_post`, and every first token, is out."""
@@ -468,13 +470,21 @@ class WorkerService:
             if isinstance(result, Exception):
                 log.error("worker %s could not send a first token: %s", self.name, result)
 
-    async def _send_batch(self, batch: list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]) -> None:
-        """One publish per client: its messages in order, confirmed together; different clients at once."""
-        await self._firsts_sent()  # a request's first token goes before anything else of it
-        by_client: dict[str, list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]] = {}
-        for request, message in batch:
-            by_client.setdefault(request.reply_to, []).append((request, message))
-        await asyncio.gather(*(self._send_to(queue, messages) for queue, messages in by_client.items()))
+    async def _send_batch(
+        self, batch: list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]], previous: asyncio.Task[None] | None
+    ) -> None:
+        """After the batch before (its failure is this one's): one publish per client, its messages in order, confirmed
+        together; different clients at once."""
+        try:
+            if previous is not None:
+                await previous
+            await self._firsts_sent()  # a request's first token goes before anything else of it
+            by_client: dict[str, list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]] = {}
+            for request, message in batch:
+                by_client.setdefault(request.reply_to, []).append((request, message))
+            await asyncio.gather(*(self._send_to(queue, messages) for queue, messages in by_client.items()))
+        finally:
+            self._in_flight -= 1
 
     async def _send_to(self, queue: str, messages: list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]) -> None:
         try:
