@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,11 +72,13 @@ class Processes:
         }
         self.running: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, *command: str, served: bool = True) -> None:
+    def start(self, name: str, *command: str, served: bool = True, env: dict[str, str] | None = None) -> None:
         """`python -m <command>`; a `served` one (router, worker) is given the deployment's policy and engine."""
         options = ["--policy", self.policy, "--engine", "tiny", "--max-model-len", str(MAX_MODEL_LEN)] if served else []
         with open(self.logs / f"{name}.log", "wb") as log:
-            self.running[name] = subprocess.Popen([sys.executable, "-m", *command, *options], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.running[name] = subprocess.Popen(
+                [sys.executable, "-m", *command, *options], env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def start_deployment(self, workers: int = 2) -> list[str]:
         """The router and the workers the policy needs (services.<role>, or `tropical serve colocated`); their names."""
@@ -196,6 +199,30 @@ async def test_requests_queued_on_a_worker_killed_with_sigkill_complete_on_the_o
     dispatched = [m.request.request_id for m in queued if isinstance(m, Dispatch)]
     cancelled = [m.request_id for m in queued if isinstance(m, CancelRequest) and m.quiet]
     assert dispatched and sorted(cancelled) == sorted(dispatched), processes.tail("router")
+
+
+@pytest.mark.parametrize("processes", ["distserve"], indirect=True)
+async def test_kv_handed_off_through_a_process_group_gives_a_single_engines_greedy_tokens(
+    processes: Processes, client: Client, workload: Workload
+) -> None:
+    """`--kv-transport nccl` between a prefill and a decode worker process, on gloo here (NCCL's code path without a GPU)."""
+    group = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    processes.start("router", "services.router")
+    for rank, role in enumerate(["prefill", "decode"]):
+        processes.start(f"w{rank}", f"services.{role}", "--name", f"w{rank}", "--kv-transport", "nccl", env={**group, "RANK": str(rank)})
+    count = 20
+    outputs = await complete_all(client, workload.prompts[:count], workload.lengths[:count])
+    assert outputs == workload.expected[:count], "\n".join(processes.tail(n) for n in processes.running)
+    for rank, name in enumerate(["w0", "w1"]):
+        assert f"KV transport: nccl (gloo backend, rank {rank} of 2)" in processes.log(name), processes.tail(name)
+    for name in ["w0", "w1"]:  # both leave the group and drain
+        assert processes.stop(name) == 0, processes.tail(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 async def _reporting(store: Store, names: set[str]) -> bool:

@@ -79,3 +79,25 @@ def test_cli_reports_bad_settings_without_a_traceback(monkeypatch: pytest.Monkey
 
 def test_queue_names_live_in_the_namespace() -> None:
     assert Settings(namespace="staging").queue("requests") == "staging.requests"
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({}, "set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE"),
+        ({"MASTER_ADDR": "h", "MASTER_PORT": "29500", "RANK": "one", "WORLD_SIZE": "2"}, "must be integers"),
+        ({"MASTER_ADDR": "h", "MASTER_PORT": "29500", "RANK": "2", "WORLD_SIZE": "2"}, "no rank 2 in a group of 2"),
+    ],
+)
+def test_an_nccl_worker_without_its_process_group_is_refused(monkeypatch: pytest.MonkeyPatch, environ: dict[str, str], message: str) -> None:
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["serve", "prefill", "--engine", "tiny", "--kv-transport", "nccl"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_an_unknown_kv_transport_is_refused() -> None:
+    result = CliRunner().invoke(app, ["serve", "decode", "--kv-transport", "carrier-pigeon"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "is not host, redis, cuda_ipc or nccl" in result.output, result.output

@@ -393,16 +393,29 @@ def _worker_command(role_name: str, summary: str) -> None:
         setting: EmulatedSetting = "chat-13b",
         name: Annotated[str | None, typer.Option(help="this worker's id (default: role, host and a random suffix)")] = None,
         max_model_len: MaxModelLen = None,
-        kv_transport: Annotated[str, typer.Option(help="how KV moves between workers: host (shared memory, one host), redis or cuda_ipc")] = "host",
+        kv_transport: Annotated[
+            str,
+            typer.Option(
+                help="how KV moves between workers: host (shared memory, one host), redis, cuda_ipc, or nccl "
+                "(a process group: MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE as torchrun sets them; gloo without a GPU)"
+            ),
+        ] = "host",
     ) -> None:
+        from tropical.kv.nccl import GroupAddress
         from tropical.live.run import serve_worker
         from tropical.policies.records import Role
         from tropical.protocol import KvTransport
 
-        if kv_transport not in {t.value for t in KvTransport} or kv_transport == KvTransport.NCCL:
-            raise typer.BadParameter(f"{kv_transport!r} is not host, redis or cuda_ipc", param_hint="--kv-transport")
+        if kv_transport not in {t.value for t in KvTransport}:
+            raise typer.BadParameter(f"{kv_transport!r} is not host, redis, cuda_ipc or nccl", param_hint="--kv-transport")
+        group = None
+        if kv_transport == KvTransport.NCCL:
+            try:
+                group = GroupAddress.from_env(os.environ)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--kv-transport") from None
         choice = _engine_choice(engine, setting, max_model_len)
-        run_async(serve_worker(ctx.obj, Role(role_name), _policy_checked(policy), choice, name, KvTransport(kv_transport)))
+        run_async(serve_worker(ctx.obj, Role(role_name), _policy_checked(policy), choice, name, KvTransport(kv_transport), group))
 
     command.__doc__ = summary
     serve_app.command(role_name)(command)

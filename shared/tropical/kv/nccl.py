@@ -33,7 +33,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Final
 
@@ -241,3 +242,44 @@ def _request(rank: int, number: int) -> str:
 
 def _reply(rank: int, number: int) -> str:
     return f"{rank}/reply/{number}"
+
+
+GROUP_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")  # as torchrun sets them
+
+
+@dataclass(frozen=True)
+class GroupAddress:
+    """Where a worker meets the others of its KV group: rank 0 hosts the group's store at `host:port`."""
+
+    host: str
+    port: int
+    rank: int
+    world_size: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> GroupAddress:
+        """The group as `torchrun` describes it; ValueError naming what is missing or wrong."""
+        missing = [name for name in GROUP_VARIABLES if not environ.get(name)]
+        if missing:
+            raise ValueError(f"the NCCL KV transport joins a process group: set {', '.join(missing)} (as torchrun does)")
+        try:
+            address = cls(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), int(environ["RANK"]), int(environ["WORLD_SIZE"]))
+        except ValueError:
+            raise ValueError("MASTER_PORT, RANK and WORLD_SIZE must be integers") from None
+        if not (0 < address.port < 65536 and 0 <= address.rank < address.world_size):
+            raise ValueError(f"no rank {address.rank} in a group of {address.world_size} on port {address.port}")
+        return address
+
+
+def join_group(address: GroupAddress, *, timeout_s: float = 300.0) -> tuple[dist.Store, torch.device]:
+    """Join the workers' process group (NCCL where there is a GPU, gloo otherwise; blocks until every rank is there).
+
+    Returns the group's store, which `NcclTransport` talks through, and the
+    device its transfers use. Leave with `dist.destroy_process_group()`.
+    """
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(address.host, address.port, address.world_size, is_master=address.rank == 0, timeout=timeout, wait_for_workers=False)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore("group", store), rank=address.rank, world_size=address.world_size, timeout=timeout)
+    return store, device

@@ -7,15 +7,21 @@ says it is leaving, and returns.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
 
 from tropical.bus import Bus, connect_bus
 from tropical.kv import make_transport
+from tropical.kv.base import Transport
+from tropical.kv.nccl import GroupAddress, join_group
 from tropical.latency.model import LatencyModel
 from tropical.live.deployment import Deployment
 from tropical.live.engines import EngineChoice
@@ -27,6 +33,8 @@ from tropical.policies.serving import ServingPolicy, make_policy
 from tropical.protocol import KvTransport
 from tropical.settings import Settings
 from tropical.store import Store, open_store
+
+log = logging.getLogger(__name__)
 
 
 def policy_roles(policy: ServingPolicy, workers: int) -> tuple[Role, ...]:
@@ -96,18 +104,38 @@ async def serve_worker(
     engine: EngineChoice,
     name: str | None = None,
     kv_transport: KvTransport = KvTransport.HOST,
+    group: GroupAddress | None = None,
 ) -> None:
-    """One worker; `kv_transport` moves KV to and from other workers (host: shared memory on one host)."""
+    """One worker; `kv_transport` moves KV to and from other workers (host: shared memory on one host; NCCL: within
+    the process group at `group`)."""
     name = name or settings.worker_id or f"{role.value}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-    async with _connected(settings, engine) as held:
+    async with _connected(settings, engine) as held, _kv_transport(kv_transport, settings, group) as transport:
         model = held.model(engine)
-        async with make_transport(kv_transport, redis_url=settings.redis_url, prefix=settings.namespace) as transport:
-            service = WorkerService(
-                name, role, engine.engine(), make_policy(policy_name, model), model, held.bus, held.store, settings,
-                transport=transport, feed=held.feed,
-            )
-            await until_signalled(service.stop)
-            await service.run()
+        service = WorkerService(
+            name, role, engine.engine(), make_policy(policy_name, model), model, held.bus, held.store, settings,
+            transport=transport, feed=held.feed,
+        )
+        await until_signalled(service.stop)
+        await service.run()
+
+
+@asynccontextmanager
+async def _kv_transport(kind: KvTransport, settings: Settings, group: GroupAddress | None) -> AsyncIterator[Transport[Any]]:
+    """The worker's KV transport, logged as chosen; for NCCL, after joining the workers' process group (left at the end)."""
+    if kind is not KvTransport.NCCL:
+        log.info("KV transport: %s", kind.value)
+        async with make_transport(kind, redis_url=settings.redis_url, prefix=settings.namespace) as transport:
+            yield transport
+        return
+    if group is None:
+        raise ValueError("the NCCL KV transport needs the process group's address")
+    store, device = await asyncio.to_thread(join_group, group)
+    log.info("KV transport: nccl (%s backend, rank %d of %d)", dist.get_backend(), group.rank, group.world_size)
+    try:
+        async with make_transport(kind, prefix=settings.namespace, store=store, device=device) as transport:
+            yield transport
+    finally:
+        dist.destroy_process_group()
 
 
 def deployment(settings: Settings, policy_name: str, workers: int, engine: EngineChoice) -> Deployment:
