@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -17,12 +18,14 @@ import tempfile
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-from tropical.bus import connect_bus
+from tropical.bus import BusError, connect_bus
 from tropical.live.engines import EngineChoice
 from tropical.policies.records import Role
 from tropical.queues import requests_queue, worker_queue
 from tropical.settings import MEMORY_URL, Settings
 from tropical.store import open_store
+
+log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0  # every process imports torch and connects
 DRAIN_TIMEOUT_S = 60.0
@@ -82,13 +85,19 @@ async def _ready(settings: Settings, processes: list[tuple[asyncio.subprocess.Pr
 
 
 async def _remove_queues(settings: Settings, workers: int) -> None:
-    """The deployment's queues (and their dead letters) go with its processes: a namespace of its own is left empty."""
-    bus = await connect_bus(settings)
+    """The deployment's queues (and their dead letters) go with its processes: a namespace of its own is left empty.
+
+    A broker that cannot be reached by then leaves them, with a warning: what the run measured still stands.
+    """
     try:
-        for name in [requests_queue(settings).name, *(worker_queue(settings, f"w{i}") for i in range(workers))]:
-            await asyncio.wait_for(bus.delete_queue(name), timeout=QUEUE_DELETE_TIMEOUT_S)
-    finally:
-        await bus.close()
+        bus = await connect_bus(settings)
+        try:
+            for name in [requests_queue(settings).name, *(worker_queue(settings, f"w{i}") for i in range(workers))]:
+                await asyncio.wait_for(bus.delete_queue(name), timeout=QUEUE_DELETE_TIMEOUT_S)
+        finally:
+            await bus.close()
+    except (BusError, OSError, TimeoutError) as exc:
+        log.warning("the queues of namespace %s are left on the broker: %s", settings.namespace, exc)
 
 
 async def _stop(processes: list[tuple[asyncio.subprocess.Process, Path]]) -> None:
