@@ -18,7 +18,6 @@ from tropical.engine.plan import EnginePlan, StepResult
 from tropical.live.client import Client, RequestFailed
 from tropical.live.router_service import RouterService
 from tropical.live.worker_service import WorkerService
-from tropical.queues import worker_queue
 from tropical.messaging import send
 from tropical.policies import Role, make_policy
 from tropical.protocol import (
@@ -33,7 +32,7 @@ from tropical.protocol import (
     WorkerStatus,
     decode,
 )
-from tropical.queues import declare_requests_queue
+from tropical.queues import declare_requests_queue, worker_queue
 from tropical.settings import Settings
 from tropical.store import MemoryStore, Store
 

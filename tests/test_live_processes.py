@@ -26,9 +26,9 @@ from tropical.latency.profiling import default_latency_model
 from tropical.live.client import Client
 from tropical.live.engines import EngineChoice
 from tropical.live.run import policy_roles
-from tropical.queues import worker_queue
 from tropical.policies import POLICY_NAMES, make_policy
 from tropical.protocol import CancelRequest, Dispatch, Message, Slo, decode
+from tropical.queues import worker_queue
 from tropical.settings import Settings
 from tropical.store import Store, StoreError, open_store
 
