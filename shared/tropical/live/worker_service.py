@@ -626,7 +626,7 @@ class WorkerService:
             self._cancelled_pulls.discard(job.id)
             await self._ack(handoff, ok=False, error="cancelled")
             return
-        refused = ""  # why the engine would not take the KV that arrived
+        refused = "" if kv is not None else "its KV could not be pulled"  # why it was not taken: the sender logs it
         if kv is not None:
             try:
                 self.engine.receive(job, kv)
