@@ -32,13 +32,17 @@ DRAIN_TIMEOUT_S = 60.0
 QUEUE_DELETE_TIMEOUT_S = 10.0
 
 
+def worker_name(index: int) -> str:
+    return f"w{index}"
+
+
 def serve_commands(policy: str, roles: Sequence[Role], engine: EngineChoice) -> list[list[str]]:
-    """`tropical serve` for the router and each worker (named w0, w1, ...; `_remove_queues` knows them so), as a user would start them."""
+    """`tropical serve` for the router and each worker (named by `worker_name`), as a user would start them."""
     common = ["--policy", policy, "--engine", engine.source, "--setting", engine.setting]
     if engine.max_model_len is not None:
         common += ["--max-model-len", str(engine.max_model_len)]
     router = [sys.executable, "-m", "tropical.cli", "serve", "router", *common]
-    workers = [[sys.executable, "-m", "tropical.cli", "serve", role.value, *common, "--name", f"w{i}"] for i, role in enumerate(roles)]
+    workers = [[sys.executable, "-m", "tropical.cli", "serve", role.value, *common, "--name", worker_name(i)] for i, role in enumerate(roles)]
     return [router, *workers]
 
 
@@ -92,7 +96,7 @@ async def _remove_queues(settings: Settings, workers: int) -> None:
     try:
         bus = await connect_bus(settings)
         try:
-            for name in [requests_queue(settings).name, *(worker_queue(settings, f"w{i}") for i in range(workers))]:
+            for name in [requests_queue(settings).name, *(worker_queue(settings, worker_name(i)) for i in range(workers))]:
                 await asyncio.wait_for(bus.delete_queue(name), timeout=QUEUE_DELETE_TIMEOUT_S)
         finally:
             await bus.close()
