@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -101,3 +102,16 @@ def test_an_nccl_worker_without_its_process_group_is_refused(monkeypatch: pytest
 def test_an_unknown_kv_transport_is_refused() -> None:
     result = CliRunner().invoke(app, ["serve", "decode", "--kv-transport", "carrier-pigeon"], env={"COLUMNS": "300"})
     assert result.exit_code == 2 and "is not host, redis, cuda_ipc or nccl" in result.output, result.output
+
+
+def test_secrets_files_fill_what_the_environment_does_not(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("TROPICAL_BROKER_URL", raising=False)
+    monkeypatch.delenv("TROPICAL_API_KEYS", raising=False)
+    (tmp_path / "TROPICAL_BROKER_URL").write_text("amqp://svc:s3cret@broker:5672/")
+    (tmp_path / "TROPICAL_API_KEYS").write_text("k1, k2,")
+    settings = Settings(_secrets_dir=tmp_path)  # type: ignore[call-arg]
+    assert settings.broker_url == "amqp://svc:s3cret@broker:5672/"
+    assert settings.api_key_set() == {"k1", "k2"}
+    assert "s3cret" not in str(settings.redacted()) and "k1" not in str(settings.redacted())
+    monkeypatch.setenv("TROPICAL_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    assert Settings(_secrets_dir=tmp_path).broker_url == "amqp://guest:guest@127.0.0.1:5672/"  # type: ignore[call-arg]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MEMORY_URL = "memory://"
+SECRETS_DIR = "/run/secrets"
 
 
 class Settings(BaseSettings):
@@ -17,7 +19,11 @@ class Settings(BaseSettings):
     embedded default, with no servers at all).
     """
 
-    model_config = SettingsConfigDict(env_prefix="TROPICAL_", frozen=True, extra="forbid")
+    # A secret may also come from a file named after its variable (`/run/secrets/TROPICAL_BROKER_URL`, as compose
+    # mounts secrets); the environment wins over the file.
+    model_config = SettingsConfigDict(
+        env_prefix="TROPICAL_", frozen=True, extra="forbid", secrets_dir=SECRETS_DIR if os.path.isdir(SECRETS_DIR) else None
+    )
 
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -32,6 +38,8 @@ class Settings(BaseSettings):
     default_tpot_slo_ms: Annotated[float, Field(gt=0)] = 100.0
     token_flush_ms: Annotated[float, Field(ge=0)] = 20.0  # a stream's tokens wait this long to share a message (the first never waits)
     log_level: str = "INFO"
+    api_keys: str = ""  # comma-separated keys the gateway accepts as `Authorization: Bearer KEY`; empty: no key needed
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None  # a service's Prometheus `/metrics` port; None: not served
 
     @field_validator("broker_url")
     @classmethod
@@ -60,6 +68,10 @@ class Settings(BaseSettings):
         given = {key: value for key, value in overrides.items() if value is not None}
         return Settings(**{**self.model_dump(), **given}) if given else self
 
+    def api_key_set(self) -> frozenset[str]:
+        """The gateway's accepted API keys (empty: none needed)."""
+        return frozenset(key.strip() for key in self.api_keys.split(",") if key.strip())
+
     def queue(self, name: str) -> str:
         """A queue's full name in this deployment's namespace."""
         return f"{self.namespace}.{name}"
@@ -69,6 +81,7 @@ class Settings(BaseSettings):
         values = self.model_dump()
         for key in ("broker_url", "redis_url"):
             values[key] = _mask_password(values[key])
+        values["api_keys"] = f"{len(self.api_key_set())} key(s)"
         return values
 
 
