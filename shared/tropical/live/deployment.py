@@ -2,7 +2,8 @@
 
 With the in-memory bus and store (the embedded default) nothing else is
 needed; given real URLs, the same services run against RabbitMQ and Redis, as
-they do when each is its own process.
+they do when each is its own process. All of them record their metrics in one
+`Telemetry`, so one `/metrics` page (the gateway's) shows the whole process.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tropical.policies.serving import make_policy
 from tropical.protocol import KvTransport
 from tropical.settings import Settings
 from tropical.store import MemoryStore, Store, open_store
+from tropical.telemetry import Telemetry
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Deployment:
     heartbeat_s: float = 0.1
     broker: MemoryBroker = field(default_factory=MemoryBroker)
     memory_store: MemoryStore = field(default_factory=MemoryStore)
+    telemetry: Telemetry = field(default_factory=Telemetry)
 
     async def start(self) -> None:
         policy = make_policy(self.policy, self.model)
@@ -49,13 +52,13 @@ class Deployment:
         self.workers = [
             WorkerService(
                 f"worker-{i}", role, engine, policy, self.model, await self._bus(), self._store(), self.settings,
-                transport=transport, heartbeat_s=self.heartbeat_s,
+                transport=transport, heartbeat_s=self.heartbeat_s, telemetry=self.telemetry,
             )
             for i, (role, engine, transport) in enumerate(zip(self.roles, engines, self._transports))
         ]
         self.router = RouterService(
             policy, await self._bus(), self._store(), self.settings, tokenizer=self.tokenizer,
-            max_model_len=min(e.max_model_len for e in engines),
+            max_model_len=min(e.max_model_len for e in engines), telemetry=self.telemetry,
         )
         self._tasks = [asyncio.create_task(w.run()) for w in self.workers]
         for worker in self.workers:  # every worker has reported before the router places anything
@@ -76,6 +79,10 @@ class Deployment:
 
     async def client(self) -> Client:
         return Client(await self._bus(), self.settings)
+
+    async def connections(self) -> tuple[Bus, Store]:
+        """A bus connection and a store of this deployment's own, for a front end such as the gateway (closed by `stop`)."""
+        return await self._bus(), self._store()
 
     async def _bus(self) -> Bus:
         bus = await connect_bus(self.settings, broker=self.broker)

@@ -22,6 +22,7 @@ from tropical.latency.profiling import EngineLimits, GridPoint, Progress, Profil
 from tropical.protocol import LatencyModelSpec
 from tropical.settings import MEMORY_URL, Settings
 from tropical.store import Store, open_store
+from tropical.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ class ProfilerService:
 
     `grid` defaults to `default_grid` of the engine's limits (small with
     `quick`); `clock` (Unix seconds) stamps `fitted_at`; `progress` replaces
-    the log lines and is called from the thread that profiles.
+    the log lines and is called from the thread that profiles; `telemetry` counts
+    the models published and when the latest was fitted.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class ProfilerService:
         once: bool = False,
         clock: Callable[[], float] = time.time,
         progress: Progress | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -60,6 +63,7 @@ class ProfilerService:
         self.once = once
         self.clock = clock
         self.progress = progress or self._log_progress
+        self.telemetry = telemetry or Telemetry()
         self.published: LatencyModelSpec | None = None
         self._wake = asyncio.Event()
         self._requested = False
@@ -104,6 +108,7 @@ class ProfilerService:
         spec = found.spec(model=self.model, hardware=self.hardware, tensor_parallel=self.tensor_parallel, fitted_at=self.clock())
         await self.store.set_latency_model(spec)
         self.published = spec
+        self.telemetry.profiler_run(self.key, spec.fitted_at)
         fit = found.model
         log.info(
             "published %s from %d steps in %.1f s: prefill c0 %.4g c1 %.4g c2 %.4g, decode d0 %.4g d1 %.4g d2 %.4g",
@@ -115,18 +120,25 @@ class ProfilerService:
         log.info("profiling %s: %d/%d points (%s B=%d C=%d L=%d)", self.key, done, total, point.kind, point.batch, point.context, point.prompt)
 
 
-async def serve_profiler(settings: Settings, engine: ServingEngine, *, model: str, hardware: str, quick: bool, once: bool) -> LatencyModelSpec | None:
-    """The profiler against the deployment's store: SIGTERM or SIGINT stops it, SIGHUP profiles again; the last model published."""
-    from tropical.live.run import until_signalled
+async def serve_profiler(
+    settings: Settings, engine: ServingEngine, *, model: str, hardware: str, quick: bool, once: bool, metrics_host: str | None = None
+) -> LatencyModelSpec | None:
+    """The profiler against the deployment's store: SIGTERM or SIGINT stops it, SIGHUP profiles again; the last model published.
+
+    With `settings.metrics_port` it serves `/metrics` while it runs (see `tropical.live.run.metrics_served`).
+    """
+    from tropical.live.run import metrics_served, until_signalled
 
     if settings.redis_url.startswith(MEMORY_URL):
         log.warning("the store is %s: the model is published to this process only", MEMORY_URL)
     store = open_store(settings)
-    service = ProfilerService(engine, store, model=model, hardware=hardware, quick=quick, once=once)
+    telemetry = Telemetry()
+    service = ProfilerService(engine, store, model=model, hardware=hardware, quick=quick, once=once, telemetry=telemetry)
     await until_signalled(service.stop)
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, service.request_profile)
     try:
-        await service.run()
+        async with metrics_served(settings, telemetry, metrics_host):
+            await service.run()
     finally:
         await store.close()
     return service.published

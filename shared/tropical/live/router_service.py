@@ -12,6 +12,9 @@ silent for `stale_after_s` is out of placement, and what it had not started
 goes back to the queue, with its arrival time, to be placed again (the worker
 is told to drop it quietly, should it come back). A request it had started
 fails with `worker_lost` once the worker is gone: its status expired.
+
+Its metrics (`telemetry`): the queue's length, the time of each decision that
+placed something, and the requests placed, refused or ended here.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from tropical.protocol import CancelRequest, Dispatch, ErrorCode, GenerateReques
 from tropical.queues import declare_requests_queue, worker_queue
 from tropical.settings import Settings
 from tropical.store import Store
+from tropical.telemetry import Outcome, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ class RouterService:
         stale_after_s: float = 1.0,
         feed: LatencyModelFeed | None = None,
         clock: Callable[[], float] = time.time,
+        telemetry: Telemetry | None = None,
     ) -> None:
         """`stale_after_s`: a worker whose last heartbeat is older is out of placement and its unstarted work placed again
         (its status may live longer in the store; the started work fails once that is gone too). `refresh_s`: how often
@@ -71,6 +76,7 @@ class RouterService:
         self.refresh_s = refresh_s
         self.stale_after_s = stale_after_s
         self.clock = clock
+        self.telemetry = telemetry or Telemetry()
         self.ids = RequestIds()
         self._out: list[Action] = []
         self.router = RouterState(policy, self._out)
@@ -99,6 +105,7 @@ class RouterService:
         await self._consumer.start(prefetch=self.settings.prefetch)
         while not (self._stopping.is_set() and not self.router.queue):
             await self._decide()
+            self.telemetry.router_queue(len(self.router.queue))
             timeout = self.refresh_s
             if self.router.wake < math.inf:
                 timeout = min(timeout, max(0.0, self.router.wake - self.clock()))
@@ -124,6 +131,7 @@ class RouterService:
         except ValueError as exc:
             await delivery.nack(requeue=False)
             self._routed.pop(request.request_id, None)
+            self._ended(request, "bad_request")
             await reply_error(self.bus, request.reply_to, request.request_id, ErrorCode.INVALID, str(exc))
             return
         record = RequestRecord(
@@ -151,6 +159,7 @@ class RouterService:
         if job is not None:
             request, _ = self._dequeued(request_id)
             self.placements.forget(request.request_id)
+            self._ended(request, "cancelled")
             await reply_error(self.bus, request.reply_to, request.request_id, ErrorCode.CANCELLED, cancel.reason or "cancelled")
             return
         worker = self.placements.worker_of(cancel.request_id)
@@ -173,6 +182,7 @@ class RouterService:
     # --- decisions ----------------------------------------------------------------------------
 
     async def _decide(self) -> None:
+        began = time.perf_counter()
         statuses = await asyncio.wait_for(self.store.list_worker_statuses(), timeout=self.settings.status_ttl_s)
         now = self.clock()
         live = [s for s in statuses if now - s.sent_at <= self.stale_after_s]
@@ -192,7 +202,9 @@ class RouterService:
         for request_id in dropped:
             request, _ = self._dequeued(request_id)
             self.placements.forget(request.request_id)
+            self._ended(request, "refused")
             await reply_error(self.bus, request.reply_to, request.request_id, ErrorCode.OVERLOADED, "refused: it cannot meet its SLO")
+        self.telemetry.router_decided(time.perf_counter() - began, placed=len(placed), refused=len(dropped))
         self._out.clear()  # a RouterWake moved `router.wake`, which `run` sleeps until
 
     def _views(self, statuses: list[WorkerStatus]) -> list[WorkerView]:
@@ -234,8 +246,17 @@ class RouterService:
             for placed in self.placements.failed(worker):
                 log.warning("request %s: worker %s was lost while serving it", placed.request_id, worker)
                 await self._tell(worker, CancelRequest(request_id=placed.request_id, reason="its worker was lost", quiet=True))
+                self.telemetry.request_counted("router", "error")  # its times are with the lost worker
                 await reply_error(self.bus, placed.reply_to, placed.request_id, ErrorCode.WORKER_LOST, f"worker {worker} was lost while serving it")
                 self.ids.forget(placed.request_id)
+
+    def _ended(self, request: GenerateRequest, outcome: Outcome) -> None:
+        """A request whose end the router sends (the workers report the ones they serve); the router sees no
+        tokens, so it checks no SLO."""
+        self.telemetry.request_done(
+            "router", outcome, arrival=request.arrival_time, first_token=None, finished=self.clock(), output_tokens=0,
+            prompt_tokens=len(request.prompt_token_ids or []), ttft_slo_s=None, tpot_slo_s=None,
+        )
 
     async def _place_again(self, request: GenerateRequest, worker: str, why: str) -> None:
         """Back into the queue; the worker, should it come back, drops it without a word."""

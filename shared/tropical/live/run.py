@@ -1,13 +1,16 @@
 """Running services until told to stop: one router, one worker, or a whole deployment in one process.
 
 SIGTERM and SIGINT drain: a service takes no new work, finishes what it holds,
-says it is leaving, and returns.
+says it is leaving, and returns. With `settings.metrics_port` a service also
+serves its Prometheus `/metrics` there, on 127.0.0.1 unless `TROPICAL_METRICS_HOST`
+names another address (such as 0.0.0.0 in a container).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import uuid
@@ -33,6 +36,7 @@ from tropical.policies.serving import ServingPolicy, make_policy
 from tropical.protocol import KvTransport
 from tropical.settings import Settings
 from tropical.store import Store, open_store
+from tropical.telemetry import Telemetry, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,23 @@ async def until_signalled(stop: Callable[[], Awaitable[None]]) -> asyncio.Event:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
     return stopped
+
+
+def metrics_host() -> str:
+    """Where a service serves `/metrics`: loopback unless `TROPICAL_METRICS_HOST` says otherwise."""
+    return os.environ.get("TROPICAL_METRICS_HOST", "127.0.0.1")
+
+
+@asynccontextmanager
+async def metrics_served(settings: Settings, telemetry: Telemetry, host: str | None = None) -> AsyncIterator[str | None]:
+    """`/metrics` on `settings.metrics_port` while inside, when it is set (`host` None: `metrics_host()`); yields the
+    base URL, or None when not served."""
+    if settings.metrics_port is None:
+        yield None
+        return
+    async with serve_metrics(telemetry, host or metrics_host(), settings.metrics_port) as url:
+        log.info("metrics at %s/metrics", url)
+        yield url
 
 
 @dataclass
@@ -87,11 +108,13 @@ async def _connected(settings: Settings, engine: EngineChoice) -> AsyncIterator[
         await store.close()
 
 
-async def serve_router(settings: Settings, policy_name: str, engine: EngineChoice) -> None:
-    async with _connected(settings, engine) as held:
+async def serve_router(settings: Settings, policy_name: str, engine: EngineChoice, *, metrics_host: str | None = None) -> None:
+    telemetry = Telemetry()
+    async with _connected(settings, engine) as held, metrics_served(settings, telemetry, metrics_host):
         policy = make_policy(policy_name, held.model(engine))
         service = RouterService(
-            policy, held.bus, held.store, settings, tokenizer=engine.tokenizer(), max_model_len=engine.max_model_len, feed=held.feed
+            policy, held.bus, held.store, settings, tokenizer=engine.tokenizer(), max_model_len=engine.max_model_len, feed=held.feed,
+            telemetry=telemetry,
         )
         await until_signalled(service.stop)
         await service.run()
@@ -105,15 +128,22 @@ async def serve_worker(
     name: str | None = None,
     kv_transport: KvTransport = KvTransport.HOST,
     group: GroupAddress | None = None,
+    *,
+    metrics_host: str | None = None,
 ) -> None:
     """One worker; `kv_transport` moves KV to and from other workers (host: shared memory on one host; NCCL: within
     the process group at `group`)."""
     name = name or settings.worker_id or f"{role.value}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-    async with _connected(settings, engine) as held, _kv_transport(kv_transport, settings, group) as transport:
+    telemetry = Telemetry()
+    async with (
+        _connected(settings, engine) as held,
+        _kv_transport(kv_transport, settings, group) as transport,
+        metrics_served(settings, telemetry, metrics_host),
+    ):
         model = held.model(engine)
         service = WorkerService(
             name, role, engine.engine(), make_policy(policy_name, model), model, held.bus, held.store, settings,
-            transport=transport, feed=held.feed,
+            transport=transport, feed=held.feed, telemetry=telemetry,
         )
         await until_signalled(service.stop)
         await service.run()

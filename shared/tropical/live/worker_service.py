@@ -13,6 +13,10 @@ A prefill worker's finished prompt goes to the decoding worker the policy
 picks (on the workers' heartbeats); its KV is offered through a KV transport
 and leased until the receiver acks. A decoding worker pulls the KV when the
 core says it has room, imports it, and acks.
+
+Its metrics (`telemetry`): how each request it ends here ended, each step's
+time against the latency model's prediction, the KV it hands on or pulls, and
+its load whenever it publishes its status.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from tropical.protocol import (
 from tropical.queues import worker_queue
 from tropical.settings import Settings
 from tropical.store import Store
+from tropical.telemetry import Telemetry, error_outcome, finish_outcome
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +117,7 @@ class WorkerService:
         status_interval_s: float = 0.005,
         token_flush_s: float | None = None,
         clock: Callable[[], float] = time.time,
+        telemetry: Telemetry | None = None,
     ) -> None:
         """`token_flush_s` (default: the settings' `token_flush_ms`): tokens of one request go out together unless this long
         has passed since its last message (the first token always goes at once: it is the request's TTFT). `heartbeat_s`: the longest silence between two
@@ -129,6 +135,8 @@ class WorkerService:
         self.status_interval_s = status_interval_s
         self.token_flush_s = settings.token_flush_ms / 1000.0 if token_flush_s is None else token_flush_s
         self.clock = clock
+        self.telemetry = telemetry or Telemetry()
+        self.metrics = self.telemetry.worker(name, role)
         self.queue = worker_queue(settings, name)
         self.names = RequestIds()
         self._out: list[Action] = []
@@ -186,6 +194,7 @@ class WorkerService:
             await asyncio.gather(self._sent(), return_exceptions=True)
             await asyncio.gather(heartbeat, *self._tasks, return_exceptions=True)
             self._engine_thread.shutdown(wait=False)
+            self.metrics.close()
             await self.store.remove_worker_status(self.name)
 
     async def stop(self) -> None:
@@ -207,6 +216,8 @@ class WorkerService:
             self.state, now, worker_id=self.name, queue=self.queue, names=self.names, accepted=accepted,
             draining=self._stopping.is_set(),
         )
+        used = 1.0 - status.kv_free_tokens / status.kv_capacity_tokens if status.kv_capacity_tokens else 0.0
+        self.metrics.load(status.batch.size, len(status.waiting), status.queued_prefills, used)
         await asyncio.wait_for(self.store.put_worker_status(status, ttl_s=self.settings.status_ttl_s), timeout=self.settings.status_ttl_s)
 
     async def _heartbeats(self, done: asyncio.Event) -> None:
@@ -303,9 +314,11 @@ class WorkerService:
             return False
         self._changed.set()
         batch, context, chunks = state.step_shape()
+        predicted = state.span_end - state.span_start  # one step: a live worker plans no spans
         result: StepResult = await asyncio.get_running_loop().run_in_executor(self._engine_thread, self.engine.run, plan)
         if self.feed is not None:
             self.feed.observe_step(batch, context, chunks, result.step_time_s)  # keeps the predictions calibrated
+        self.metrics.step(result.step_time_s, predicted)
         self.steps += 1
         self.engine.end(result, self.clock())
         self._stream(result)
@@ -353,10 +366,15 @@ class WorkerService:
         self._accepted.append((self.clock(), job.id))
 
     def _job(self, request: GenerateRequest, prompt_tokens: int) -> RequestState:
+        ttft, tpot = self._slo_s(request)
+        return RequestState(self.names.id_of(request.request_id), request.arrival_time, prompt_tokens, request.max_tokens, ttft, tpot)
+
+    def _slo_s(self, request: GenerateRequest) -> tuple[float, float]:
+        """The request's TTFT and TPOT SLOs in seconds (the deployment's defaults where it gives none)."""
         slo = request.slo
         ttft = (slo.ttft_ms if slo else self.settings.default_ttft_slo_ms) / 1000.0
         tpot = (slo.tpot_ms if slo else self.settings.default_tpot_slo_ms) / 1000.0
-        return RequestState(self.names.id_of(request.request_id), request.arrival_time, prompt_tokens, request.max_tokens, ttft, tpot)
+        return ttft, tpot
 
     async def _cancel(self, cancel: CancelRequest) -> None:
         """Stop a request wherever it is here and free its KV; one handed on goes on to its decoding worker."""
@@ -433,9 +451,18 @@ class WorkerService:
         finished = RequestFinished(
             request_id=request.request_id, finish_reason=reason, num_prompt_tokens=job.prompt, num_output_tokens=stream.sent, timings=timings
         )
+        self.telemetry.request_done(
+            "worker", finish_outcome(reason), arrival=timings.arrival, first_token=timings.first_token, finished=timings.finished,
+            output_tokens=stream.sent, prompt_tokens=job.prompt, ttft_slo_s=job.ttft_slo, tpot_slo_s=job.tpot_slo, timings=timings,
+        )
         self._reply(request, finished)
 
     def _error(self, request: GenerateRequest, code: ErrorCode, text: str) -> None:
+        ttft_slo, tpot_slo = self._slo_s(request)
+        self.telemetry.request_done(
+            "worker", error_outcome(code), arrival=request.arrival_time, first_token=None, finished=None, output_tokens=0,
+            prompt_tokens=len(request.prompt_token_ids or []), ttft_slo_s=ttft_slo, tpot_slo_s=tpot_slo,
+        )
         self._reply(request, ErrorReply(request_id=request.request_id, code=code, message=text))
 
     def _reply(self, request: GenerateRequest, message: TokenChunk | RequestFinished | ErrorReply) -> None:
@@ -520,8 +547,10 @@ class WorkerService:
                 continue
             chosen = views[target]
             views[target] = replace(chosen, incoming=chosen.incoming + (job.view,), decode_load=chosen.decode_load + job.prompt)
+            began = time.perf_counter()
             kv = self.engine.export(job)
             offer = await self.transport.offer(kv, lease_s=KV_LEASE_S)
+            self.metrics.kv("sent", offer.nbytes, time.perf_counter() - began)
             handoff_id = f"{name}@{self.name}"
             self._outgoing[handoff_id] = _Outgoing(job, offer.handle)
             messages.append((statuses[target].worker_id, KvHandoff(
@@ -602,12 +631,14 @@ class WorkerService:
         if handoff is None:
             return  # cancelled before its pull began
         job = self.state.incoming[request_id]
+        began = time.perf_counter()
         try:
             data = await self.transport.fetch(handoff.handle, handoff.layout, timeout_s=KV_FETCH_TIMEOUT_S)
         except KvError as exc:
             log.warning("could not pull the KV of %s: %s", handoff.request.request_id, exc)
             self._arrived.append((job, handoff, None))
         else:
+            self.metrics.kv("received", handoff.nbytes, time.perf_counter() - began)
             request = handoff.request
             kv = KvExport(
                 request_id=request.request_id,
