@@ -1,0 +1,1 @@
+"""Gateway: OpenAI-compatible HTTP (completions, chat, models, health, metrics) publishing onto `requests`."""
