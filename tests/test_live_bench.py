@@ -18,7 +18,7 @@ from tropical.cli import app
 from tropical.engine import Engine, EngineConfig, ModelConfig
 from tropical.experiments import SETTINGS, Replay, run_policy, workload
 from tropical.latency.model import LatencyModel
-from tropical.live.bench import BenchRequest, bench_embedded, bench_report, bench_requests, poisson_load, replay
+from tropical.live.bench import BenchRequest, bench_embedded, bench_report, bench_requests, fixed_length_load, replay
 from tropical.live.client import Client
 from tropical.live.deployment import Deployment
 from tropical.metrics import summarize
@@ -84,7 +84,7 @@ def test_emulated_chat_13b_attains_what_the_simulator_does_on_the_same_window(tm
         (["--embedded", "--request-rate", "0"], "--request-rate"),
         (["--embedded", "--request-rate", "-2"], "--request-rate"),
         (["--embedded", "--policy", "tropical", "--workers", "1", "--request-rate", "5"], "needs at least 1 prefill and one decoding worker"),
-        (["--embedded"], "--request-rate"),
+        (["--embedded", "--setting", "longbench-70b"], "give a rate"),  # a length table has no pace of its own
         (["--request-rate", "5"], "--embedded"),
         (["--embedded", "--compare-sim", "--request-rate", "5"], "emulated"),
     ],
@@ -94,8 +94,8 @@ def test_bad_input_exits_2_before_serving(tmp_path: Path, args: list[str], messa
     assert code == 2 and message in output and report is None
 
 
-def test_poisson_load_has_the_asked_shape() -> None:
-    load = poisson_load(50, rate=10.0, input_len=7, output_len=3, ttft_slo=0.5, tpot_slo=0.05, seed=1)
+def test_fixed_length_load_has_the_asked_shape() -> None:
+    load = fixed_length_load(50, rate=10.0, input_len=7, output_len=3, ttft_slo=0.5, tpot_slo=0.05, seed=1)
     requests = bench_requests(load)
     assert requests[0].arrival == 0.0 and all(a.arrival <= b.arrival for a, b in zip(requests, requests[1:]))
     assert 2.0 < requests[-1].arrival < 10.0  # 49 gaps of mean 0.1 s

@@ -101,3 +101,46 @@ def plot_slo_sweep(setting: Setting, report: dict[str, Any], path: Path) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)
+
+
+def plot_bench_sweep(records: list[dict[str, Any]], path: Path) -> str:
+    """A `tropical bench` sweep, one point per rate: goodput, SLO attainment, p99 TTFT and p99 TPOT against the rate.
+
+    A rate of `inf` (every request at once) is drawn to the right of the finite ones and labelled so.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    finite = [float(r["request_rate"]) for r in records if r["request_rate"] != "inf"]
+    far = 1.5 * max(finite, default=1.0)
+    records = sorted(records, key=lambda r: far if r["request_rate"] == "inf" else float(r["request_rate"]))
+    xs = [far if r["request_rate"] == "inf" else float(r["request_rate"]) for r in records]
+
+    def series(key: str, scale: float = 1.0) -> list[float]:
+        return [float("nan") if r[key] is None else scale * r[key] for r in records]
+
+    first = records[0]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    goodput, attainment, ttft, tpot = axes.flat
+    goodput.plot(xs, series("request_goodput"), marker="o", ms=3, label="goodput")
+    goodput.plot(xs, series("request_throughput"), marker="o", ms=3, ls="--", label="throughput")
+    goodput.set_ylabel("requests/s")
+    goodput.legend(fontsize=8)
+    for key, label in (("slo_attainment", "both"), ("ttft_slo_attainment", "TTFT"), ("tpot_slo_attainment", "TPOT")):
+        attainment.plot(xs, series(key, 100.0), marker="o", ms=3, label=label)
+    attainment.axhline(90, color="grey", ls="--", lw=1)
+    attainment.set_ylabel("SLO attainment (%)")
+    attainment.set_ylim(0, 102)
+    attainment.legend(fontsize=8)
+    ttft.plot(xs, series("p99_ttft_ms"), marker="o", ms=3)
+    ttft.set_ylabel("P99 TTFT (ms)")
+    tpot.plot(xs, series("p99_tpot_ms"), marker="o", ms=3)
+    tpot.set_ylabel("P99 TPOT (ms)")
+    for ax in axes.flat:
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylim(bottom=0)
+        if len(finite) < len(records):
+            ax.set_xticks(sorted(set(xs)), [("inf" if x == far else f"{x:g}") for x in sorted(set(xs))])
+    fig.suptitle(f"{first['backend']} {first['model_id'] or ''}: {first['dataset']}, {first['num_prompts']} requests per rate", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
