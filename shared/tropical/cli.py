@@ -11,6 +11,7 @@ import platform
 import sys
 import uuid
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -52,10 +53,13 @@ def main(
     redis_url: Annotated[str | None, typer.Option(help="Redis URL, or memory:// (env TROPICAL_REDIS_URL)")] = None,
     namespace: Annotated[str | None, typer.Option(help="prefix of queue and key names (env TROPICAL_NAMESPACE)")] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ... (env TROPICAL_LOG_LEVEL)")] = None,
+    metrics_port: Annotated[int | None, typer.Option(min=0, max=65535, help="serve Prometheus /metrics on this port (env TROPICAL_METRICS_PORT)")] = None,
 ) -> None:
-    """Settings come from TROPICAL_* variables; these flags override them."""
+    """Settings come from TROPICAL_* variables (or files named after them in /run/secrets); these flags override them."""
     try:
-        settings = Settings().with_overrides(broker_url=broker_url, redis_url=redis_url, namespace=namespace, log_level=log_level)
+        settings = Settings().with_overrides(
+            broker_url=broker_url, redis_url=redis_url, namespace=namespace, log_level=log_level, metrics_port=metrics_port
+        )
     except ValidationError as exc:
         typer.echo(f"error: invalid settings:\n{exc}", err=True)
         raise typer.Exit(2) from None
@@ -204,7 +208,7 @@ def bench_router(
 
 @app.command("profile")
 def profile(
-    engine_source: Annotated[str, typer.Option("--engine", help="`tiny` (the random-weight preset) or a local model directory")] = "tiny",
+    engine_source: Annotated[str, typer.Option("--engine", help="tiny, smollm2, or a local model directory / .gguf file")] = "tiny",
     quick: Annotated[bool, typer.Option(help="a small grid that takes seconds on a CPU")] = False,
     repeats: Annotated[int | None, typer.Option(min=1, help="timed steps per grid point (default: 3; 2 with --quick)")] = None,
     max_len: Annotated[int | None, typer.Option(min=1, help="profile sequences up to this many tokens (default: the engine's limit)")] = None,
@@ -260,8 +264,8 @@ def _profiled_engine(source: str, device: str | None) -> Engine:
 
     from tropical.engine import Engine, EngineConfig
 
-    if source != "tiny" and not Path(source).is_dir():
-        raise typer.BadParameter(f"not `tiny` nor a model directory: {source!r}", param_hint="--engine")
+    if source not in ("tiny", "smollm2") and not Path(source).exists():
+        raise typer.BadParameter(f"not tiny, smollm2, a model directory nor a .gguf file: {source!r}", param_hint="--engine")
     try:
         kind = None if device is None else torch.device(device).type
         if kind not in (None, "cpu", "cuda") or (kind == "cuda" and not torch.cuda.is_available()):
@@ -343,9 +347,10 @@ def _setting(name: str, ttft_ms: float | None, ttft_scale: float | None, tpot_ms
 serve_app = typer.Typer(help="Run one service against the deployment's broker and store; SIGTERM or Ctrl-C drains it.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
 
-PolicyName = Annotated[str, typer.Option("--policy", help="vllm, sarathi, distserve, tropical, kairos or unified")]
-EngineName = Annotated[str, typer.Option("--engine", help="tiny, smollm2, emulated, or a model directory / .gguf file")]
-EmulatedSetting = Annotated[str, typer.Option("--setting", help="the cluster whose timing and KV an emulated engine has")]
+# The services' choices may come from the environment too, so a compose file sets them as variables.
+PolicyName = Annotated[str, typer.Option("--policy", envvar="TROPICAL_POLICY", help="vllm, sarathi, distserve, tropical, kairos or unified")]
+EngineName = Annotated[str, typer.Option("--engine", envvar="TROPICAL_ENGINE", help="tiny, smollm2, emulated, or a model directory / .gguf file")]
+EmulatedSetting = Annotated[str, typer.Option("--setting", envvar="TROPICAL_SETTING", help="the cluster whose timing and KV an emulated engine has")]
 MaxModelLen = Annotated[int | None, typer.Option("--max-model-len", min=1, help="longest prompt + output a request may ask for")]
 
 
@@ -396,6 +401,7 @@ def _worker_command(role_name: str, summary: str) -> None:
         kv_transport: Annotated[
             str,
             typer.Option(
+                envvar="TROPICAL_KV_TRANSPORT",
                 help="how KV moves between workers: host (shared memory, one host), redis, cuda_ipc, or nccl "
                 "(a process group: MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE as torchrun sets them; gloo without a GPU)"
             ),
@@ -430,17 +436,23 @@ _worker_command("colocated", "A colocated worker: every request's prompt and dec
 @serve_app.command("profiler")
 def serve_profiler(
     ctx: typer.Context,
-    engine_source: Annotated[str, typer.Option("--engine", help="`tiny` (the random-weight preset) or a local model directory")] = "tiny",
-    quick: Annotated[bool, typer.Option(help="a small grid that takes seconds on a CPU")] = False,
+    engine_source: Annotated[
+        str, typer.Option("--engine", envvar="TROPICAL_ENGINE", help="tiny, smollm2, or a local model directory / .gguf file")
+    ] = "tiny",
+    quick: Annotated[bool, typer.Option(envvar="TROPICAL_PROFILER_QUICK", help="a small grid that takes seconds on a CPU")] = False,
     once: Annotated[bool, typer.Option(help="return once the model is published (default: stay up; SIGHUP profiles again)")] = False,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: CUDA when available)")] = None,
+    device: Annotated[str | None, typer.Option(envvar="TROPICAL_DEVICE", help="cpu or cuda[:N] (default: CUDA when available)")] = None,
 ) -> None:
     """Profile this machine's engine and publish its latency model to the store, where routers and workers pick it up."""
     from redis.exceptions import RedisError
 
+    from tropical.live.engines import EMULATED
     from tropical.live.profiler_service import serve_profiler as run
     from tropical.store import StoreError
 
+    if engine_source == EMULATED:
+        typer.echo("an emulated engine's timing is its setting's latency model: nothing to profile", err=True)
+        return
     engine = _profiled_engine(engine_source, device)
     name = "tiny" if engine_source == "tiny" else Path(engine_source).name
     try:
@@ -455,6 +467,43 @@ def serve_profiler(
         typer.echo(f"published {spec.key} (fitted at {spec.fitted_at:.0f}, {spec.samples} timed steps)")
 
 
+GatewayHost = Annotated[str, typer.Option("--host", envvar="TROPICAL_GATEWAY_HOST", help="address the gateway listens on (beyond localhost it needs an API key)")]
+ApiKeys = Annotated[list[str] | None, typer.Option("--api-key", help="a key clients send as `Authorization: Bearer KEY` (repeat for more; also TROPICAL_API_KEYS)")]
+
+
+@serve_app.command("gateway")
+def serve_gateway(
+    ctx: typer.Context,
+    host: GatewayHost = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, envvar="TROPICAL_GATEWAY_PORT", help="HTTP port")] = 8000,
+    engine: EngineName = "tiny",
+    setting: EmulatedSetting = "chat-13b",
+    model_name: Annotated[str | None, typer.Option(envvar="TROPICAL_MODEL_NAME", help="the model id clients name (default: the --engine word)")] = None,
+    api_key: ApiKeys = None,
+    request_timeout_s: Annotated[float, typer.Option(min=1e-3, envvar="TROPICAL_REQUEST_TIMEOUT_S", help="a request with no answer this long gets a 504")] = 300.0,
+    max_model_len: MaxModelLen = None,
+) -> None:
+    """OpenAI's HTTP API (completions, chat completions, models, health, metrics) in front of the `requests` queue."""
+    from tropical.gateway.server import check_binding
+    from tropical.gateway.server import serve_gateway as run
+
+    settings: Settings = ctx.obj
+    choice = _engine_choice(engine, setting, max_model_len)
+    keys = frozenset(api_key or ())
+    try:
+        check_binding(host, keys | settings.api_key_set())
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    run_async(run(settings, model_name=model_name or _model_id(engine), tokenizer=choice.tokenizer(), host=host, port=port,
+                  api_keys=keys, request_timeout_s=request_timeout_s, max_model_len=max_model_len))
+
+
+def _model_id(engine: str) -> str:
+    """The model id a gateway names by default: the engine word, or a model directory's / file's name."""
+    return Path(engine).name if Path(engine).exists() else engine
+
+
 @app.command("up")
 def up(
     ctx: typer.Context,
@@ -465,17 +514,40 @@ def up(
     prompt: Annotated[str | None, typer.Option(help="send this prompt (as a chat message where the model has a template), print the answer, stop")] = None,
     max_tokens: Annotated[int, typer.Option(min=1)] = 64,
     max_model_len: MaxModelLen = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="also serve OpenAI's HTTP API on this port (the gateway); --prompt then goes through it")] = None,
+    host: GatewayHost = "127.0.0.1",
+    api_key: ApiKeys = None,
 ) -> None:
-    """A whole deployment in one process: router and workers (in-memory bus and store unless URLs are given)."""
+    """A whole deployment in one process: router and workers (in-memory bus and store unless URLs are given), and the gateway with --port."""
+    from tropical.gateway.server import check_binding
+
     settings: Settings = ctx.obj
     if not os.environ.get("TROPICAL_BROKER_URL") and ctx.parent is not None and ctx.parent.params.get("broker_url") is None:
         settings = settings.with_overrides(broker_url=MEMORY_URL, redis_url=MEMORY_URL)
     choice = _engine_choice(engine, setting, max_model_len)
     _policy_checked(policy)
-    run_async(_up(settings, policy, workers, choice, prompt, max_tokens))
+    keys = frozenset(api_key or ()) | settings.api_key_set()
+    if port is not None:
+        try:
+            check_binding(host, keys)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+    front = None if port is None else _Front(host, port, keys, _model_id(engine))
+    run_async(_up(settings, policy, workers, choice, prompt, max_tokens, front))
 
 
-async def _up(settings: Settings, policy: str, workers: int, choice: Any, prompt: str | None, max_tokens: int) -> None:
+@dataclass(frozen=True)
+class _Front:
+    """Where `tropical up` serves the gateway, and for which model id."""
+
+    host: str
+    port: int
+    api_keys: frozenset[str]
+    model: str
+
+
+async def _up(settings: Settings, policy: str, workers: int, choice: Any, prompt: str | None, max_tokens: int, front: _Front | None) -> None:
     from tropical.live.run import deployment, until_signalled
 
     served = deployment(settings, policy, workers, choice)
@@ -485,6 +557,9 @@ async def _up(settings: Settings, policy: str, workers: int, choice: Any, prompt
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     try:
+        if front is not None:
+            await _up_gateway(served, front, prompt, max_tokens, workers)
+            return
         if prompt is None:
             typer.echo(f"serving {policy} on {workers} worker(s); publish requests to {settings.queue('requests')}; Ctrl-C stops", err=True)
             stopped = await until_signalled(_noop)
@@ -501,6 +576,25 @@ async def _up(settings: Settings, policy: str, workers: int, choice: Any, prompt
             typer.echo(tokenizer.decode(tokens) if tokenizer is not None else " ".join(map(str, tokens)))
     finally:
         await served.stop()
+
+
+async def _up_gateway(served: Any, front: _Front, prompt: str | None, max_tokens: int, workers: int) -> None:
+    """Serve the gateway on the deployment; with a prompt, ask it over HTTP as any client would, print the answer, stop."""
+    from tropical.gateway.client import chat_once
+    from tropical.gateway.server import Gateway, running_gateway
+    from tropical.live.run import until_signalled
+
+    bus, store = await served.connections()
+    gateway = Gateway(bus, store, served.settings, model_name=front.model, tokenizer=served.tokenizer, telemetry=served.telemetry,
+                      api_keys=front.api_keys)
+    async with running_gateway(gateway, front.host, front.port) as url:
+        if prompt is not None:
+            key = next(iter(front.api_keys), None)
+            typer.echo(await chat_once(url, front.model, prompt, max_tokens=max_tokens, api_key=key))
+            return
+        typer.echo(f"serving {served.policy} on {workers} worker(s): OpenAI API at {url}/v1 (model {front.model!r}); Ctrl-C stops", err=True)
+        stopped = await until_signalled(_noop)
+        await stopped.wait()
 
 
 async def _noop() -> None:
@@ -712,108 +806,276 @@ def ablate(
 # --- live benchmark -----------------------------------------------------------------------------
 
 
-@app.command("bench")
+@app.command("bench", context_settings={"allow_extra_args": True})  # `--goodput ttft:MS tpot:MS`: vLLM's values after one flag
 def bench(
     ctx: typer.Context,
     embedded: Annotated[bool, typer.Option("--embedded", help="serve in this process (in-memory bus and store unless URLs are given)")] = False,
     spawn: Annotated[
         bool, typer.Option("--spawn", help="serve as separate processes (`tropical serve` router and workers) on the broker and Redis, then stop them")
     ] = False,
+    base_url: Annotated[
+        str | None, typer.Option("--base-url", help="drive this OpenAI-compatible server (e.g. http://127.0.0.1:8000): Tropical's gateway, vLLM, ...")
+    ] = None,
+    endpoint: Annotated[str, typer.Option(help="--base-url: /v1/completions (token-id prompts) or /v1/chat/completions (word prompts)")] = "/v1/completions",
+    model: Annotated[str | None, typer.Option(help="--base-url: the model to ask for (default: the first GET /v1/models lists)")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY", help="--base-url: sent as `Authorization: Bearer`", show_default=False)] = None,
     policy: PolicyName = "unified",
-    workers: Annotated[int, typer.Option(min=1, help="--embedded / --spawn: workers to serve")] = 2,
+    workers: Annotated[int, typer.Option(help="--embedded / --spawn: workers to serve")] = 2,
     engine: Annotated[str, typer.Option("--engine", help="--embedded / --spawn: tiny, or emulated (the setting's timing and KV)")] = "tiny",
     setting_name: Annotated[
         str | None,
-        typer.Option("--setting", help="replay this preset's trace with its SLOs as `tropical sim` does; without it, Poisson load (emulated engines: chat-13b)"),
+        typer.Option("--setting", help="replay this preset's trace with its SLOs as `tropical sim` does (emulated engines time by it; default chat-13b)"),
     ] = None,
     trace: TraceOption = None,
-    rate: Annotated[float | None, typer.Option("--request-rate", min=1e-9, help="arrival rate (req/s); a timed trace keeps its own without it")] = None,
-    num_prompts: Annotated[int | None, typer.Option("--num-prompts", "--num-requests", min=1, help="requests (default: 100 synthetic; a setting's as in `sim`)")] = None,
+    dataset_name: Annotated[
+        str | None, typer.Option("--dataset-name", help="random (fixed lengths; the default), azure-conv, mooncake, distserve-sharegpt, arxiv or sharegpt")
+    ] = None,
+    dataset_path: Annotated[Path | None, typer.Option("--dataset-path", help="a trace or length table, recognised by its columns (as --trace)")] = None,
+    rate: Annotated[
+        str | None,
+        typer.Option(
+            "--request-rate", help="req/s, or inf (all at once; the default); a comma-separated list sweeps, e.g. 4,8,inf. A timed trace keeps its own pace without it"
+        ),
+    ] = None,
+    burstiness: Annotated[float | None, typer.Option(help="Gamma arrivals of this shape, as vLLM draws them (1: Poisson; lower: burstier)")] = None,
+    num_prompts: Annotated[int | None, typer.Option("--num-prompts", "--num-requests", help="requests per rate (default: 100; a setting's as in `sim`)")] = None,
     start_s: StartOption = None,
     duration_s: DurationOption = None,
     arrival: ArrivalOption = ArrivalProcess.POISSON,
     cv: CvOption = None,
-    input_len: Annotated[int, typer.Option(min=1, help="synthetic load: prompt tokens")] = 128,
-    output_len: Annotated[int, typer.Option(min=1, help="synthetic load: output tokens")] = 64,
+    input_len: Annotated[int, typer.Option("--random-input-len", "--input-len", help="random dataset: prompt tokens")] = 128,
+    output_len: Annotated[int, typer.Option("--random-output-len", "--output-len", help="random dataset: output tokens")] = 64,
+    max_concurrency: Annotated[int | None, typer.Option(help="requests in flight at most; the others wait for a slot")] = None,
+    goodput: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="ttft:MS tpot:MS e2el:MS: what goodput counts against (default: each request's own SLOs; without --setting or --*-slo-ms also the SLOs sent)"
+        ),
+    ] = None,
+    percentile_metrics: Annotated[str, typer.Option(help="sections printed, of ttft,tpot,itl,e2el")] = "ttft,tpot,itl",
+    metric_percentiles: Annotated[str, typer.Option(help="percentiles printed and saved, e.g. 50,90,99")] = "99",
     seed: Annotated[int, typer.Option(help="arrival seed, as `tropical sim --seed`")] = 0,
     ttft_slo_ms: TtftMsOption = None,
     ttft_slo_scale: TtftScaleOption = None,
     tpot_slo_ms: TpotMsOption = None,
-    request_timeout_s: Annotated[float, typer.Option(min=1e-3, help="a request not done this long after its arrival fails")] = 300.0,
+    request_timeout_s: Annotated[float, typer.Option(help="a request not done this long after its arrival fails")] = 300.0,
     compare_sim: Annotated[
         bool, typer.Option("--compare-sim", help="--embedded / --spawn emulated: also simulate the same requests on the same roles")
     ] = False,
-    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report here")] = None,
+    save_result: Annotated[bool, typer.Option("--save-result", help="write each run's JSON into --result-dir")] = False,
+    result_dir: Annotated[Path | None, typer.Option(help="where --save-result and a sweep's curves go (default: here, or beside --json)")] = None,
+    result_filename: Annotated[str | None, typer.Option(help="--save-result's file name (default: {backend}-{rate}qps-{model}-{date}.json)")] = None,
+    disable_tqdm: Annotated[bool, typer.Option("--disable-tqdm", help="no progress bar (there is none when stderr is not a terminal)")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report here (a sweep: every run's)")] = None,
 ) -> None:
-    """Replay a trace or Poisson load onto a deployment and print a `vllm bench serve`-style summary."""
+    """Replay a trace or synthetic load onto a deployment or an OpenAI-compatible server; print `vllm bench serve`'s summary."""
     import time
     from collections import Counter
 
-    from tropical.experiments import setting_named, workload
-    from tropical.live.bench import bench_embedded, bench_remote, bench_report, bench_requests, bench_spawned, poisson_load, simulated_summary
+    from tropical.experiments import setting_named
+    from tropical.live import bench as live
     from tropical.live.run import deployment
 
+    started = time.perf_counter()
     settings: Settings = ctx.obj
-    setting = None if setting_name is None else _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
-    if setting is None:
-        if rate is None or trace is not None or start_s is not None or duration_s is not None or ttft_slo_scale is not None:
-            raise typer.BadParameter("without --setting the load is Poisson: give --request-rate; --trace, windows and --ttft-slo-scale need --setting")
-        ttft = (ttft_slo_ms or settings.default_ttft_slo_ms) / 1000.0
-        tpot = (tpot_slo_ms or settings.default_tpot_slo_ms) / 1000.0
-        load = poisson_load(num_prompts or 100, rate=rate, input_len=input_len, output_len=output_len, ttft_slo=ttft, tpot_slo=tpot, seed=seed)
-    else:
+    modes = [name for name, given in (("--embedded", embedded), ("--spawn", spawn), ("--base-url", base_url is not None)) if given]
+    try:
+        if len(modes) > 1:
+            raise typer.BadParameter(f"{' and '.join(modes)} are different targets: give one")
+        if compare_sim and (base_url is not None or max_concurrency is not None):
+            raise typer.BadParameter("--compare-sim needs --embedded or --spawn and open-loop arrivals (no --max-concurrency)")
+        for flag, value in (("--workers", workers), ("--num-prompts", num_prompts), ("--random-input-len", input_len), ("--random-output-len", output_len),
+                            ("--max-concurrency", max_concurrency), ("--request-timeout-s", request_timeout_s), ("--burstiness", burstiness)):
+            if value is not None and not value > 0:
+                raise typer.BadParameter(f"must be positive, got {value:g}", param_hint=flag)
+        rates = _dialect(live.parse_rates, rate, "--request-rate") if rate is not None else [None]
+        limits = _dialect(live.parse_goodput, [*(goodput or ()), *ctx.args], "--goodput") if goodput or ctx.args else None
+        metrics = _dialect(live.parse_percentile_metrics, percentile_metrics, "--percentile-metrics")
+        percentiles = _dialect(live.parse_percentiles, metric_percentiles, "--metric-percentiles")
+        arrival_name, cv_value = _bench_arrivals(burstiness, arrival, cv)
+        trace_path = _bench_trace(trace, dataset_name, dataset_path)
+        setting = None if setting_name is None else _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
+        if base_url is not None:
+            if not base_url.startswith(("http://", "https://")):
+                raise typer.BadParameter(f"not an http:// or https:// URL: {base_url!r}", param_hint="--base-url")
+            if not (endpoint.startswith("/") and endpoint.rstrip("/").endswith("/completions")):
+                raise typer.BadParameter(f"{endpoint!r} is no completions path such as /v1/completions", param_hint="--endpoint")
+        if setting is None and ttft_slo_scale is not None:
+            raise typer.BadParameter("--ttft-slo-scale scales a setting's prefill times: it needs --setting")
+        if setting is not None and dataset_name == live.RANDOM_DATASET:
+            raise typer.BadParameter("--setting replays its trace; --dataset-name random is fixed-length load: give one")
+        ttft_ms = ttft_slo_ms or (limits or {}).get("ttft") or settings.default_ttft_slo_ms
+        tpot_ms = tpot_slo_ms or (limits or {}).get("tpot") or settings.default_tpot_slo_ms
+        spec = live.Load(
+            setting, trace_path, num_prompts, start_s, duration_s, arrival_name, cv_value, seed, input_len, output_len, ttft_ms / 1000.0, tpot_ms / 1000.0,
+            name=dataset_name,
+        )
+        rates = [live.INF if r is None and spec.trace_file is None else r for r in rates]  # fixed-length load has no pace of its own
         try:
-            load = workload(setting, trace or setting.trace, rate, replay=_replay(num_prompts, start_s, duration_s, arrival, cv), seed=seed).requests
+            loads = [spec.at(r) for r in rates]
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
-    timing = setting_named(setting_name or "chat-13b")  # what emulated engines and --compare-sim time steps by
-    roles: tuple[Any, ...] = ()
-    started = time.perf_counter()
-    if embedded and spawn:
-        raise typer.BadParameter("--embedded serves in this process, --spawn in processes of their own: give one")
-    if embedded or spawn:
-        choice = _engine_choice(engine, timing.name, None)
-        roles = _live_roles(_policy_checked(policy), workers, choice.latency_model())
-        if compare_sim and engine != "emulated":
-            raise typer.BadParameter("--compare-sim needs --engine emulated: only emulated engines keep the simulator's time")
-    if spawn:
-        if settings.broker_url.startswith(MEMORY_URL) or settings.redis_url.startswith(MEMORY_URL):
+        timing = setting_named(setting_name or "chat-13b")  # what emulated engines and --compare-sim time steps by
+        roles: tuple[Any, ...] = ()
+        if embedded or spawn:
+            choice = _engine_choice(engine, timing.name, None)
+            roles = _live_roles(_policy_checked(policy), workers, choice.latency_model())
+            if compare_sim and engine != "emulated":
+                raise typer.BadParameter("--compare-sim needs --engine emulated: only emulated engines keep the simulator's time")
+        if spawn and (settings.broker_url.startswith(MEMORY_URL) or settings.redis_url.startswith(MEMORY_URL)):
             raise typer.BadParameter("--spawn needs a real broker and Redis (--broker-url, --redis-url)")
+        if not (embedded or spawn or base_url) and (settings.broker_url.startswith(MEMORY_URL) or compare_sim):
+            raise typer.BadParameter(
+                "give --embedded, --spawn, --base-url, or the --broker-url of a running deployment (--compare-sim needs --embedded or --spawn)"
+            )
+    except typer.BadParameter as exc:
+        raise _bench_failure(exc.format_message()) from None
+
+    if spawn:
         settings = settings.with_overrides(namespace=f"{settings.namespace}.bench-{uuid.uuid4().hex[:8]}")
-        try:
-            result = run_async(bench_spawned(settings, policy, roles, choice, bench_requests(load), timeout_s=request_timeout_s))
-        except RuntimeError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
+        target = live.spawned_target(settings, policy, roles, choice, timeout_s=request_timeout_s)
     elif embedded:
         if not os.environ.get("TROPICAL_BROKER_URL") and ctx.parent is not None and ctx.parent.params.get("broker_url") is None:
             settings = settings.with_overrides(broker_url=MEMORY_URL, redis_url=MEMORY_URL)
-        result = run_async(bench_embedded(deployment(settings, policy, workers, choice), bench_requests(load), timeout_s=request_timeout_s))
+        target = live.embedded_target(deployment(settings, policy, workers, choice), timeout_s=request_timeout_s, model_id=engine)
+    elif base_url is not None:
+        target = live.http_target(base_url, endpoint=endpoint, model=model, api_key=api_key)
     else:
-        if settings.broker_url.startswith(MEMORY_URL) or compare_sim:
-            raise typer.BadParameter("give --embedded, --spawn, or the --broker-url of a running deployment (--compare-sim needs --embedded or --spawn)")
-        result = run_async(bench_remote(settings, bench_requests(load), timeout_s=request_timeout_s))
-    report = bench_report(result)
-    simulated = simulated_summary(timing, policy, roles, load, seed=seed) if compare_sim else None
-    record = {
-        "mode": "embedded" if embedded else "spawned" if spawn else "broker",
-        "namespace": settings.namespace,  # a spawned deployment's own: its queues are removed afterwards
-        "setting": None if setting is None else setting.name,
-        "trace": None if setting is None else str(trace or setting.trace),
-        "policy": policy if embedded or spawn else None,
-        "engine": engine if embedded or spawn else None,
-        "workers": dict(Counter(role.value for role in roles)),
-        "rate": rate,
-        "seed": seed,
-        "wall_seconds": round(time.perf_counter() - started, 3),
-        **report,
-    }
-    if simulated is not None:
-        record["sim"] = simulated.as_vllm_json()
-        record["live_minus_sim_attainment"] = report["slo_attainment"] - simulated.attainment
-    typer.echo("\n".join(_bench_lines(record, simulated)))
-    if json_path:
-        json_path.write_text(json.dumps(record, indent=2) + "\n")
+        target = live.remote_target(settings, timeout_s=request_timeout_s)
+
+    async def run() -> tuple[str, str | None, list[Any]]:
+        async with target as sender:
+            runs = [live.bench_requests(load) for load in loads]
+            progress = not disable_tqdm and sys.stderr.isatty()
+            results = await live.replay_all(sender, runs, timeout_s=request_timeout_s, max_concurrency=max_concurrency, progress=progress)
+            return sender.backend, sender.model_id, results
+
+    try:
+        backend, model_id, results = run_async(run())
+    except RuntimeError as exc:  # a spawned process that would not start, a server that would not answer
+        raise _bench_failure(str(exc)) from None
+    date = datetime.now().strftime("%Y%m%d-%H%M%S")
+    mode = "embedded" if embedded else "spawned" if spawn else "http" if base_url is not None else "broker"
+    records = []
+    for r, load, result in zip(rates, loads, results, strict=True):
+        simulated = live.simulated_summary(timing, policy, roles, load, seed=seed) if compare_sim else None
+        report = live.bench_report(result, percentiles=percentiles, goodput=limits)
+        records.append({
+            "date": date,
+            "backend": backend,
+            "model_id": model_id,
+            "num_prompts": report["num_prompts"],
+            "request_rate": _rate_word(r),
+            "burstiness": burstiness if burstiness is not None else 1.0 / (cv_value * cv_value),
+            "max_concurrency": max_concurrency,
+            "mode": mode,
+            "base_url": base_url,
+            "endpoint": endpoint if base_url is not None else None,
+            "namespace": None if base_url is not None else settings.namespace,  # a spawned deployment's own: its queues are removed afterwards
+            "dataset": spec.describe(),
+            "setting": None if setting is None else setting.name,
+            "trace": None if spec.trace_file is None else str(spec.trace_file),
+            "policy": policy if embedded or spawn else None,
+            "engine": engine if embedded or spawn else None,
+            "workers": dict(Counter(role.value for role in roles)) if embedded or spawn else None,
+            "rate": _rate_word(r),
+            "seed": seed,
+            "wall_seconds": round(time.perf_counter() - started, 3),
+            **report,
+            "sim": None if simulated is None else live.nulled(simulated.as_vllm_json()),
+            "live_minus_sim_attainment": None if simulated is None else live.nulled(report["slo_attainment"] - simulated.attainment),
+        })
+    typer.echo("\n\n".join("\n".join(_bench_lines(record, metrics, percentiles)) for record in records))
+    _bench_write(records, json_path=json_path, save_result=save_result, result_dir=result_dir, result_filename=result_filename)
+
+
+def _dialect(parse: Any, value: Any, flag: str) -> Any:
+    """A vLLM-dialect flag value parsed; its ValueError as bad input for that flag."""
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=flag) from None
+
+
+def _bench_failure(message: str) -> typer.Exit:
+    """Bad input, or a target that cannot be reached: one line on stderr, and the exit (2) to raise."""
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    return typer.Exit(2)
+
+
+def _bench_arrivals(burstiness: float | None, arrival: ArrivalProcess, cv: float | None) -> tuple[str, float]:
+    """The arrival process: vLLM's --burstiness b, or --arrival gamma --cv c (the same Gamma gaps, c = 1/√b)."""
+    from tropical.live.bench import arrival_process
+
+    if burstiness is not None:
+        if arrival is not ArrivalProcess.POISSON or cv is not None:
+            raise typer.BadParameter("--burstiness b is --arrival gamma --cv 1/sqrt(b) in vLLM's words: give one of them")
+        return arrival_process(burstiness)
+    if cv is not None and arrival is ArrivalProcess.POISSON:
+        raise typer.BadParameter("--cv needs --arrival gamma: Poisson gaps have a cv of 1")
+    if cv is not None and cv <= 0:
+        raise typer.BadParameter(f"must be positive, got {cv:g}", param_hint="--cv")
+    return arrival.value, 1.0 if cv is None else cv
+
+
+def _bench_trace(trace: Path | None, dataset_name: str | None, dataset_path: Path | None) -> Path | None:
+    """The trace file to replay (None: fixed-length synthetic requests) from --trace, --dataset-path or --dataset-name."""
+    from tropical.live.bench import RANDOM_DATASET, dataset_trace
+
+    if trace is not None and dataset_path is not None and trace != dataset_path:
+        raise typer.BadParameter("--trace and --dataset-path name the same thing: give one")
+    path = trace or dataset_path
+    if dataset_name is None:
+        return path
+    if path is not None:
+        raise typer.BadParameter("--dataset-name picks a shipped dataset, --dataset-path a file: give one")
+    if dataset_name == RANDOM_DATASET:
+        return None
+    return _dialect(dataset_trace, dataset_name, "--dataset-name")
+
+
+def _rate_word(rate: float | None) -> float | str | None:
+    """A rate as vLLM's JSON writes it: a number, or "inf"; None for a trace at its own pace."""
+    return "inf" if rate == float("inf") else rate
+
+
+def _bench_write(records: list[dict[str, Any]], *, json_path: Path | None, save_result: bool, result_dir: Path | None, result_filename: str | None) -> None:
+    """--save-result's files (one per rate, named as vLLM names them), --json, and a sweep's curves."""
+    directory = result_dir or (json_path.parent if json_path is not None else Path("."))
+    sweep = len(records) > 1
+    if save_result:
+        directory.mkdir(parents=True, exist_ok=True)
+        for record in records:
+            name = _result_name(record, result_filename, sweep)
+            (directory / name).write_text(json.dumps(record, indent=2) + "\n")
+    figure = None
+    if sweep:
+        from tropical.plots import plot_bench_sweep
+
+        first = records[0]
+        stem = json_path.stem if json_path is not None and result_dir is None else f"{first['backend']}-{_model_word(first)}-{first['date']}"
+        directory.mkdir(parents=True, exist_ok=True)
+        figure = plot_bench_sweep(records, directory / f"{stem}-sweep.png")
+        typer.echo(f"\nsweep curves: {figure}")
+    if json_path is not None:
+        content: Any = {"runs": records, "figure": figure} if sweep else records[0]
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def _model_word(record: dict[str, Any]) -> str:
+    return str(record["model_id"] or "unknown").rstrip("/").split("/")[-1]
+
+
+def _result_name(record: dict[str, Any], given: str | None, sweep: bool) -> str:
+    """vLLM's default `{backend}-{rate}qps[-concurrency{n}]-{model}-{date}.json`; a given name gets the rate when a sweep writes several."""
+    rate = record["request_rate"]
+    rate_word = "trace" if rate is None else f"{rate if isinstance(rate, str) else format(rate, 'g')}qps"
+    if given is not None:
+        path = Path(given)
+        return f"{path.stem}-{rate_word}{path.suffix}" if sweep else given
+    concurrency = "" if record["max_concurrency"] is None else f"-concurrency{record['max_concurrency']}"
+    return f"{record['backend']}-{rate_word}{concurrency}-{_model_word(record)}-{record['date']}.json"
 
 
 def _live_roles(policy: str, workers: int, model: Any) -> tuple[Any, ...]:
@@ -828,34 +1090,71 @@ def _live_roles(policy: str, workers: int, model: Any) -> tuple[Any, ...]:
         raise typer.Exit(2) from None
 
 
-def _bench_lines(record: dict[str, Any], simulated: Any) -> list[str]:
-    """The console block of `tropical bench`: `vllm bench serve`'s lines, attainment and where the time went."""
+def _bench_lines(record: dict[str, Any], metrics: tuple[str, ...] = ("ttft", "tpot", "itl"), percentiles: tuple[float, ...] = (99.0,)) -> list[str]:
+    """The console block: `vllm bench serve`'s lines in its order and format, then Tropical's (attainment, where the time went, failures)."""
+    from tropical.live.bench import METRIC_TITLES, percentile_word
+
     r = record
-    workers = " + ".join(f"{count} {role}" for role, count in r["workers"].items()) or "those of the running deployment"
-    rate = "the trace's own rate" if r["rate"] is None else f"{r['rate']:g} req/s"
-    lines = [
-        f"{' Serving Benchmark Result ':=^60}",
-        f"{'Load:':<40}{r['setting'] or 'poisson'}, {r['num_prompts']} requests at {rate}",
-        f"{'Policy / workers:':<40}{r['policy'] or '-'} / {workers}",
-        f"{'Successful requests:':<40}{r['completed']}",
-        f"{'Failed requests (error / timeout):':<40}{r['failed']} ({r['error_replies']} / {r['timeouts']})",
-        f"{'Benchmark duration (s):':<40}{r['duration']:.2f}",
-        f"{'Request throughput (req/s):':<40}{r['request_throughput']:.3f}",
-        f"{'Request goodput (req/s):':<40}{r['request_goodput']:.3f}",
-        f"{'Output token throughput (tok/s):':<40}{r['output_throughput']:.1f}",
-        f"{'SLO attainment (both / TTFT / TPOT):':<40}{r['slo_attainment']:.3f} / {r['ttft_slo_attainment']:.3f} / {r['tpot_slo_attainment']:.3f}",
-        f"{'Mean / P90 / P99 TTFT (ms):':<40}{r['mean_ttft_ms']:.1f} / {r['p90_ttft_ms']:.1f} / {r['p99_ttft_ms']:.1f}",
-        f"{'Mean / P90 / P99 TPOT (ms):':<40}{r['mean_tpot_ms']:.1f} / {r['p90_tpot_ms']:.1f} / {r['p99_tpot_ms']:.1f}",
-        f"{'Mean / P99 ITL (ms):':<40}{r['mean_itl_ms']:.1f} / {r['p99_itl_ms']:.1f}",
-        f"{'Queue / prefill / KV / decode (ms):':<40}"
-        f"{r['mean_queue_ms']:.1f} / {r['mean_prefill_ms']:.1f} / {r['mean_kv_transfer_ms']:.1f} / {r['mean_decode_ms']:.1f}",
-        f"{'Late publishes, mean / max (ms):':<40}{r['mean_send_lag_ms']:.1f} / {r['max_send_lag_ms']:.1f}",
-        f"{'Control plane p50 / p99 (ms):':<40}{r['p50_control_total_ms']:.2f} / {r['p99_control_total_ms']:.2f}"
-        f"  (queue {r['p50_control_to_router_ms']:.2f}, dispatch {r['p50_control_to_worker_ms']:.2f}, first token {r['p50_control_to_client_ms']:.2f} at p50)",
+
+    def line(label: str, value: Any, spec: str = "") -> str:
+        return f"{label:<40} {_shown(value, spec):<10}"
+
+    lines = [f"{' Serving Benchmark Result ':=^50}", line("Successful requests:", r["completed"]), line("Failed requests:", r["failed"])]
+    if r["max_concurrency"] is not None:
+        lines.append(line("Maximum request concurrency:", r["max_concurrency"]))
+    if isinstance(r["request_rate"], float | int):
+        lines.append(line("Request rate configured (RPS):", r["request_rate"], ".2f"))
+    lines += [
+        line("Benchmark duration (s):", r["duration"], ".2f"),
+        line("Total input tokens:", r["total_input_tokens"]),
+        line("Total generated tokens:", r["total_output_tokens"]),
+        line("Request throughput (req/s):", r["request_throughput"], ".2f"),
+        line("Request goodput (req/s):", r["request_goodput"], ".2f"),
+        line("Output token throughput (tok/s):", r["output_throughput"], ".2f"),
+        line("Total Token throughput (tok/s):", r["total_token_throughput"], ".2f"),
     ]
-    if simulated is not None:
-        lines.append(f"{'Simulated attainment (same requests):':<40}{simulated.attainment:.3f} / {simulated.ttft_attainment:.3f} / {simulated.tpot_attainment:.3f}")
-    return lines + ["=" * 60]
+    for metric in metrics:
+        title, short = METRIC_TITLES[metric]
+        lines.append(f"{title:-^50}")
+        lines.append(line(f"Mean {short} (ms):", r[f"mean_{metric}_ms"], ".2f"))
+        lines.append(line(f"Median {short} (ms):", r[f"median_{metric}_ms"], ".2f"))
+        lines += [line(f"P{percentile_word(q)} {short} (ms):", r[f"p{percentile_word(q)}_{metric}_ms"], ".2f") for q in percentiles]
+
+    rate = "the trace's own pace" if r["rate"] is None else "once" if r["rate"] == "inf" else f"{r['rate']:g} req/s"
+    if r["workers"] is not None:
+        serving = f"{r['policy']} on " + " + ".join(f"{count} {role}" for role, count in r["workers"].items())
+    else:
+        serving = f"{r['model_id']} at {r['base_url']}{r['endpoint']}" if r["base_url"] else f"the deployment on {r['namespace']}"
+    limits = r["goodput_slo_ms"]
+    counted = "each request's own SLOs" if not limits else ", ".join(f"{name} <= {ms:g} ms" for name, ms in limits.items())
+    causes = ", ".join(f"{cause} {count}" for cause, count in r["failures"].items()) or "none"
+    lines += [
+        f"{'Tropical: SLOs and where the time went':-^50}",
+        line("Load:", f"{r['dataset']}, {r['num_prompts']} requests at {rate}" + ("" if r["burstiness"] == 1.0 else f", burstiness {r['burstiness']:.3g}")),
+        line("Serving:", serving),
+        line("SLO attainment (both / TTFT / TPOT):", " / ".join(_shown(r[k], ".3f") for k in ("slo_attainment", "ttft_slo_attainment", "tpot_slo_attainment"))),
+        line("Goodput counts:", counted),
+        line("Queue / prefill / KV / decode (ms):", " / ".join(_shown(r[f"mean_{p}_ms"], ".1f") for p in ("queue", "prefill", "kv_transfer", "decode"))),
+    ]
+    if r["control_plane_requests"]:
+        lines.append(
+            line("Control plane p50 / p99 (ms):", f"{r['p50_control_total_ms']:.2f} / {r['p99_control_total_ms']:.2f}")
+            + f" (queue {r['p50_control_to_router_ms']:.2f}, dispatch {r['p50_control_to_worker_ms']:.2f}, first token {r['p50_control_to_client_ms']:.2f} at p50)"
+        )
+    lines += [
+        line("Failed requests by cause:", causes),
+        line("Late sends, mean / max (ms):", f"{_shown(r['mean_send_lag_ms'], '.1f')} / {_shown(r['max_send_lag_ms'], '.1f')}"),
+    ]
+    if r["sim"] is not None:
+        sim = r["sim"]
+        shown = " / ".join(_shown(sim[k], ".3f") for k in ("slo_attainment", "ttft_slo_attainment", "tpot_slo_attainment"))
+        lines.append(line("Simulated attainment (same requests):", shown))
+    return lines + ["=" * 50]
+
+
+def _shown(value: Any, spec: str = "") -> str:
+    """A value as the block prints it; n/a where nothing was measured."""
+    return "n/a" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":
