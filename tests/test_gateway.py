@@ -322,6 +322,23 @@ async def test_a_client_that_hangs_up_cancels_its_request(scripted: Callable[...
     assert await asyncio.wait_for(fake.cancelled.get(), timeout=WAIT_S)
 
 
+async def test_a_stream_that_stalls_ends_with_an_error_event(scripted: Callable[..., Awaitable[tuple[str, _FakeRouter]]]) -> None:
+    async def one_token(request: GenerateRequest, bus: object) -> None:
+        import time
+
+        await send(bus, request.reply_to, TokenChunk(request_id=request.request_id, index=0, token_ids=[66], emitted_at=time.time()))  # type: ignore[arg-type]
+
+    url, fake = await scripted(one_token, timeout_s=0.5)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/v1/completions", json={"model": "m", "prompt": "hi", "stream": True, "max_tokens": 50}) as response:
+            assert response.status == 200
+            events = [line.removeprefix(b"data: ").strip() async for line in response.content if line.startswith(b"data: ")]
+    assert json.loads(events[0])["choices"][0]["text"] == "B"
+    assert json.loads(events[1])["error"]["code"] == "timeout"
+    assert events[2] == b"[DONE]"
+    assert await asyncio.wait_for(fake.cancelled.get(), timeout=WAIT_S)
+
+
 async def test_without_workers_the_gateway_answers_503() -> None:
     settings = Settings(broker_url="memory://", redis_url="memory://")
     broker = MemoryBroker()

@@ -53,6 +53,7 @@ LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 RETRY_AFTER_S = 1  # what a shed request is told to wait: the router decides again on every arrival
 CANCEL_TIMEOUT_S = 5.0
 WORKERS_FRESH_S = 0.5  # how long a count of live workers is reused before the store is read again
+IO_TIMEOUT_S = 30.0  # reading a body, or writing one piece to a client that stopped reading: then it is gone
 
 # How each error reply of the deployment reads over HTTP: status, OpenAI's error type.
 _ERROR_STATUS: dict[ErrorCode, tuple[int, str]] = {
@@ -76,6 +77,7 @@ class _Outcome:
     finished: RequestFinished | None = None
     output_tokens: int = 0
     label: str = "error"
+    response: web.StreamResponse | None = None  # once a stream has begun, errors go into it
 
 
 class Gateway:
@@ -141,13 +143,13 @@ class Gateway:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self._authorize(request)
-        body = parse_body(await request.read(), CompletionBody)
+        body = parse_body(await _body(request), CompletionBody)
         self._check_model(body.model)
         return await self._serve(request, completion_request(body, request.headers), chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         self._authorize(request)
-        body = parse_body(await request.read(), ChatBody)
+        body = parse_body(await _body(request), ChatBody)
         self._check_model(body.model)
         template = getattr(self.tokenizer, "apply_chat_template", None)
         return await self._serve(request, chat_request(body, request.headers, template), chat=True)
@@ -175,7 +177,13 @@ class Gateway:
                 return await self._whole(reply, first, chunks, text, seen)
         except TimeoutError:
             seen.label = "timeout"
-            raise ApiError(504, f"no answer within {self.request_timeout_s:g} s", type="timeout", code="timeout") from None
+            late = ApiError(504, f"no answer within {self.request_timeout_s:g} s", type="timeout", code="timeout")
+            if seen.response is None:
+                raise late from None
+            with suppress(ConnectionResetError, TimeoutError):  # the stream had begun: it ends with the error
+                await _event(seen.response, late.body())
+                await _write(seen.response, b"data: [DONE]\n\n")
+            return seen.response
         except RequestFailed as exc:
             seen.label = "refused" if exc.reply.code is ErrorCode.OVERLOADED else "error"
             raise _api_error(exc) from None
@@ -203,7 +211,8 @@ class Gateway:
         chunks: AsyncIterator[TokenChunk], text: TextStream, seen: _Outcome,
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": reply.id})
-        await response.prepare(http)
+        await asyncio.wait_for(response.prepare(http), timeout=IO_TIMEOUT_S)
+        seen.response = response
         opening = True
         pending = first
         while pending is not None:
@@ -221,8 +230,8 @@ class Gateway:
                                            finish_reason=finish, timings=seen.finished.timings if seen.finished else None))
         if generation.include_usage:
             await _event(response, reply.usage_chunk(seen.prompt_tokens, seen.output_tokens))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        await _write(response, b"data: [DONE]\n\n")
+        await asyncio.wait_for(response.write_eof(), timeout=IO_TIMEOUT_S)
         return response
 
     async def _whole(self, reply: Reply, first: TokenChunk | None, chunks: AsyncIterator[TokenChunk], text: TextStream,
@@ -336,8 +345,23 @@ def _api_error(failed: RequestFailed) -> ApiError:
     return ApiError(status, failed.reply.message, type=kind, code=code.value, retry_after_s=RETRY_AFTER_S if status == 429 else None)
 
 
+async def _body(request: web.Request) -> bytes:
+    try:
+        return await asyncio.wait_for(request.read(), timeout=IO_TIMEOUT_S)
+    except TimeoutError:
+        raise ApiError(408, f"the body did not arrive within {IO_TIMEOUT_S:g} s", code="timeout") from None
+
+
 async def _event(response: web.StreamResponse, data: dict[str, Any]) -> None:
-    await response.write(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
+    await _write(response, b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    """One piece of a stream; a client that has not taken it within IO_TIMEOUT_S has gone (its request is cancelled)."""
+    try:
+        await asyncio.wait_for(response.write(data), timeout=IO_TIMEOUT_S)
+    except TimeoutError:
+        raise ConnectionResetError("the client stopped reading") from None
 
 
 def check_binding(host: str, api_keys: frozenset[str]) -> None:
