@@ -1,9 +1,11 @@
-"""One suite, two buses: the in-memory bus must behave as RabbitMQ does."""
+"""One suite, two buses: the in-memory bus must behave as RabbitMQ does, with classic work queues and quorum ones."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
@@ -21,6 +23,24 @@ from tropical.bus import (
 from tropical.queues import declare_requests_queue
 from tropical.settings import Settings
 from tests.bus_harness import WAIT, Broker, Inbox
+
+
+class QuorumBroker(Broker):
+    """RabbitMQ with quorum work queues: every rule of the suite holds for them as well."""
+
+    async def work_queue(self, bus: Bus) -> str:
+        name = self.name()
+        await bus.declare_queue(QueueSpec(name, quorum=True))
+        return name
+
+
+@pytest.fixture(
+    params=["memory", pytest.param("rabbitmq", marks=pytest.mark.integration), pytest.param("rabbitmq-quorum", marks=pytest.mark.integration)]
+)
+async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    harness = QuorumBroker(request.param) if request.param == "rabbitmq-quorum" else Broker(request.param)
+    yield harness
+    await harness.cleanup()
 
 
 async def test_round_trip_keeps_body_and_properties(broker: Broker) -> None:
@@ -71,10 +91,11 @@ async def test_declare_is_idempotent_and_refuses_other_properties(broker: Broker
     bus = await broker.connect()
     queue = await broker.work_queue(bus)
     await bus.publish(queue, b"kept")
-    await bus.declare_queue(QueueSpec(queue))
+    spec = QueueSpec(queue, quorum=isinstance(broker, QuorumBroker))
+    await bus.declare_queue(spec)
     assert await bus.queue_depth(queue) == 1
     with pytest.raises(QueueMismatch):
-        await bus.declare_queue(QueueSpec(queue, dead_letter=False))
+        await bus.declare_queue(replace(spec, dead_letter=False))
     await bus.publish(queue, b"still works")
     assert await bus.queue_depth(queue) == 2
 
@@ -292,3 +313,33 @@ async def _next_from(bus: Bus, queue: str) -> Delivery:
     inbox = Inbox()
     await bus.consume(queue, inbox)
     return await inbox.next()
+
+
+async def test_quorum_work_queue_is_its_own_kind_and_keeps_the_delivery_rules(broker: Broker) -> None:
+    """A quorum namespace's queue (and its `.dead`) refuses a classic redeclaration; a failing handler still gets one retry."""
+    settings = Settings(namespace=f"test-{uuid.uuid4().hex[:8]}", queue_type="quorum")
+    bus = await broker.connect()
+    name = await declare_requests_queue(bus, settings)
+    broker.created.append(name)
+    await declare_requests_queue(bus, settings)  # idempotent
+    for classic in (QueueSpec(name), QueueSpec(dead_letter_queue(name), dead_letter=False)):
+        with pytest.raises(QueueMismatch):
+            await bus.declare_queue(classic)
+    attempts: asyncio.Queue[bool] = asyncio.Queue()
+
+    async def fails(delivery: Delivery) -> None:
+        attempts.put_nowait(delivery.redelivered)
+        raise RuntimeError("boom (expected by the test)")
+
+    await bus.consume(name, fails)
+    await bus.publish(name, b"bad", reply_to="r")
+    assert [await asyncio.wait_for(attempts.get(), WAIT) for _ in range(2)] == [False, True]
+    got = await _next_from(bus, dead_letter_queue(name))
+    assert (got.body, got.reply_to) == (b"bad", "r")
+    assert attempts.empty()
+
+
+def test_a_quorum_queue_is_durable_and_shared() -> None:
+    for spec in ({"durable": False}, {"exclusive": True}):
+        with pytest.raises(ValueError, match="quorum"):
+            QueueSpec("q", quorum=True, **spec)

@@ -494,6 +494,76 @@ async def test_request_record_expires_after_its_ttl(store: Store) -> None:
     assert await store.get_request_record("req-kept") == request_record("req-kept")
 
 
+# --- leases -----------------------------------------------------------------------
+
+
+async def test_a_lease_has_one_holder_at_a_time(store: Store) -> None:
+    assert await store.lease_holder("router") is None
+    assert await store.acquire_lease("router", "r-1", LONG_TTL)
+    assert not await store.acquire_lease("router", "r-2", LONG_TTL)
+    assert not await store.acquire_lease("router", "r-1", LONG_TTL)  # not even its holder takes it twice
+    assert await store.lease_holder("router") == "r-1"
+    assert await store.acquire_lease("profiler", "r-2", LONG_TTL)  # another lease is another name
+    assert await store.lease_holder("profiler") == "r-2"
+
+
+async def test_only_the_holder_renews_a_lease(store: Store) -> None:
+    assert not await store.renew_lease("router", "r-1", LONG_TTL)  # nobody holds it: nothing to renew
+    assert await store.lease_holder("router") is None
+    assert await store.acquire_lease("router", "r-1", SHORT_TTL)
+    assert not await store.renew_lease("router", "r-2", LONG_TTL)
+    assert await store.renew_lease("router", "r-1", LONG_TTL)
+    # renewed for LONG_TTL: it outlives a lease taken after it for SHORT_TTL
+    assert await store.acquire_lease("sentinel", "r-1", SHORT_TTL)
+
+    async def sentinel_lapsed() -> bool:
+        return await store.lease_holder("sentinel") is None
+
+    await eventually(sentinel_lapsed, WAIT, what="the sentinel lease lapsing")
+    assert await store.lease_holder("router") == "r-1"
+
+
+async def test_a_lease_not_renewed_lapses_and_another_takes_it(store: Store) -> None:
+    assert await store.acquire_lease("router", "r-1", SHORT_TTL)
+
+    async def taken_over() -> bool:
+        return await store.acquire_lease("router", "r-2", LONG_TTL)
+
+    await eventually(taken_over, WAIT, what="the lapsed lease taken by another holder")
+    assert await store.lease_holder("router") == "r-2"
+    assert not await store.renew_lease("router", "r-1", LONG_TTL)  # too late: it is another's now
+    assert await store.lease_holder("router") == "r-2"
+
+
+async def test_only_the_holder_releases_a_lease(store: Store) -> None:
+    assert await store.acquire_lease("router", "r-1", LONG_TTL)
+    await store.release_lease("router", "r-2")
+    assert await store.lease_holder("router") == "r-1"
+    await store.release_lease("router", "r-1")
+    assert await store.lease_holder("router") is None
+    assert await store.acquire_lease("router", "r-2", LONG_TTL)  # at once, not after the TTL
+    await store.release_lease("router", "r-1")  # a former holder cannot release the new one's
+    assert await store.lease_holder("router") == "r-2"
+    await store.release_lease("nothing", "r-1")  # releasing a lease nobody holds is not an error
+
+
+@pytest.mark.parametrize("ttl_s", [0.0, -1.0, math.nan, math.inf])
+async def test_lease_ttls_must_be_positive_and_finite(store: Store, ttl_s: float) -> None:
+    with pytest.raises(ValueError, match="ttl_s"):
+        await store.acquire_lease("router", "r-1", ttl_s)
+    assert await store.lease_holder("router") is None
+    assert await store.acquire_lease("router", "r-1", LONG_TTL)
+    with pytest.raises(ValueError, match="ttl_s"):
+        await store.renew_lease("router", "r-1", ttl_s)
+    assert await store.lease_holder("router") == "r-1"
+
+
+async def test_a_lease_holder_must_be_named(store: Store) -> None:
+    with pytest.raises(ValueError, match="holder"):
+        await store.acquire_lease("router", "", LONG_TTL)
+    assert await store.lease_holder("router") is None
+
+
 # --- what was not written by a store ----------------------------------------------
 
 
@@ -551,13 +621,16 @@ async def test_redis_keeps_everything_under_its_prefix_with_expiries(redis_store
     await redis_store.put_worker_status(worker_status("w-1"), ttl_s=LONG_TTL)
     await redis_store.set_latency_model(model("m-1"))
     await redis_store.put_request_record(request_record("req-1"), ttl_s=LONG_TTL)
+    assert await redis_store.acquire_lease("router", "r-1", LONG_TTL)
     client = await connect_redis()
     try:
         keys = {key.decode() async for key in client.scan_iter(match=f"{redis_store.prefix}:*")}
         status_key = redis_store.worker_status_key("w-1")
         record_key = redis_store.request_record_key("req-1")
-        assert keys == {status_key, redis_store.worker_index_key, redis_store.latency_models_key, record_key}
-        for key in (status_key, record_key):
+        lease_key = redis_store.lease_key("router")
+        assert keys == {status_key, redis_store.worker_index_key, redis_store.latency_models_key, record_key, lease_key}
+        assert await client.get(lease_key) == b"r-1"
+        for key in (status_key, record_key, lease_key):
             assert 0 < await client.pttl(key) <= LONG_TTL * 1000
     finally:
         await client.aclose()
@@ -648,6 +721,31 @@ async def test_redis_subscription_waits_out_an_outage_and_ends_after_a_long_one(
                 await updates.close()
             finally:
                 await writer.aclose()
+                await proxy.restore()  # lets the store's cleanup reach Redis
+
+
+@pytest.mark.integration
+async def test_redis_lease_calls_raise_store_errors_while_redis_is_out_of_reach() -> None:
+    """A lease's holder rides out an outage shorter than its TTL: it must hear of one as a StoreError, not hang."""
+    server = urlsplit(REDIS_URL)
+    async with tcp_proxy(server.hostname or "127.0.0.1", server.port or 6379) as proxy:
+
+        def through_proxy(prefix: str) -> RedisStore:
+            return RedisStore(Redis.from_url(f"redis://127.0.0.1:{proxy.port}", socket_connect_timeout=2.0), prefix=prefix)
+
+        async with redis_store_under_test(through_proxy) as store:
+            try:
+                assert await store.acquire_lease("router", "r-1", LONG_TTL)
+                await proxy.cut()
+                for call in (
+                    store.acquire_lease("router", "r-2", LONG_TTL), store.renew_lease("router", "r-1", LONG_TTL),
+                    store.release_lease("router", "r-1"), store.lease_holder("router"),
+                ):
+                    with pytest.raises(StoreError, match="lease 'router'"):
+                        await asyncio.wait_for(call, WAIT)
+                await proxy.restore()
+                assert await store.renew_lease("router", "r-1", LONG_TTL)
+            finally:
                 await proxy.restore()  # lets the store's cleanup reach Redis
 
 
@@ -779,4 +877,19 @@ async def test_memory_store_expires_by_its_clock() -> None:
     now[0] = 110.0
     assert await store.get_request_record("req-1") is None
     assert await store.list_worker_statuses() == []
+    await store.close()
+
+
+async def test_memory_store_leases_lapse_by_its_clock() -> None:
+    now = [100.0]
+    store = MemoryStore(clock=lambda: now[0])
+    assert await store.acquire_lease("router", "r-1", 2.0)
+    now[0] = 101.5
+    assert await store.renew_lease("router", "r-1", 2.0)  # now until 103.5
+    now[0] = 103.499
+    assert not await store.acquire_lease("router", "r-2", 2.0)
+    now[0] = 103.5
+    assert await store.lease_holder("router") is None
+    assert not await store.renew_lease("router", "r-1", 2.0)
+    assert await store.acquire_lease("router", "r-2", 2.0)
     await store.close()

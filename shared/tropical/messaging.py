@@ -5,10 +5,15 @@ that cannot be accepted — garbage bytes, the wrong shape, an unknown type or
 version, too large, or a type this queue does not take — is dead-lettered, its
 sender gets an ErrorReply when it left a reply-to, one line is logged, and the
 consumer carries on.
+
+A handler's return acks its message, unless it returns a `Held`: it keeps the
+delivery to settle later, once the work the message carries is done (the
+router acks a request once it has placed it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -27,7 +32,38 @@ from tropical.protocol import (
 
 log = logging.getLogger(__name__)
 
-MessageHandler = Callable[[Any, Delivery], Awaitable[None]]
+
+class Held:
+    """A delivery its handler keeps after returning, settled by whoever holds it when the work is done.
+
+    The consumer waits for that settle instead of acking on the handler's
+    return, so the message counts against the prefetch window meanwhile. Should
+    the subscription end first (the consumer stopped, the connection lost), the
+    message goes back to the queue for another consumer, and a later settle
+    here changes nothing.
+    """
+
+    def __init__(self, delivery: Delivery) -> None:
+        self.delivery = delivery
+        self._settled = asyncio.Event()
+
+    async def ack(self) -> None:
+        try:
+            await self.delivery.ack()
+        finally:
+            self._settled.set()
+
+    async def nack(self, *, requeue: bool) -> None:
+        try:
+            await self.delivery.nack(requeue=requeue)
+        finally:
+            self._settled.set()
+
+    async def settled(self) -> None:
+        await self._settled.wait()
+
+
+MessageHandler = Callable[[Any, Delivery], Awaitable[Held | None]]
 
 
 async def send(bus: Bus, queue: str, message: Message, *, reply_to: str | None = None) -> None:
@@ -81,7 +117,8 @@ class MessageConsumer:
         try:
             message = decode(delivery.body, max_bytes=self.max_message_bytes)
         except ProtocolError as exc:
-            await self._reject(delivery, None, exc.code, str(exc))
+            # The body cannot say which request it was; the sender's correlation id can, so its client hears of it.
+            await self._reject(delivery, delivery.correlation_id, exc.code, str(exc))
             return
         handler = self.handlers.get(type(message))
         if handler is None:
@@ -89,13 +126,17 @@ class MessageConsumer:
             await self._reject(delivery, request_id_of(message), ErrorCode.UNEXPECTED, text)
             return
         try:
-            await handler(message, delivery)
+            held = await handler(message, delivery)
         except Exception:
             if not delivery.redelivered:
                 raise  # the bus requeues it once
             log.exception("handler for %s failed twice on %s; dead-lettered", self.queue, request_id_of(message))
             await delivery.nack(requeue=False)
             await reply_error(self.bus, delivery.reply_to, request_id_of(message), ErrorCode.INTERNAL, "internal error")
+            return
+        if held is not None:
+            # No deadline: the holder settles it when its work is done, or the subscription's end cancels this wait.
+            await held.settled()
 
     async def _reject(self, delivery: Delivery, request_id: str | None, code: ErrorCode, text: str) -> None:
         self.rejected += 1

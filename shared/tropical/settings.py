@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tropical.redis_url import SENTINEL_SCHEME, SentinelUrl
 
 MEMORY_URL = "memory://"
 SECRETS_DIR = "/run/secrets"
@@ -28,8 +30,11 @@ class Settings(BaseSettings):
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/0"
     namespace: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "tropical"
+    queue_type: Literal["classic", "quorum"] = "classic"  # quorum: work queues replicated across a RabbitMQ cluster
     worker_id: str | None = None
     prefetch: Annotated[int, Field(ge=1, le=65535)] = 16
+    router_prefetch: Annotated[int, Field(ge=1, le=65535)] = 4096  # the router holds every queued request unacked until placed
+    router_lease_ttl_s: Annotated[float, Field(gt=0)] = 2.0  # a standby router takes over this long after the active one dies
     max_message_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
     status_ttl_s: Annotated[float, Field(gt=0)] = 5.0
     redis_resubscribe_timeout_s: Annotated[float, Field(gt=0)] = 60.0  # how long a lost update feed keeps trying
@@ -51,8 +56,10 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, url: str) -> str:
-        if not url.startswith(("redis://", "rediss://", "unix://", MEMORY_URL)):
-            raise ValueError(f"redis_url must start with redis://, rediss://, unix:// or {MEMORY_URL}")
+        if url.startswith(SENTINEL_SCHEME):
+            SentinelUrl.parse(url)  # a malformed one is refused now, not at the first command
+        elif not url.startswith(("redis://", "rediss://", "unix://", MEMORY_URL)):
+            raise ValueError(f"redis_url must start with redis://, rediss://, unix://, {SENTINEL_SCHEME} or {MEMORY_URL}")
         return url
 
     @field_validator("log_level")

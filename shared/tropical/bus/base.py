@@ -55,12 +55,23 @@ class QueueSpec:
     ``<name>.dead``. A reply queue is exclusive: private to the connection that
     declared it and deleted when that connection closes, so a vanished client
     leaves nothing behind and its workers learn it is gone (Unroutable).
+
+    A ``quorum`` queue is replicated across the nodes of a RabbitMQ cluster
+    (Raft), so it outlives the loss of a minority of them; its dead-letter
+    queue is one too. Only a durable, shared queue can be one. It is part of
+    the queue's identity: declaring it again as the other kind is refused
+    (QueueMismatch). The in-memory bus has one node and nothing to replicate.
     """
 
     name: str
     durable: bool = True
     exclusive: bool = False
     dead_letter: bool = True
+    quorum: bool = False
+
+    def __post_init__(self) -> None:
+        if self.quorum and (self.exclusive or not self.durable):
+            raise ValueError(f"queue {self.name!r}: a quorum queue must be durable and not exclusive")
 
     @classmethod
     def reply(cls, name: str) -> QueueSpec:
@@ -69,6 +80,10 @@ class QueueSpec:
     @property
     def dead_letter_queue(self) -> str | None:
         return dead_letter_queue(self.name) if self.dead_letter else None
+
+    def dead_letter_spec(self) -> QueueSpec:
+        """The queue refused messages go to: of the same kind, and with no dead-letter queue of its own."""
+        return QueueSpec(dead_letter_queue(self.name), durable=self.durable, exclusive=self.exclusive, dead_letter=False, quorum=self.quorum)
 
 
 def dead_letter_queue(name: str) -> str:

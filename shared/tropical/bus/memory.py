@@ -172,7 +172,7 @@ class MemoryBus(Bus):
     async def declare_queue(self, spec: QueueSpec) -> None:
         self._check_open()
         if spec.dead_letter_queue:
-            await self.declare_queue(QueueSpec(spec.dead_letter_queue, durable=spec.durable, dead_letter=False))
+            await self.declare_queue(spec.dead_letter_spec())
         existing = self.broker._queues.get(spec.name)
         if existing is None:
             self.broker._queues[spec.name] = _Queue(self.broker, spec, self if spec.exclusive else None)

@@ -5,7 +5,8 @@ confirms and ``mandatory`` set, so a message is either taken by a queue or
 refused as Unroutable. Declarations, deletions and depth queries each open a
 short-lived channel: RabbitMQ closes the channel of a refused declaration, and
 this way nothing else goes down with it. Every subscription has a channel of
-its own, so closing it hands exactly its unsettled messages back.
+its own, so closing it hands exactly its unsettled messages back. A QueueSpec
+with `quorum` set is declared a quorum queue, replicated across the cluster.
 """
 
 from __future__ import annotations
@@ -266,7 +267,7 @@ class RabbitBus(Bus):
                 await self._publisher.declare_queue(spec.name, **_queue_properties(spec), robust=True)
             self._exclusive[spec.name] = spec
         if spec.dead_letter_queue is not None:
-            await self.declare_queue(QueueSpec(spec.dead_letter_queue, durable=spec.durable, exclusive=spec.exclusive, dead_letter=False))
+            await self.declare_queue(spec.dead_letter_spec())
 
     async def delete_queue(self, name: str) -> None:
         # RabbitMQ cancels the consumers of a deleted queue; ours stop for good.
@@ -371,9 +372,19 @@ class RabbitBus(Bus):
 
 
 def _queue_properties(spec: QueueSpec) -> dict[str, Any]:
+    """The declaration's flags and arguments.
+
+    A classic queue names no type, so queues declared before types existed
+    keep matching. A quorum queue takes the same dead-letter arguments
+    (at-most-once dead-lettering, its default); it refuses exclusive,
+    non-durable and priority queues, which QueueSpec and this bus never ask
+    for, and no message TTL is set on any queue.
+    """
     arguments: dict[str, Any] = {}
     if spec.dead_letter_queue is not None:
         arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": spec.dead_letter_queue}
+    if spec.quorum:
+        arguments["x-queue-type"] = "quorum"
     return {"durable": spec.durable, "exclusive": spec.exclusive, "arguments": arguments}
 
 

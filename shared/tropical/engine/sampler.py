@@ -46,7 +46,7 @@ class Sampler:
         if all((p.top_k == 0 or p.top_k >= vocab) and p.top_p >= 1.0 for p in params):
             return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
         ordered, order = logits.sort(dim=-1, descending=True)
-        top_k = torch.tensor([p.top_k or vocab for p in params], device=logits.device)
+        top_k = torch.tensor([min(p.top_k or vocab, vocab) for p in params], device=logits.device)  # the wire allows any size
         cut = torch.arange(vocab, device=logits.device)[None, :] >= top_k[:, None]
         probs = ordered.softmax(dim=-1)
         top_p = torch.tensor([p.top_p for p in params], device=logits.device)

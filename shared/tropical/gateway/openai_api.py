@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from tropical.protocol import SamplingParams, Slo, Timings
+from tropical.protocol import SamplingParams, Slo, Timings, TokenId
 
 # Per-request SLO headers: llm-d's names first, then the reversed spelling other gateways use.
 TTFT_HEADERS = ("x-slo-ttft-ms", "x-ttft-slo-ms")
@@ -61,10 +61,10 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
-    top_k: int | None = None  # vLLM's extension; -1 or 0: no cut
-    seed: int | None = None
+    top_k: Annotated[int, msgspec.Meta(lt=1 << 31)] | None = None  # vLLM's extension; -1 or 0: no cut
+    seed: Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)] | None = None  # a 64-bit integer, as the wire carries it
     stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, msgspec.Meta(ge=0)]] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     n: Annotated[int, msgspec.Meta(ge=1)] = 1
     stream: bool = False
@@ -162,8 +162,8 @@ def completion_request(body: CompletionBody, headers: Mapping[str, str]) -> Gene
         prompt = prompt[0]
     if not prompt:
         raise bad_request("the prompt is empty", "prompt")
-    if not isinstance(prompt, str) and not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
-        raise bad_request("the prompt must be a text or a list of non-negative token ids", "prompt")
+    if not isinstance(prompt, str) and not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 31 for t in prompt):
+        raise bad_request("the prompt must be a text or a list of token ids (0 to 2**31 - 1)", "prompt")
     return _generation(body, headers, prompt, DEFAULT_COMPLETION_TOKENS)
 
 

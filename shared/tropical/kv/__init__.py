@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from redis.asyncio import Redis
 
 from tropical.kv.base import (
     BadHandle,
@@ -74,8 +73,7 @@ def make_transport(
     if kind is KvTransport.REDIS:
         if redis_url is None:
             raise ValueError("the Redis KV transport needs redis_url")
-        client = Redis.from_url(redis_url)
-        return RedisTransport(client, prefix=prefix, device=device, clock=clock, on_transfer=on_transfer)
+        return RedisTransport.from_url(redis_url, prefix=prefix, device=device, clock=clock, on_transfer=on_transfer)
     if kind is KvTransport.CUDA_IPC:
         return CudaIpcTransport(device=device, clock=clock, on_transfer=on_transfer)
     if store is None:

@@ -3,7 +3,8 @@
 The KV's raw bytes live under `P:kv:<id>` (P is the deployment's prefix, as in
 the store) and the key is the handle. The key's TTL is the lease, so data of a
 sender that died still goes; the sender deletes it sooner on an ack, a cancel
-or its own view of the lease's end.
+or its own view of the lease's end. `from_url` takes any Redis URL the store
+takes, a Sentinel one included.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from redis.asyncio import Redis
@@ -32,6 +34,7 @@ from tropical.kv.base import (
     off_loop,
 )
 from tropical.protocol import KvLayout, KvTransport
+from tropical.store.redis import connect_redis
 
 
 class RedisTransport(Transport[None]):
@@ -57,6 +60,11 @@ class RedisTransport(Transport[None]):
         self.device = torch.device(device)
         self._client = client
         self._key = re.compile(rf"{re.escape(prefix)}:kv:[0-9a-f]{{32}}")
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str, **options: Any) -> RedisTransport:
+        """`options`: `device`, `clock`, `on_transfer`, as for the constructor."""
+        return cls(connect_redis(url), prefix=prefix, **options)
 
     def new_key(self) -> str:
         return f"{self.prefix}:kv:{uuid.uuid4().hex}"

@@ -1,7 +1,9 @@
-"""Shared cluster state: worker heartbeats, latency models, request records.
+"""Shared cluster state: worker heartbeats, latency models, request records, leases.
 
 Values are protocol messages, stored as their msgpack encoding, so whatever a
-service reads is validated exactly like what it receives from the bus.
+service reads is validated exactly like what it receives from the bus. A lease
+holds only its holder's name: who may act alone (the active router), until
+the name lapses unless renewed.
 """
 
 from __future__ import annotations
@@ -70,6 +72,23 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def delete_request_record(self, request_id: str) -> None: ...
+
+    # --- leases: one holder at a time (the active router), kept by renewing it within its TTL
+    @abc.abstractmethod
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take the lease if nobody holds it (the caller included); it lapses after `ttl_s` unless renewed."""
+
+    @abc.abstractmethod
+    async def renew_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Extend the lease to `ttl_s` from now; False, changing nothing, unless `holder` holds it."""
+
+    @abc.abstractmethod
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up at once, so another holder need not wait out its TTL; only its holder can."""
+
+    @abc.abstractmethod
+    async def lease_holder(self, name: str) -> str | None:
+        """Who holds the lease now (None: nobody)."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -11,7 +11,7 @@ from tropical.protocol import LatencyModelSpec, RequestRecord, WorkerStatus, enc
 from tropical.store.base import LatencyModelUpdates, Store
 from tropical.store.errors import StoreClosed
 from tropical.store.feed import QueuedUpdates
-from tropical.store.values import DecodedListing, StoredT, check_ttl, decode_listing, decode_value
+from tropical.store.values import DecodedListing, StoredT, check_holder, check_ttl, decode_listing, decode_value
 
 Table = Literal["worker_status", "latency_model", "request_record"]
 
@@ -68,6 +68,8 @@ class MemoryStore(Store):
         self._status_listing = DecodedListing(WorkerStatus)
         self._records = _ExpiringTable(clock)
         self._models: dict[str, bytes] = {}
+        self._leases: dict[str, tuple[str, float]] = {}  # each lease's holder and when it lapses
+        self._clock = clock
         self._subscriptions: set[QueuedUpdates] = set()
         self._closed = False
 
@@ -126,6 +128,38 @@ class MemoryStore(Store):
     async def delete_request_record(self, request_id: str) -> None:
         self._check_open()
         self._records.remove(request_id)
+
+    # --- leases
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        self._check_open()
+        holder, ttl_s = check_holder(holder), check_ttl(ttl_s)
+        if await self.lease_holder(name) is not None:
+            return False
+        self._leases[name] = (holder, self._clock() + ttl_s)
+        return True
+
+    async def renew_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        self._check_open()
+        holder, ttl_s = check_holder(holder), check_ttl(ttl_s)
+        if await self.lease_holder(name) != holder:
+            return False
+        self._leases[name] = (holder, self._clock() + ttl_s)
+        return True
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        self._check_open()
+        if await self.lease_holder(name) == check_holder(holder):
+            del self._leases[name]
+
+    async def lease_holder(self, name: str) -> str | None:
+        self._check_open()
+        lease = self._leases.get(name)
+        if lease is None:
+            return None
+        if lease[1] <= self._clock():
+            del self._leases[name]
+            return None
+        return lease[0]
 
     async def close(self) -> None:
         if self._closed:

@@ -7,6 +7,13 @@ Everything lives under the deployment's prefix P:
     P:latency_models               hash from LatencyModelSpec.key to the model
     P:latency_models:updates       pub/sub channel carrying each model as set
     P:request_record:<request_id>  a request's encoded record, expiring (PX)
+    P:lease:<name>                 the lease's holder, expiring (PX); taken with SET NX
+
+The URL names one server (`redis://`, `rediss://`, `unix://`) or the sentinels
+watching a primary (`redis+sentinel://`, see `tropical.redis_url`): then each
+new connection goes where the sentinels say the primary is, and a command that
+finds the old primary demoted or gone is retried there, so a failover is
+followed.
 """
 
 from __future__ import annotations
@@ -14,23 +21,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Final
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tropical.protocol import LatencyModelSpec, RequestRecord, WorkerStatus, encode
+from tropical.redis_url import SENTINEL_SCHEME, SentinelUrl
 from tropical.store.base import LatencyModelUpdates, Store
 from tropical.store.errors import StoreClosed, StoreError
 from tropical.store.feed import QueuedUpdates
-from tropical.store.values import DecodedListing, check_ttl, decode_listing, decode_value
+from tropical.store.values import DecodedListing, check_holder, check_ttl, decode_listing, decode_value
 
 DEFAULT_SUBSCRIBE_TIMEOUT_S: Final = 5.0
 DEFAULT_RESUBSCRIBE_TIMEOUT_S: Final = 60.0
 RESUBSCRIBE_FIRST_DELAY_S: Final = 0.05
 RESUBSCRIBE_MAX_DELAY_S: Final = 2.0
+SENTINEL_TIMEOUT_S: Final = 5.0  # asking one sentinel where the primary is; then the next one is asked
+FAILOVER_RETRIES: Final = 6  # a command that lost its primary asks the sentinels again this often, backing off up to 1 s
+RECONNECT_RETRIES: Final = 8  # a command whose connection a restarting server closed is tried again this often
+SOCKET_TIMEOUT_S: Final = 5.0  # one command's wait on a server that does not answer
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +63,22 @@ for i, member in ipairs(ARGV) do
     end
 end
 return removed
+"""
+
+
+# Only the holder renews or releases: the check and the change are one step inside Redis, so a holder whose
+# lease lapsed and was taken meanwhile cannot extend or delete the new holder's. KEYS[1] is the lease.
+_RENEW_SCRIPT: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE_SCRIPT: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
 """
 
 
@@ -68,6 +102,8 @@ class RedisStore(Store):
         self._subscribe_timeout_s = subscribe_timeout_s
         self.resubscribe_timeout_s = resubscribe_timeout_s
         self._prune = client.register_script(_PRUNE_SCRIPT)
+        self._renew = client.register_script(_RENEW_SCRIPT)
+        self._release = client.register_script(_RELEASE_SCRIPT)
         self._status_listing = DecodedListing(WorkerStatus)
         self._subscriptions: set[_RedisUpdates] = set()
         self._closed = False
@@ -75,7 +111,7 @@ class RedisStore(Store):
     @classmethod
     def from_url(cls, url: str, *, prefix: str, **timeouts_s: float) -> RedisStore:
         """`timeouts_s`: `subscribe_timeout_s`, `resubscribe_timeout_s`, as for the constructor."""
-        return cls(Redis.from_url(url), prefix=prefix, **timeouts_s)
+        return cls(connect_redis(url), prefix=prefix, **timeouts_s)
 
     # --- the key layout, public so operators and tests can find the data
     def worker_status_key(self, worker_id: str) -> str:
@@ -99,6 +135,9 @@ class RedisStore(Store):
 
     def request_record_key(self, request_id: str) -> str:
         return f"{self.prefix}:request_record:{request_id}"
+
+    def lease_key(self, name: str) -> str:
+        return f"{self.prefix}:lease:{name}"
 
     # --- worker status
     async def put_worker_status(self, status: WorkerStatus, *, ttl_s: float) -> None:
@@ -173,7 +212,7 @@ class RedisStore(Store):
         """
         self._check_open()
         updates = _RedisUpdates(
-            await self._subscribed(), self.latency_models_channel, self._subscriptions, self._resubscribe
+            await self._subscribed(), self.latency_models_channel, self._subscriptions, self._resubscribe, self._stored_models
         )
         self._subscriptions.add(updates)
         return updates
@@ -194,6 +233,10 @@ class RedisStore(Store):
             await pubsub.aclose()
             raise
         return pubsub
+
+    async def _stored_models(self) -> list[bytes]:
+        stored = await self._client.hgetall(self.latency_models_key)
+        return [_raw(data) for _, data in sorted(stored.items())]
 
     async def _resubscribe(self) -> tuple[PubSub, list[bytes]]:
         """A new confirmed subscription and the stored models, retried with backoff until the deadline."""
@@ -233,6 +276,28 @@ class RedisStore(Store):
         self._check_open()
         await self._client.delete(self.request_record_key(request_id))
 
+    # --- leases: Redis errors become StoreError, which a holder rides out until its lease would have lapsed
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        self._check_open()
+        with _as_store_error("take", name):
+            return bool(await self._client.set(self.lease_key(name), check_holder(holder), px=_milliseconds(ttl_s), nx=True))
+
+    async def renew_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        self._check_open()
+        with _as_store_error("renew", name):
+            return bool(await self._renew(keys=[self.lease_key(name)], args=[check_holder(holder), _milliseconds(ttl_s)]))
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        self._check_open()
+        with _as_store_error("release", name):
+            await self._release(keys=[self.lease_key(name)], args=[check_holder(holder)])
+
+    async def lease_holder(self, name: str) -> str | None:
+        self._check_open()
+        with _as_store_error("read", name):
+            data = await self._client.get(self.lease_key(name))
+        return None if data is None else _raw(data).decode(errors="replace")
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -257,18 +322,22 @@ class _RedisUpdates(QueuedUpdates):
     connection is lost the same task renews the subscription (`resubscribe`).
     """
 
-    def __init__(self, pubsub: PubSub, channel: str, registry: set[_RedisUpdates], resubscribe: Resubscribe) -> None:
+    def __init__(
+        self, pubsub: PubSub, channel: str, registry: set[_RedisUpdates], resubscribe: Resubscribe,
+        stored: Callable[[], Awaitable[list[bytes]]],
+    ) -> None:
         super().__init__(f"channel {channel}")
         self._pubsub = pubsub
         self._registry = registry
         self._resubscribe = resubscribe
+        self._stored = stored
         self._reader = asyncio.create_task(self._read(), name=f"store-updates:{channel}")
 
     async def _read(self) -> None:
         try:
             while True:
                 try:
-                    message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    message = await self._pubsub.get_message(timeout=None)
                 except (RedisError, OSError) as exc:
                     log.warning("lost the subscription to %s (%s); subscribing again", self.source, exc)
                     await self._pubsub.aclose()
@@ -277,8 +346,15 @@ class _RedisUpdates(QueuedUpdates):
                         self.push(data)
                     log.info("subscribed to %s again; replayed %d stored models", self.source, len(stored))
                     continue
-                if message is not None and message["type"] == "message":
+                if message is None:
+                    continue
+                if message["type"] == "message":
                     self.push(message["data"])
+                elif message["type"] == "subscribe":  # the client lost the connection and subscribed again by itself
+                    stored = await self._stored()
+                    for data in stored:
+                        self.push(data)
+                    log.info("%s: subscribed again after a lost connection; replayed %d stored models", self.source, len(stored))
         except Exception as exc:  # Redis out of reach for good, or the store closed: the reader hears of it
             self.fail(exc)
 
@@ -297,9 +373,52 @@ async def _confirmation(pubsub: PubSub) -> None:
             return
 
 
+def connect_redis(url: str) -> Redis:
+    """A client of the server `url` names, or of the primary its sentinels point to; it connects on its first command."""
+    if not url.startswith(SENTINEL_SCHEME):
+        # A server that restarted has closed every pooled connection: a command on one fails once and is retried on
+        # a new connection, backing off while the server is still coming up (about RECONNECT_RETRIES × 1 s at most).
+        return Redis.from_url(
+            url, retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), RECONNECT_RETRIES),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError], socket_connect_timeout=SOCKET_TIMEOUT_S,
+            socket_timeout=SOCKET_TIMEOUT_S,
+        )
+    where = SentinelUrl.parse(url)
+    sentinel = Sentinel(
+        list(where.sentinels),
+        sentinel_kwargs={"socket_connect_timeout": SENTINEL_TIMEOUT_S, "socket_timeout": SENTINEL_TIMEOUT_S, "retry": Retry(NoBackoff(), 0)},
+        db=where.db,
+        username=where.username,
+        password=where.password,
+        retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), FAILOVER_RETRIES),
+    )
+    client = sentinel.master_for(where.service, redis_class=_PrimaryRedis)
+    client.sentinels = list(sentinel.sentinels)
+    return client
+
+
+class _PrimaryRedis(Redis):
+    """The client of a Sentinel-watched primary: closing it closes its connections to the sentinels too."""
+
+    sentinels: list[Redis]
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for sentinel in self.sentinels:
+            await sentinel.aclose()
+
+
 def _raw(reply: bytes | str) -> bytes:
     """Replies are bytes, as __init__ made sure; this narrows redis-py's wider types."""
     return reply if isinstance(reply, bytes) else reply.encode()
+
+
+@contextmanager
+def _as_store_error(what: str, lease: str) -> Iterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StoreError(f"could not {what} lease {lease!r}: {exc}") from exc
 
 
 def _milliseconds(ttl_s: float) -> int:

@@ -83,6 +83,13 @@ class DecodedListing(Generic[StoredT]):
         return values
 
 
+def check_holder(holder: str) -> str:
+    """A lease held by nobody in particular could be renewed by anybody."""
+    if not holder:
+        raise ValueError("a lease's holder must be named")
+    return holder
+
+
 def check_ttl(ttl_s: float) -> float:
     """Both stores refuse the same TTLs, so a bug shows up with either of them."""
     if not (ttl_s > 0 and math.isfinite(ttl_s)):
