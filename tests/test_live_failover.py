@@ -1,4 +1,5 @@
-"""A worker that goes silent, or never takes a dispatch: the router places its unstarted work again and fails its started work; a worker that comes back drops both."""
+"""A worker that goes silent, or never takes a dispatch: the router places its unstarted work again and fails its started work, which
+the clients resume elsewhere; a worker that comes back drops both."""
 
 from __future__ import annotations
 
@@ -8,14 +9,12 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-import pytest
-
 from tests.helpers import eventually
 from tests.test_live_embedded import MODEL, engine
 from tropical.bus import Delivery, MemoryBus, QueueSpec
 from tropical.engine import Engine
 from tropical.engine.plan import EnginePlan, StepResult
-from tropical.live.client import Client, RequestFailed
+from tropical.live.client import Client
 from tropical.live.router_service import RouterService
 from tropical.live.worker_service import WorkerService
 from tropical.messaging import send
@@ -23,7 +22,6 @@ from tropical.policies import Role, make_policy
 from tropical.protocol import (
     CancelRequest,
     Dispatch,
-    ErrorCode,
     GenerateRequest,
     Message,
     RequestFinished,
@@ -79,7 +77,7 @@ def unstarted(status: WorkerStatus) -> set[str]:
     return {p.request_id for p in status.prefills if p.prefilled == 0 and p.generated == 0 and p.request_id not in begun}
 
 
-async def test_a_silent_workers_unstarted_prompts_complete_elsewhere_and_it_drops_them_when_it_comes_back() -> None:
+async def test_a_silent_workers_prompts_complete_elsewhere_once_and_it_drops_them_when_it_comes_back() -> None:
     bus, store = MemoryBus(), MemoryStore()
     link = Link(store)
     policy = make_policy("sarathi", MODEL)  # chunked prefill, 512 tokens a step: a step starts only a few of the prompts
@@ -108,6 +106,7 @@ async def test_a_silent_workers_unstarted_prompts_complete_elsewhere_and_it_drop
             tasks.append(asyncio.create_task(spare.run()))
 
             outcomes = await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), timeout=WAIT * 2)
+            resumes = client.resumes
             # nothing is kept for long of requests done or failed
             await eventually(lambda: len(router.placements) == 0, WAIT, what="the router forgetting the finished requests")
     finally:
@@ -119,12 +118,11 @@ async def test_a_silent_workers_unstarted_prompts_complete_elsewhere_and_it_drop
             await asyncio.gather(*tasks)
             await bus.close()
     reference = engine().generate(prompts, max_tokens=6)
+    # placed again, never taken by the slow worker, or begun there (failed with it at once, and resumed by its client):
+    # all served by the spare, each exactly as a single engine serves it
     for name, outcome, expected in zip(names, outcomes, reference, strict=True):
-        if name in started:  # begun on the slow worker: its client is told once that worker is gone
-            assert isinstance(outcome, RequestFailed) and outcome.reply.code is ErrorCode.WORKER_LOST, (name, outcome)
-            assert "slow" in outcome.reply.message
-        else:  # placed again, or never taken by the slow worker: served by the spare, exactly once
-            assert outcome == expected.token_ids, name
+        assert outcome == expected.token_ids, (name, outcome)
+    assert resumes == len(started)  # the router failed just the ones begun on the slow worker, each once
     assert spare.steps > 0 and slow.steps == 1  # the slow worker ran only its hung step: nothing ran twice
     assert not slow.engine.engine.has_unfinished() and slow.state.view(time.time()).kv_used == 0
 

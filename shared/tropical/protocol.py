@@ -38,7 +38,7 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     KV_TRANSFER_FAILED = "kv_transfer_failed"
-    WORKER_LOST = "worker_lost"  # the worker serving it stopped heartbeating after the request had started
+    WORKER_LOST = "worker_lost"  # the worker serving it stopped heartbeating after the request had started (the client resumes it)
     INTERNAL = "internal"
 
 
@@ -106,6 +106,9 @@ class GenerateRequest(Message, tag="generate", kw_only=True, frozen=True):
     slo: Slo | None = None  # None: the deployment's default SLO
     arrival_time: Timestamp
     reply_to: QueueName
+    # the answer's tokens already delivered (a request resumed after its worker was lost): it continues after them, its
+    # prompt being prompt + these and its output positions starting at their count; `max_tokens` still counts the whole answer
+    generated_token_ids: list[TokenId] = []
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.prompt_token_ids is None):
@@ -156,7 +159,7 @@ class KvHandoff(Message, tag="kv_handoff", kw_only=True, frozen=True):
     handoff_id: Id
     request: GenerateRequest
     prompt_token_ids: list[TokenId]
-    first_token_id: TokenId
+    first_token_id: TokenId  # the token the prefill sampled: the answer's next after `request.generated_token_ids`
     first_token_time: Timestamp
     source_worker: Id
     transport: KvTransport

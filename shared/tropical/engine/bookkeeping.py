@@ -50,11 +50,30 @@ class Bookkeeping:
     # --- requests ---------------------------------------------------------------------
 
     def add(
-        self, request_id: str, token_ids: list[int], sampling: SamplingParams, max_tokens: int, retain_kv: bool
+        self,
+        request_id: str,
+        token_ids: list[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        retain_kv: bool,
+        outputs: list[int] | None = None,
     ) -> None:
-        self._check(request_id, token_ids, [], sampling, max_tokens)
-        seq = self._new_sequence(request_id, token_ids, len(token_ids), sampling, max_tokens, retain_kv)
+        """A new request; `outputs`, the answer's tokens so far (a resumed request), are recomputed with the prompt as a
+        preempted sequence's are, so it goes on exactly as it would have."""
+        outputs = outputs or []
+        self._check(request_id, token_ids, outputs, sampling, max_tokens)
+        if self.ended(outputs, sampling, max_tokens) is not None:
+            raise InvalidRequest("its answer has ended already")
+        seq = self._new_sequence(request_id, token_ids + outputs, len(token_ids), sampling, max_tokens, retain_kv)
         self.queued.append(seq)
+
+    def ended(self, outputs: list[int], sampling: SamplingParams, max_tokens: int) -> FinishReason | None:
+        """Why an answer of these tokens is over already, as `Sequence.append` would have said (None: it goes on)."""
+        if outputs and outputs[-1] in self._stop_tokens(sampling):
+            return FinishReason.STOP
+        if len(outputs) >= max_tokens:
+            return FinishReason.LENGTH
+        return None
 
     def add_imported(
         self,
@@ -282,7 +301,6 @@ class Bookkeeping:
         max_tokens: int,
         retain_kv: bool,
     ) -> Sequence:
-        eos = frozenset() if sampling.ignore_eos else self.limits.eos_token_ids
         seq = Sequence(
             seq_id=next(self._ids),
             request_id=request_id,
@@ -290,11 +308,15 @@ class Bookkeeping:
             prompt_len=prompt_len,
             sampling=sampling,
             max_tokens=max_tokens,
-            stop_token_ids=frozenset(sampling.stop_token_ids) | eos,
+            stop_token_ids=self._stop_tokens(sampling),
             retain_kv=retain_kv,
         )
         self._sequences[request_id] = seq
         return seq
+
+    def _stop_tokens(self, sampling: SamplingParams) -> frozenset[int]:
+        eos = frozenset() if sampling.ignore_eos else self.limits.eos_token_ids
+        return frozenset(sampling.stop_token_ids) | eos
 
 
 def _describe(seq: Sequence) -> str:

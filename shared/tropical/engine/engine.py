@@ -88,10 +88,12 @@ class Engine(ServingEngine):
         max_tokens: int = 256,
         *,
         retain_kv: bool = False,
+        output_token_ids: Iterable[int] = (),
     ) -> None:
-        """Queue a request (text is tokenized); `retain_kv` keeps its blocks after it finishes, for `export_kv`."""
+        """Queue a request (text is tokenized); `retain_kv` keeps its blocks after it finishes, for `export_kv`;
+        `output_token_ids` continues an answer begun elsewhere."""
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        super().add_request(request_id, token_ids, sampling, max_tokens, retain_kv=retain_kv)
+        super().add_request(request_id, token_ids, sampling, max_tokens, retain_kv=retain_kv, output_token_ids=output_token_ids)
 
     # --- stepping ---------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from tropical.engine.bookkeeping import Bookkeeping, InvalidRequest
 from tropical.engine.kv_transfer import KvExport
 from tropical.engine.plan import EnginePlan, StepResult
 from tropical.engine.sequence import SequenceState
-from tropical.protocol import SamplingParams
+from tropical.protocol import FinishReason, SamplingParams
 
 
 class ServingEngine(ABC):
@@ -31,9 +31,18 @@ class ServingEngine(ABC):
         max_tokens: int = 256,
         *,
         retain_kv: bool = False,
+        output_token_ids: Iterable[int] = (),
     ) -> None:
-        """Queue a request; `retain_kv` keeps its blocks after it finishes, for `export_kv`, until `abort`."""
-        self.book.add(request_id, list(prompt), sampling or SamplingParams(), max_tokens, retain_kv)
+        """Queue a request; `retain_kv` keeps its blocks after it finishes, for `export_kv`, until `abort`.
+
+        `output_token_ids`: the answer's tokens so far (a request resumed elsewhere); it continues after them, the
+        sampler counting its output positions from there, and `max_tokens` counts them too.
+        """
+        self.book.add(request_id, list(prompt), sampling or SamplingParams(), max_tokens, retain_kv, list(output_token_ids))
+
+    def ended(self, output_token_ids: Iterable[int], sampling: SamplingParams, max_tokens: int) -> FinishReason | None:
+        """Why an answer of these tokens is over already (its last a stop token, or `max_tokens` of them); None: it goes on."""
+        return self.book.ended(list(output_token_ids), sampling, max_tokens)
 
     def abort(self, request_id: str) -> bool:
         """Forget a request in any state and free its blocks: a cancel, or the end of an export's lease."""

@@ -3,6 +3,12 @@
     async with Client(bus, settings) as client:
         async for chunk in client.generate([1, 2, 3], max_tokens=16):
             print(chunk.token_ids)
+
+A request whose worker is lost mid-answer (`worker_lost`, `kv_transfer_failed`)
+is published again, up to `MAX_RESUMES` times, with the tokens already yielded
+as its `generated_token_ids`: the deployment continues the answer after them,
+and the stream goes on with no token repeated or skipped (a greedy or seeded
+answer is the one an undisturbed run gives).
 """
 
 from __future__ import annotations
@@ -19,9 +25,23 @@ import msgspec
 
 from tropical.bus import Bus, Delivery, Subscription
 from tropical.messaging import send
-from tropical.protocol import CancelRequest, ErrorReply, GenerateRequest, Message, RequestFinished, SamplingParams, Slo, TokenChunk, decode
+from tropical.protocol import (
+    CancelRequest,
+    ErrorCode,
+    ErrorReply,
+    GenerateRequest,
+    Message,
+    RequestFinished,
+    SamplingParams,
+    Slo,
+    TokenChunk,
+    decode,
+)
 from tropical.queues import declare_requests_queue, reply_queue
 from tropical.settings import Settings
+
+MAX_RESUMES = 3  # times one request is resumed after losing its worker before its error is raised
+RESUMABLE = frozenset({ErrorCode.WORKER_LOST, ErrorCode.KV_TRANSFER_FAILED})  # lost with a worker, not refused: it can go on elsewhere
 
 
 class RequestFailed(RuntimeError):
@@ -44,6 +64,7 @@ class Client:
         self._ids = itertools.count()
         self._subscription: Subscription | None = None
         self.finished: dict[str, RequestFinished] = {}
+        self.resumes = 0  # requests published again after losing their worker, over this client's life
 
     async def __aenter__(self) -> Self:
         await self.bus.declare_queue(reply_queue(self.settings, self.name))
@@ -65,7 +86,12 @@ class Client:
         slo: Slo | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[TokenChunk]:
-        """Yield the request's token chunks in order; `finished[request_id]` holds its timings afterwards."""
+        """Yield the request's token chunks in order; `finished[request_id]` holds its timings afterwards (a resumed
+        request's are its last placement's; its token counts are the whole answer's).
+
+        A lost worker's request is resumed where it stopped (see the module's
+        docstring); the error is raised when it cannot be, or after `MAX_RESUMES`.
+        """
         request_id = request_id or f"{self.name}-{next(self._ids)}"
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
         request = GenerateRequest(
@@ -76,19 +102,27 @@ class Client:
         self._streams[request_id] = stream
         try:
             await send(self.bus, self._requests, request)
-            next_index = 0
+            yielded: list[int] = []  # the answer so far: what a resumed request continues after
+            resumes = 0
             while True:
                 message = await asyncio.wait_for(stream.get(), timeout=self.timeout_s)
                 if isinstance(message, TokenChunk):
-                    fresh = unseen(message, next_index)
+                    fresh = unseen(message, len(yielded))
                     if fresh is not None:
-                        next_index = fresh.index + len(fresh.token_ids)
+                        yielded.extend(fresh.token_ids)
                         yield fresh
                 elif isinstance(message, RequestFinished):
                     self.finished[request_id] = message
+                    if resumes:  # another placement of it may still run (the error was about one that then went on): it stops
+                        await send(self.bus, self._requests, CancelRequest(request_id=request_id, reason="answered", quiet=True))
                     return
                 elif isinstance(message, ErrorReply):
-                    raise RequestFailed(message)
+                    if message.code not in RESUMABLE or resumes >= MAX_RESUMES:
+                        raise RequestFailed(message)
+                    resumes += 1
+                    self.resumes += 1
+                    request = msgspec.structs.replace(request, arrival_time=time.time(), generated_token_ids=list(yielded))
+                    await send(self.bus, self._requests, request)
         finally:
             del self._streams[request_id]
 
@@ -113,9 +147,9 @@ class Client:
 def unseen(chunk: TokenChunk, next_index: int) -> TokenChunk | None:
     """The part of `chunk` from output position `next_index` on (None: all of it was yielded already).
 
-    A request the router placed again, after the worker that had begun it went
-    silent, is generated again from its first token: what the client has
-    already seen is not repeated.
+    A request placed again or resumed may be answered at the same positions
+    twice (the worker that went silent had sent them after all): what the
+    client has already seen is not repeated.
     """
     skip = next_index - chunk.index
     if skip <= 0:

@@ -35,14 +35,19 @@ class EngineWorker:
         self.jobs: dict[str, RequestState] = {}  # requests the engine holds, by name
         self.handoffs: list[RequestState] = []  # prompts prefilled here whose decode goes elsewhere (prefill role)
 
-    def add(self, job: RequestState, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int) -> None:
+    def add(
+        self, job: RequestState, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int, generated: Sequence[int] = ()
+    ) -> None:
         """A request placed here (before the core's `place`): the engine holds it from now on.
 
-        The core expects `max_tokens` outputs (`job.output`); a request that
-        stops earlier is ended when the engine says so.
+        `generated`: the answer's tokens already delivered (a resumed request);
+        the core counts them as prompt (`job.prompt`), the engine as the outputs
+        it continues after. The core expects `max_tokens` outputs in all
+        (`job.output`, the rest of them); a request that stops earlier is ended
+        when the engine says so.
         """
         name = self.names.name_of(job.id)
-        self.engine.add_request(name, prompt, sampling, max_tokens)
+        self.engine.add_request(name, prompt, sampling, max_tokens, output_token_ids=generated)
         self.jobs[name] = job
 
     def plan(self, actions: Iterable[Action]) -> EnginePlan:

@@ -5,8 +5,10 @@ another worker unnoticed. So the router keeps a dispatched request's
 `GenerateRequest` until a heartbeat shows it started (its prefill begun, its
 first token out, handed to a decoding worker, or taken and gone between two
 heartbeats); a started one keeps only its reply queue, for the error its client
-gets if its worker is lost, and is forgotten once no heartbeat has shown it for
-`forget_after` seconds (finished).
+gets if its worker is lost (the client then resumes it), and is forgotten once
+no heartbeat has shown it for `forget_after` seconds (finished). The workers
+a failed one was lost with are remembered a while: what such a worker still
+shows of it, should it come back, is not taken for the resumed request.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from tropical.core.status import resident_requests
 from tropical.protocol import GenerateRequest, WorkerStatus
 
+FAILED_REMEMBERED = 10_000  # failed requests whose lost workers are remembered, for when they are resumed
+
 
 @dataclass
 class Placed:
@@ -26,7 +30,7 @@ class Placed:
     request: GenerateRequest | None  # until it starts: what is placed again if its worker goes silent
     seen_at: float | None = None  # when a heartbeat of `worker` last showed it (None: the dispatch is not confirmed)
     shown: bool = False  # the latest heartbeat of `worker` shows it (it is in flight there)
-    left: frozenset[str] = frozenset()  # workers it was taken back from: what they still show of it is stale
+    left: frozenset[str] = frozenset()  # workers it was taken back from, or failed on: what they still show of it is stale
 
     @property
     def started(self) -> bool:
@@ -40,13 +44,14 @@ class Placements:
         self.forget_after = forget_after
         self._placed: dict[str, Placed] = {}
         self._draining: set[str] = set()  # workers whose latest heartbeat said they are draining
+        self._failed: dict[str, frozenset[str]] = {}  # failed requests → the workers they were lost with, until resumed
 
     def __len__(self) -> int:
         return len(self._placed)
 
     def dispatched(self, request: GenerateRequest, worker: str) -> None:
         placed = self._placed.get(request.request_id)
-        left = placed.left if placed is not None else frozenset()
+        left = placed.left if placed is not None else self._failed.pop(request.request_id, frozenset())
         self._placed[request.request_id] = Placed(request.request_id, request.reply_to, worker, request, left=left)
 
     def worker_of(self, request_id: str) -> str | None:
@@ -56,6 +61,7 @@ class Placements:
 
     def forget(self, request_id: str) -> None:
         self._placed.pop(request_id, None)
+        self._failed.pop(request_id, None)
 
     def workers(self) -> set[str]:
         """Every worker holding a request placed here."""
@@ -118,12 +124,17 @@ class Placements:
         taken = (self.take_back(name, worker) for name in self.unstarted(worker))
         return [request for request in taken if request is not None]
 
-    def failed(self, worker: str) -> list[Placed]:
-        """`worker` is gone: the started requests it was serving, forgotten (none when it left after draining)."""
+    def failed(self, worker: str, *, left: bool = True) -> list[Placed]:
+        """`worker` is lost: the started requests it was serving, forgotten here for their clients to resume (none when it
+        `left` the store after draining; `left=False`: it is merely silent, its status still there)."""
         here = [p for p in self._placed.values() if p.worker == worker]
+        drained = left and worker in self._draining  # a drained worker finished what it held before it left
+        self._draining.discard(worker)
+        failed = [] if drained else [p for p in here if p.shown]
         for placed in here:
             del self._placed[placed.request_id]
-        if worker in self._draining:  # a drained worker finished what it held before it left
-            self._draining.discard(worker)
-            return []
-        return [p for p in here if p.shown]
+        for placed in failed:
+            self._failed[placed.request_id] = placed.left | {worker}
+            if len(self._failed) > FAILED_REMEMBERED:
+                del self._failed[next(iter(self._failed))]
+        return failed

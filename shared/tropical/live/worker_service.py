@@ -14,6 +14,11 @@ picks (on the workers' heartbeats); its KV is offered through a KV transport
 and leased until the receiver acks. A decoding worker pulls the KV when the
 core says it has room, imports it, and acks.
 
+A request resumed after its worker was lost carries the answer so far
+(`generated_token_ids`): it is prefilled as prompt + those tokens, and its
+tokens are numbered on from them; a KV lease that runs out unacked tells the
+client `kv_transfer_failed`, so it resumes the request too.
+
 Its metrics (`telemetry`): how each request it ends here ended, each step's
 time against the latency model's prediction, the KV it hands on or pulls, and
 its load whenever it publishes its status.
@@ -30,7 +35,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from tropical.bus import Bus, Delivery, QueueSpec, Unroutable
+from redis.exceptions import RedisError
+
+from tropical.bus import Bus, Delivery, Unroutable
 from tropical.core.actions import Abandoned, Action, TransferStarted
 from tropical.core.request import RequestState
 from tropical.core.status import RequestIds, status_of, view_of
@@ -60,9 +67,9 @@ from tropical.protocol import (
     TokenChunk,
     encode,
 )
-from tropical.queues import worker_queue
+from tropical.queues import worker_queue, worker_queue_spec
 from tropical.settings import Settings
-from tropical.store import Store
+from tropical.store import Store, StoreError
 from tropical.telemetry import Telemetry, error_outcome, finish_outcome
 
 log = logging.getLogger(__name__)
@@ -72,6 +79,7 @@ KV_LEASE_S = 30.0  # how long a prefill worker keeps a handed-off KV for its rec
 KV_FETCH_TIMEOUT_S = 10.0
 ACCEPTED_WINDOW_S = 1.0  # a request taken stays in this long of heartbeats: a router that misses one still sees it
 HANDED_TO_REMEMBERED = 10_000  # handed-off requests a cancel can still be forwarded for
+STALE_AFTER_S = 1.0  # a worker silent this long is handed no prompt's KV (the router places nothing on it either)
 BATCHES_IN_FLIGHT = 8  # steps' replies waiting on the broker before the step loop waits for it too
 
 
@@ -84,9 +92,20 @@ class _Stream:
     dispatched_at: float | None
     routed_at: float | None = None
     taken_at: float | None = None
-    sent: int = 0  # output tokens already sent (the first one by the prefill worker, after a handoff)
+    sent: int = 0  # output positions sent: a resumed answer's earlier tokens, and the prefill worker's first one after a handoff
     pending: list[int] = field(default_factory=list)
     flushed_at: float = 0.0
+    handoff_id: str | None = None  # the handoff it came here by (None: placed here)
+
+    @property
+    def resumed_at(self) -> int:
+        """The output position this placement began at (0 unless the request was resumed after its worker was lost)."""
+        return len(self.request.generated_token_ids)
+
+    @property
+    def first_due(self) -> bool:
+        """No token of this placement has gone out: the next is its first (its TTFT), sent at once."""
+        return self.sent == self.resumed_at
 
 
 @dataclass
@@ -94,6 +113,7 @@ class _Outgoing:
     """A handed-off request whose KV this worker leases until the receiver acks."""
 
     job: RequestState
+    request: GenerateRequest
     handle: bytes
 
 
@@ -156,6 +176,7 @@ class WorkerService:
         self._workers = RequestIds()  # other workers' names as the core's integers
         self._accepted: deque[tuple[float, int]] = deque()  # (when, request) taken in the last ACCEPTED_WINDOW_S
         self._tokens = itertools.count(1)
+        self._handoff_ids = itertools.count()
         self._wake = asyncio.Event()
         self._outbox: list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]] = []  # replies of the last step
         self._sending: asyncio.Task[None] | None = None  # the last batch of replies handed to the broker; it sends after the one before
@@ -179,7 +200,7 @@ class WorkerService:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        await self.bus.declare_queue(QueueSpec(self.queue))
+        await self.bus.declare_queue(worker_queue_spec(self.settings, self.name))
         handlers = {Dispatch: self._receive, KvHandoff: self._receive, KvAck: self._receive, CancelRequest: self._receive}
         self._consumer = MessageConsumer(self.bus, self.queue, handlers, max_message_bytes=self.settings.max_message_bytes)
         await self.publish_status()
@@ -236,8 +257,8 @@ class WorkerService:
                 if self.transport is not None and (expired := await self.transport.expire()):
                     self._expired.extend(expired)
                     self._wake.set()
-            except (TimeoutError, ConnectionError) as exc:
-                log.warning("worker %s could not publish its status: %s", self.name, exc)
+            except (TimeoutError, OSError, StoreError, RedisError, KvError) as exc:  # the store is restarting: try again
+                log.warning("worker %s could not publish its status: %s", self.name, exc or type(exc).__name__)
             try:  # the floor between two statuses; a drain still ends at once
                 await asyncio.wait_for(done.wait(), timeout=self.status_interval_s)
                 return
@@ -284,7 +305,7 @@ class WorkerService:
         inbox, self._inbox = self._inbox, []
         for message in inbox:
             if isinstance(message, Dispatch):
-                self._place(message)
+                await self._place(message)
             elif isinstance(message, KvHandoff):
                 self._take_handoff(message)
             elif isinstance(message, KvAck):
@@ -293,7 +314,10 @@ class WorkerService:
                 await self._cancel(message)
         expired, self._expired = self._expired, []
         for handoff_id in [h for h, out in self._outgoing.items() if out.handle in expired]:
+            request = self._outgoing[handoff_id].request
             await self._acked(handoff_id, False, "the lease ran out before the receiver acked")
+            # no word from the receiver (it is gone, or never took the handoff): the client resumes the request elsewhere
+            self._error(request, ErrorCode.KV_TRANSFER_FAILED, "its decoding worker never took its KV cache")
         arrived, self._arrived = self._arrived, []
         for job, handoff, kv in arrived:
             await self._import(job, handoff, kv)
@@ -347,27 +371,43 @@ class WorkerService:
 
     # --- placing, cancelling ---------------------------------------------------------------
 
-    def _place(self, dispatch: Dispatch) -> None:
+    async def _place(self, dispatch: Dispatch) -> None:
+        """Take a dispatched request (a resumed one goes on after the tokens its client has); it is reported taken
+        however it ends here, so the router does not place it again."""
         request = dispatch.request
         taken_at = self._taken.pop(request.request_id, None)
         if request.request_id in self._streams:
             return  # a redelivered dispatch: it is here already
-        prompt = list(request.prompt_token_ids or [])
-        job = self._job(request, len(prompt))
+        await self._let_go_of_earlier(request.request_id)
+        job = self._job(request)
+        self._accepted.append((self.clock(), job.id))
+        generated = request.generated_token_ids
+        stream = _Stream(request, job, dispatch.dispatched_at, routed_at=dispatch.routed_at, taken_at=taken_at, sent=len(generated))
+        over = self.engine.engine.ended(generated, request.sampling, request.max_tokens)
+        if over is not None:  # resumed after its last token had gone out, but not its end: the answer is whole
+            self._finish(stream, over)
+            return
         try:
-            self.engine.add(job, prompt, request.sampling, request.max_tokens)
+            self.engine.add(job, list(request.prompt_token_ids or []), request.sampling, request.max_tokens, generated)
         except ValueError as exc:
             self._error(request, ErrorCode.INVALID, str(exc))
             return
-        self._streams[request.request_id] = _Stream(
-            request, job, dispatch.dispatched_at, routed_at=dispatch.routed_at, taken_at=taken_at
-        )
+        self._streams[request.request_id] = stream
         self.state.place(job, self.clock())
-        self._accepted.append((self.clock(), job.id))
 
-    def _job(self, request: GenerateRequest, prompt_tokens: int) -> RequestState:
+    async def _let_go_of_earlier(self, request_id: str) -> None:
+        """A request placed here again (resumed after its decoding worker was lost) may still have its earlier prefill's
+        KV leased here, awaiting an ack that will not come: it goes, so the engine can take the request anew."""
+        job_id = self.names.id_of(request_id)
+        for handoff_id in [h for h, out in self._outgoing.items() if out.job.id == job_id]:
+            await self._acked(handoff_id, False, "the request was placed here again")
+
+    def _job(self, request: GenerateRequest) -> RequestState:
+        """The core's request: a resumed one's delivered tokens count as prompt, and only the rest of the answer as output."""
         ttft, tpot = self._slo_s(request)
-        return RequestState(self.names.id_of(request.request_id), request.arrival_time, prompt_tokens, request.max_tokens, ttft, tpot)
+        generated = len(request.generated_token_ids)
+        prompt = len(request.prompt_token_ids or []) + generated
+        return RequestState(self.names.id_of(request.request_id), request.arrival_time, prompt, request.max_tokens - generated, ttft, tpot)
 
     def _slo_s(self, request: GenerateRequest) -> tuple[float, float]:
         """The request's TTFT and TPOT SLOs in seconds (the deployment's defaults where it gives none)."""
@@ -420,14 +460,14 @@ class WorkerService:
                 self._finish(stream, output.finish_reason or FinishReason.LENGTH)
         now = self.clock()
         for stream in list(self._streams.values()):
-            if stream.pending and (stream.sent == 0 or now - stream.flushed_at >= self.token_flush_s):
+            if stream.pending and (stream.first_due or now - stream.flushed_at >= self.token_flush_s):
                 self._flush(stream)
 
     def _flush(self, stream: _Stream) -> None:
         tokens, stream.pending = stream.pending, []
         stream.flushed_at = self.clock()
         message = TokenChunk(request_id=stream.request.request_id, index=stream.sent, token_ids=tokens, emitted_at=stream.flushed_at)
-        first, stream.sent = stream.sent == 0, stream.sent + len(tokens)
+        first, stream.sent = stream.first_due, stream.sent + len(tokens)
         if first:  # the request's TTFT: out at once, not behind the step's batch of replies
             task = asyncio.ensure_future(self._send_to(stream.request.reply_to, [(stream.request, message)]))
             self._firsts.add(task)
@@ -448,12 +488,14 @@ class WorkerService:
             kv_transferred=job.kv_ready,
             finished=job.finish if job.finish is not None else self.clock(),
         )
-        finished = RequestFinished(
-            request_id=request.request_id, finish_reason=reason, num_prompt_tokens=job.prompt, num_output_tokens=stream.sent, timings=timings
+        finished = RequestFinished(  # the whole answer's count, a resumed request's earlier tokens included
+            request_id=request.request_id, finish_reason=reason, num_prompt_tokens=len(request.prompt_token_ids or []),
+            num_output_tokens=stream.sent, timings=timings,
         )
-        self.telemetry.request_done(
+        self.telemetry.request_done(  # what this placement computed and produced, from its own first token
             "worker", finish_outcome(reason), arrival=timings.arrival, first_token=timings.first_token, finished=timings.finished,
-            output_tokens=stream.sent, prompt_tokens=job.prompt, ttft_slo_s=job.ttft_slo, tpot_slo_s=job.tpot_slo, timings=timings,
+            output_tokens=stream.sent - stream.resumed_at, prompt_tokens=job.prompt, ttft_slo_s=job.ttft_slo, tpot_slo_s=job.tpot_slo,
+            timings=timings,
         )
         self._reply(request, finished)
 
@@ -532,9 +574,10 @@ class WorkerService:
         The messages go out from a task, after the first tokens: the next step need not wait for the broker.
         """
         assert self.transport is not None
-        statuses = [s for s in await asyncio.wait_for(self.store.list_worker_statuses(), timeout=self.settings.status_ttl_s) if not s.draining]
-        views = [view_of(s, i, self.names) for i, s in enumerate(statuses)]
+        listed = await asyncio.wait_for(self.store.list_worker_statuses(), timeout=self.settings.status_ttl_s)
         now = self.clock()
+        statuses = [s for s in listed if not s.draining and now - s.sent_at <= STALE_AFTER_S]
+        views = [view_of(s, i, self.names) for i, s in enumerate(statuses)]
         messages: list[tuple[str, KvHandoff]] = []
         for job in jobs:
             name = self.names.name_of(job.id)
@@ -551,13 +594,13 @@ class WorkerService:
             kv = self.engine.export(job)
             offer = await self.transport.offer(kv, lease_s=KV_LEASE_S)
             self.metrics.kv("sent", offer.nbytes, time.perf_counter() - began)
-            handoff_id = f"{name}@{self.name}"
-            self._outgoing[handoff_id] = _Outgoing(job, offer.handle)
+            handoff_id = f"{name}@{self.name}#{next(self._handoff_ids)}"  # unique: a resumed request may pass here again
+            self._outgoing[handoff_id] = _Outgoing(job, stream.request, offer.handle)
             messages.append((statuses[target].worker_id, KvHandoff(
                 handoff_id=handoff_id,
                 request=stream.request,
                 prompt_token_ids=kv.prompt_token_ids,
-                first_token_id=kv.output_token_ids[0],
+                first_token_id=kv.output_token_ids[-1],  # after the answer's earlier tokens, for a resumed request
                 first_token_time=job.first_token or now,
                 source_worker=self.name,
                 transport=self.transport.kind,
@@ -608,18 +651,24 @@ class WorkerService:
 
     def _take_handoff(self, handoff: KvHandoff) -> None:
         request = handoff.request
-        if request.request_id in self._streams:
-            return
+        held = self._streams.get(request.request_id)
+        if held is not None:
+            if held.handoff_id != handoff.handoff_id:  # served here already (a resume that raced it): the sender lets this KV go
+                self._spawn(self._ack(handoff, ok=False, error=f"request {request.request_id} is served on {self.name} already"))
+            return  # else a redelivered handoff, taken already
         if self.transport is None or self.transport.kind is not handoff.transport:
             self._error(request, ErrorCode.KV_TRANSFER_FAILED, f"worker {self.name} cannot pull KV over {handoff.transport}")
+            self._spawn(self._ack(handoff, ok=False, error=f"no {handoff.transport} transport here"))
             return
-        job = self._job(request, len(handoff.prompt_token_ids))
+        job = self._job(request)
         job.prefilled, job.generated, job.kv = job.prompt, 1, job.prompt
         job.first_token, job.prefill_start = handoff.first_token_time, handoff.prefill_start
         job.met_ttft = job.first_token - job.arrival <= job.ttft_slo
         self._handoffs_in[job.id] = handoff
         self._streams[request.request_id] = _Stream(
-            request, job, handoff.dispatched_at, routed_at=handoff.routed_at, taken_at=handoff.taken_at, sent=1
+            request, job, handoff.dispatched_at, routed_at=handoff.routed_at, taken_at=handoff.taken_at,
+            sent=len(request.generated_token_ids) + 1,  # the prefill worker sent the first token of its placement
+            handoff_id=handoff.handoff_id,
         )
         self.state.receive(job, self._workers.id_of(handoff.source_worker), self.clock())
         self._accepted.append((self.clock(), job.id))
@@ -643,7 +692,7 @@ class WorkerService:
             kv = KvExport(
                 request_id=request.request_id,
                 prompt_token_ids=list(handoff.prompt_token_ids),
-                output_token_ids=[handoff.first_token_id],
+                output_token_ids=[*request.generated_token_ids, handoff.first_token_id],
                 sampling=request.sampling,
                 max_tokens=request.max_tokens,
                 block_size=handoff.layout.block_size,
