@@ -137,6 +137,10 @@ class Subscription(abc.ABC):
 class Bus(abc.ABC):
     """A connection to the broker."""
 
+    # When (time.monotonic()) this connection last came back after the broker dropped it; None if it never did. Right
+    # after one, a client's reply queue may be missing only because its own connection has not come back yet.
+    reconnected_at: float | None = None
+
     @abc.abstractmethod
     async def declare_queue(self, spec: QueueSpec) -> None:
         """Create the queue (and its dead-letter queue) unless it exists with the same properties."""

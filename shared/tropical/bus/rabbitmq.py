@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
@@ -196,6 +197,7 @@ class RabbitBus(Bus):
 
     def _on_reconnected(self, *_: Any) -> None:
         log.info("reconnected to the broker")
+        self.reconnected_at = time.monotonic()
         self._restored.set()
 
     def _check_open(self) -> None:

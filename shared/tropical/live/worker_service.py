@@ -80,6 +80,7 @@ KV_FETCH_TIMEOUT_S = 10.0
 ACCEPTED_WINDOW_S = 1.0  # a request taken stays in this long of heartbeats: a router that misses one still sees it
 HANDED_TO_REMEMBERED = 10_000  # handed-off requests a cancel can still be forwarded for
 STALE_AFTER_S = 1.0  # a worker silent this long is handed no prompt's KV (the router places nothing on it either)
+REPLY_GRACE_S = 15.0  # a reply queue missing this long means its client has gone (a broker restart hides one for seconds)
 BATCHES_IN_FLIGHT = 8  # steps' replies waiting on the broker before the step loop waits for it too
 
 
@@ -186,6 +187,7 @@ class WorkerService:
         self._stopping = asyncio.Event()
         self._consumer: MessageConsumer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._parked: dict[str, list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]] = {}  # by reply queue
         # one engine, one thread of its own: workers sharing the loop's default pool would wait for each other
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}")
         self.steps = 0
@@ -299,7 +301,7 @@ class WorkerService:
 
     def _drained(self) -> bool:
         """Nothing held: no request, no lease of ours, no message to read, no cancelled KV still to let go of."""
-        return not (self._streams or self._outgoing or self._inbox or self._arrived or self._cancelled_pulls)
+        return not (self._streams or self._outgoing or self._inbox or self._arrived or self._cancelled_pulls or self._parked)
 
     async def _apply_inbox(self) -> None:
         inbox, self._inbox = self._inbox, []
@@ -556,14 +558,48 @@ class WorkerService:
             self._in_flight -= 1
 
     async def _send_to(self, queue: str, messages: list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]) -> None:
+        parked = self._parked.get(queue)
+        if parked is not None:  # this client's earlier replies wait for its queue to come back: these go after them
+            parked.extend(messages)
+            return
         try:
             await self.bus.publish_many(queue, [encode(message) for _, message in messages])
-        except Unroutable:  # the client has gone: what it asked for is stopped and its KV freed, as on a cancel
-            for request_id in dict.fromkeys(request.request_id for request, _ in messages):
-                log.info("request %s: its reply queue is gone; stopping it", request_id)
-                if request_id in self._streams:
-                    self._inbox.append(CancelRequest(request_id=request_id, reason="the client has gone"))
-            self._wake.set()
+        except Unroutable:
+            if self.bus.reconnected_at is not None and time.monotonic() - self.bus.reconnected_at < REPLY_GRACE_S:
+                self._parked[queue] = list(messages)  # after a broker restart: its client may not be back yet
+                self._spawn(self._redeliver(queue))
+            else:
+                self._stop_for_gone(messages)
+
+    def _stop_for_gone(self, messages: list[tuple[GenerateRequest, TokenChunk | RequestFinished | ErrorReply]]) -> None:
+        """The client has gone: what it asked for is stopped and its KV freed, as on a cancel."""
+        for request_id in dict.fromkeys(request.request_id for request, _ in messages):
+            log.info("request %s: its reply queue is gone; stopping it", request_id)
+            if request_id in self._streams:
+                self._inbox.append(CancelRequest(request_id=request_id, reason="the client has gone"))
+        self._wake.set()
+
+    async def _redeliver(self, queue: str) -> None:
+        """Replies to a queue missing just after a broker restart, sent again until it is back, in order, while other
+        clients' go on: a client declares its reply queue again only once its own connection is back. One still
+        missing after REPLY_GRACE_S has gone for good."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REPLY_GRACE_S
+        delay = 0.05
+        parked = self._parked[queue]
+        while parked:
+            batch = list(parked)
+            try:
+                await self.bus.publish_many(queue, [encode(message) for _, message in batch])
+            except Unroutable:
+                if loop.time() >= deadline:
+                    break
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+                continue
+            del parked[: len(batch)]
+        del self._parked[queue]
+        self._stop_for_gone(parked)
 
     # --- KV handoff: the sending side --------------------------------------------------------
 
