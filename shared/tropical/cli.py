@@ -1157,5 +1157,110 @@ def _shown(value: Any, spec: str = "") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+# --- faults ---------------------------------------------------------------------------------------
+
+
+@app.command("chaos")
+def chaos(
+    ctx: typer.Context,
+    scenario: Annotated[str | None, typer.Option(help="kill-worker, restart-broker, restart-redis, kill-router, kv-fault or overload")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+    policy: Annotated[str | None, typer.Option(help="default: the scenario's (tropical; kv-fault distserve; overload unified)")] = None,
+    workers: Annotated[int | None, typer.Option(help="workers to spawn (default: the scenario's, 2 or 3)")] = None,
+    request_rate: Annotated[
+        float | None, typer.Option("--request-rate", help="req/s (default: half the simulated goodput of these workers; overload: three times it)")
+    ] = None,
+    num_prompts: Annotated[int | None, typer.Option("--num-prompts", help="requests sent (default: 60)")] = None,
+    duration_s: Annotated[
+        float | None, typer.Option("--duration-s", help="instead of --num-prompts: as many requests as the rate sends in this many seconds")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="arrival seed, as `tropical sim --seed`")] = 0,
+    setting_name: Annotated[str, typer.Option("--setting", help="the preset whose GPUs the emulated engines time, whose trace and SLOs are sent")] = "chat-13b",
+    fault_at_s: Annotated[float | None, typer.Option(help="when the fault begins, in seconds from the load's start (default: 40 % into the arrivals)")] = None,
+    grace_s: Annotated[float, typer.Option(help="a request's deadline: arrival + TTFT SLO + output tokens x TPOT SLO + this")] = 10.0,
+    drain_s: Annotated[float, typer.Option(help="how long after its deadline a request is still waited for before it counts as lost")] = 30.0,
+) -> None:
+    """Inject one fault into a spawned deployment (emulated engines) under load; count every request from the clients' side.
+
+    Exits 0 when no request hung or was lost, 1 otherwise.
+    """
+    from dataclasses import replace
+
+    from tropical.chaos import SCENARIOS, ChaosPlan, ServerMissing, goodput_rps, run_chaos
+    from tropical.live.bench import Load
+
+    settings: Settings = ctx.obj
+    try:
+        if scenario is None or scenario not in SCENARIOS:
+            given = "" if scenario is None else f"unknown scenario {scenario!r}; "
+            raise typer.BadParameter(f"{given}give --scenario: one of {', '.join(SCENARIOS)}")
+        if json_path is None:
+            raise typer.BadParameter("give --json OUT: where the report goes")
+        for flag, value in (("--workers", workers), ("--request-rate", request_rate), ("--num-prompts", num_prompts), ("--duration-s", duration_s)):
+            if value is not None and not value > 0:
+                raise typer.BadParameter(f"{flag} must be positive, got {value:g}")
+        for flag, value in (("--grace-s", grace_s), ("--drain-s", drain_s), ("--fault-at-s", fault_at_s)):
+            if value is not None and value < 0:
+                raise typer.BadParameter(f"{flag} must not be negative, got {value:g}")
+        if num_prompts is not None and duration_s is not None:
+            raise typer.BadParameter("give --num-prompts or --duration-s, not both")
+        if settings.broker_url.startswith(MEMORY_URL) or settings.redis_url.startswith(MEMORY_URL):
+            raise typer.BadParameter("chaos spawns separate processes: it needs a real broker and Redis (--broker-url, --redis-url)")
+        chosen = SCENARIOS[scenario]
+        setting = _setting(setting_name, None, None, None)
+        plan = ChaosPlan(chosen, _policy_checked(policy or chosen.policy), workers or chosen.workers, Load(setting, count=num_prompts or 60, seed=seed),
+                         request_rate or 0.0, setting.name, fault_at_s, grace_s, drain_s)
+        roles = plan.roles()
+    except (typer.BadParameter, ValueError) as exc:
+        message = exc.format_message() if isinstance(exc, typer.BadParameter) else str(exc)
+        raise _bench_failure(message) from None
+
+    goodput = goodput_rps(setting.name, plan.policy, roles)
+    rate = request_rate or chosen.rate_factor * goodput
+    count = plan.load.count if duration_s is None else max(1, round(rate * duration_s))  # --duration-s: what the rate sends in that time
+    plan = replace(plan, rate=rate, load=replace(plan.load, count=count))
+    for noisy in ("aio_pika", "aiormq"):  # a broker going away is the point here, not news
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    try:
+        result = run_async(run_chaos(plan, settings))
+    except (ServerMissing, RuntimeError, OSError) as exc:  # a server missing, a process that would not start
+        raise _bench_failure(str(exc)) from None
+    record = {**result.as_json(), "goodput_rps": goodput, "date": datetime.now().strftime("%Y%m%d-%H%M%S"), "machine": _machine()}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    typer.echo("\n".join(_chaos_lines(record)))
+    raise typer.Exit(0 if result.accounts.clean else 1)
+
+
+def _chaos_lines(r: dict[str, Any]) -> list[str]:
+    """The console block of one chaos run."""
+
+    def line(label: str, value: Any) -> str:
+        return f"{label:<40} {value}"
+
+    fault = dict(r["fault"])
+    at = fault.pop("at_s")
+    facts = ", ".join(f"{key} {format(value, '.2f') if isinstance(value, float) else value}" for key, value in fault.items())
+    workers = " + ".join(f"{count} {role}" for role, count in r["workers"].items())
+    lines = [
+        f"{' Chaos: ' + r['scenario'] + ' ':=^60}",
+        line("Fault:", "none" if at is None else f"at {at:.2f} s: {facts}"),
+        line("Serving:", f"{r['policy']} on {workers}, {r['engine']}" + (f", {r['routers']} routers" if r["routers"] > 1 else "")),
+        line("Load:", f"{r['num_prompts']} requests at {r['request_rate']:.2f} req/s (goodput {r['goodput_rps']:.2f}), {r['dataset']}"),
+        line("Offered / completed / errored:", f"{r['offered']} / {r['completed']} / {r['errored']}"),
+        line("Hung / lost:", f"{r['hung']} / {r['lost']}"),
+        line("Errors by code:", ", ".join(f"{code} {n}" for code, n in r["error_codes"].items()) or "none"),
+        line("Refused (p50 / p99 ms to the refusal):", f"{r['refused']} ({_shown(r['p50_refusal_ms'], '.1f')} / {_shown(r['p99_refusal_ms'], '.1f')})"),
+        line("Resumed elsewhere:", _shown(r["resumes"])),
+        line("Recovery (s):", _shown(r["recovery_s"], ".2f")),
+        line("SLO attainment (admitted / all):", f"{_shown(r['admitted_attainment'], '.3f')} / {_shown(r['slo_attainment'], '.3f')}"),
+    ]
+    if r["sim"] is not None:
+        lines.append(line("Simulated, same requests (adm./all):", f"{_shown(r['sim']['admitted_attainment'], '.3f')} / {r['sim']['slo_attainment']:.3f}"))
+    for name, exited in r["exited"].items():
+        lines.append(line(f"Exited on its own: {name}", f"status {exited['exit_status']}: {(exited['log_tail'] or [''])[-1]}"))
+    return lines + ["=" * 60]
+
+
 if __name__ == "__main__":
     app()

@@ -3,7 +3,9 @@
 The benchmark uses it to measure the distributed system itself (each service
 on its own event loop, talking through RabbitMQ and Redis), not one process
 hosting them all. Processes get their own namespace, so several deployments
-share one broker without meeting.
+share one broker without meeting. `tropical chaos` uses it too: it may start
+a standby router beside the first, choose the workers' KV transport, and kill
+a process by its name.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tropical.bus import BusError, connect_bus
 from tropical.live.engines import EngineChoice
 from tropical.policies.records import Role
+from tropical.protocol import KvTransport
 from tropical.queues import requests_queue, worker_queue
 from tropical.settings import MEMORY_URL, Settings
 from tropical.store import open_store
@@ -36,18 +40,51 @@ def worker_name(index: int) -> str:
     return f"w{index}"
 
 
-def serve_commands(policy: str, roles: Sequence[Role], engine: EngineChoice) -> list[list[str]]:
-    """`tropical serve` for the router and each worker (named by `worker_name`), as a user would start them."""
+def router_name(index: int) -> str:
+    return f"router{index}"
+
+
+def serve_commands(
+    policy: str, roles: Sequence[Role], engine: EngineChoice, *, routers: int = 1, kv_transport: KvTransport | None = None
+) -> dict[str, list[str]]:
+    """`tropical serve` for each router (`router_name`) and each worker (`worker_name`), by name, as a user would start them.
+
+    A second router is a standby (or, where routers hold no lease, a second
+    consumer of the same queue); `kv_transport` None leaves the workers' default.
+    """
     common = ["--policy", policy, "--engine", engine.source, "--setting", engine.setting]
     if engine.max_model_len is not None:
         common += ["--max-model-len", str(engine.max_model_len)]
-    router = [sys.executable, "-m", "tropical.cli", "serve", "router", *common]
-    workers = [[sys.executable, "-m", "tropical.cli", "serve", role.value, *common, "--name", worker_name(i)] for i, role in enumerate(roles)]
-    return [router, *workers]
+    serve = [sys.executable, "-m", "tropical.cli", "serve"]
+    transport = [] if kv_transport is None else ["--kv-transport", kv_transport.value]
+    commands = {router_name(i): [*serve, "router", *common] for i in range(routers)}
+    for i, role in enumerate(roles):
+        commands[worker_name(i)] = [*serve, role.value, *common, "--name", worker_name(i), *transport]
+    return commands
+
+
+@dataclass(frozen=True)
+class Spawned:
+    """A running deployment: its settings, and each service's process by name; the logs live while it runs."""
+
+    settings: Settings
+    processes: dict[str, asyncio.subprocess.Process]
+    logs: Path
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        return "\n".join((self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
 
 
 @contextlib.asynccontextmanager
-async def spawned(settings: Settings, policy: str, roles: Sequence[Role], engine: EngineChoice) -> AsyncIterator[Settings]:
+async def spawned(
+    settings: Settings,
+    policy: str,
+    roles: Sequence[Role],
+    engine: EngineChoice,
+    *,
+    routers: int = 1,
+    kv_transport: KvTransport | None = None,
+) -> AsyncIterator[Spawned]:
     """Start the processes, wait until every worker has reported, yield; then SIGTERM them all and wait for the drain.
 
     RuntimeError (with the tail of its log) when a process exits before the
@@ -63,27 +100,25 @@ async def spawned(settings: Settings, policy: str, roles: Sequence[Role], engine
         "TROPICAL_TOKEN_FLUSH_MS": str(settings.token_flush_ms),
     }
     with tempfile.TemporaryDirectory(prefix="tropical-spawn-") as logs:
-        processes: list[tuple[asyncio.subprocess.Process, Path]] = []
+        processes: dict[str, asyncio.subprocess.Process] = {}
         try:
-            for i, command in enumerate(serve_commands(policy, roles, engine)):
-                log = Path(logs) / f"{i}.log"
-                with log.open("wb") as out:
-                    process = await asyncio.create_subprocess_exec(*command, env=env, stdout=out, stderr=out)
-                processes.append((process, log))
-            await _ready(settings, processes, len(roles))
-            yield settings
+            for name, command in serve_commands(policy, roles, engine, routers=routers, kv_transport=kv_transport).items():
+                with (Path(logs) / f"{name}.log").open("wb") as out:
+                    processes[name] = await asyncio.create_subprocess_exec(*command, env=env, stdout=out, stderr=out)
+            await _ready(settings, processes, Path(logs), len(roles))
+            yield Spawned(settings, processes, Path(logs))
         finally:
-            await _stop(processes)
+            await _stop(list(processes.values()))
             await _remove_queues(settings, len(roles))
 
 
-async def _ready(settings: Settings, processes: list[tuple[asyncio.subprocess.Process, Path]], workers: int) -> None:
+async def _ready(settings: Settings, processes: dict[str, asyncio.subprocess.Process], logs: Path, workers: int) -> None:
     async with open_store(settings) as store:
         async with asyncio.timeout(READY_TIMEOUT_S):
             while len(await asyncio.wait_for(store.list_worker_statuses(), timeout=5.0)) < workers:
-                for process, log in processes:
+                for name, process in processes.items():
                     if process.returncode is not None:
-                        tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+                        tail = (logs / f"{name}.log").read_text(errors="replace").strip().splitlines()[-5:]
                         raise RuntimeError(f"a served process exited ({process.returncode}) before the deployment was ready: " + " | ".join(tail))
                 await asyncio.sleep(0.2)  # polling the store: nothing announces the last worker's first status
 
@@ -104,15 +139,15 @@ async def _remove_queues(settings: Settings, workers: int) -> None:
         log.warning("the queues of namespace %s are left on the broker: %s", settings.namespace, exc)
 
 
-async def _stop(processes: list[tuple[asyncio.subprocess.Process, Path]]) -> None:
-    """SIGTERM drains each service; one still running after `DRAIN_TIMEOUT_S` is killed."""
-    for process, _ in processes:
+async def _stop(processes: list[asyncio.subprocess.Process]) -> None:
+    """SIGTERM drains each service; one still running after `DRAIN_TIMEOUT_S` is killed (one killed already is left be)."""
+    for process in processes:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
-    waits = [asyncio.create_task(process.wait()) for process, _ in processes]
+    waits = [asyncio.create_task(process.wait()) for process in processes]
     if waits:
         _, pending = await asyncio.wait(waits, timeout=DRAIN_TIMEOUT_S)
-        for process, _ in processes:
+        for process in processes:
             if process.returncode is None:
                 process.kill()
         if pending:
