@@ -13,6 +13,7 @@ import msgspec
 import pytest
 from typer.testing import CliRunner
 
+from tests.helpers import eventually
 from tests.messages import latency_model
 from tests.test_store_conformance import redis_store_under_test
 from tropical.cli import app
@@ -265,3 +266,18 @@ def test_cli_serve_profiler_fails_in_one_line_before_profiling_when_the_store_is
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output
     assert result.output.startswith("error: the store at redis://127.0.0.1:1/0") and result.output.count("\n") == 1
+
+
+async def test_a_profiler_that_stays_up_publishes_its_model_again_when_the_store_lost_it() -> None:
+    store = MemoryStore()
+    service = profiler(store, once=False)
+    service.restore_check_s = 0.05
+    running = asyncio.create_task(service.run())
+    try:
+        await eventually(lambda: store.get_latency_model(KEY), WAIT, what="the first model stored")
+        store._models.clear()  # what a Redis restarted without persistence holds
+        await eventually(lambda: store.get_latency_model(KEY), WAIT, what="the model stored again")
+        assert await store.get_latency_model(KEY) == service.published
+    finally:
+        await service.stop()
+        await asyncio.wait_for(running, WAIT)

@@ -17,14 +17,18 @@ import signal
 import time
 from collections.abc import Callable
 
+from redis.exceptions import RedisError
+
 from tropical.engine.serving import ServingEngine
 from tropical.latency.profiling import EngineLimits, GridPoint, Progress, ProfileGrid, default_grid, profile_engine
 from tropical.protocol import LatencyModelSpec
 from tropical.settings import MEMORY_URL, Settings
-from tropical.store import Store, open_store
+from tropical.store import Store, StoreError, open_store
 from tropical.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+RESTORE_CHECK_S = 5.0
 
 
 class ProfilerService:
@@ -51,7 +55,11 @@ class ProfilerService:
         clock: Callable[[], float] = time.time,
         progress: Progress | None = None,
         telemetry: Telemetry | None = None,
+        restore_check_s: float = RESTORE_CHECK_S,
     ) -> None:
+        """`restore_check_s`: how often a profiler that stays up checks that its model is still stored (a Redis that
+        restarted without persistence comes back empty) and publishes it again if not."""
+        self.restore_check_s = restore_check_s
         self.engine = engine
         self.store = store
         self.model = model
@@ -84,11 +92,26 @@ class ProfilerService:
             log.info("%s is stored already (fitted at %.0f); it will be replaced", self.key, stored.fitted_at)
         await self.publish_profile()
         while not (self.once or self._stopping):
-            await self._wake.wait()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.restore_check_s)
+            except TimeoutError:
+                await self._restore()
+                continue
             self._wake.clear()
             if self._requested and not self._stopping:
                 self._requested = False
                 await self.publish_profile()
+
+    async def _restore(self) -> None:
+        """Publish the last model again if the store has lost it; a store out of reach is tried at the next check."""
+        if self.published is None:
+            return
+        try:
+            if await asyncio.wait_for(self.store.get_latency_model(self.key), timeout=self.restore_check_s) is None:
+                await asyncio.wait_for(self.store.set_latency_model(self.published), timeout=self.restore_check_s)
+                log.info("%s was gone from the store (it restarted empty?): published it again", self.key)
+        except (StoreError, RedisError, OSError, TimeoutError) as exc:
+            log.warning("could not check that %s is still stored: %s", self.key, exc or type(exc).__name__)
 
     def request_profile(self) -> None:
         """Profile again and publish the new model (a running profile finishes first)."""
