@@ -12,8 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tropical.protocol import Timings
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,22 @@ class RequestOutcome:
     @property
     def _countable(self) -> bool:
         return self.finished and not self.infeasible
+
+
+def phase_seconds(timings: Timings) -> dict[str, float | None]:
+    """Where a request's time went, from its milestones: queue, prefill, KV transfer and decode (`RequestOutcome`'s
+    fields, the simulator's definitions); None where an end of the phase is unknown."""
+    decode_start = timings.kv_transferred if timings.kv_transferred is not None else timings.first_token
+    return {
+        "queue_s": _gap(timings.arrival, timings.prefill_start),
+        "prefill_s": _gap(timings.prefill_start, timings.first_token),
+        "kv_transfer_s": _gap(timings.first_token, timings.kv_transferred),
+        "decode_s": _gap(decode_start, timings.finished),
+    }
+
+
+def _gap(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else end - start
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tropical import protocol
-from tropical.metrics import RequestOutcome
+from tropical.metrics import RequestOutcome, phase_seconds
 
 Outcome = Literal[
     "finished_stop", "finished_length", "cancelled", "error", "refused", "timeout", "unauthorized", "bad_request"
@@ -41,6 +41,7 @@ Direction = Literal["sent", "received"]
 # Outcomes that say nothing about the service's SLOs: the client gave up, or the request was never valid.
 _NOT_OFFERED: Final = frozenset({"cancelled", "unauthorized", "bad_request"})
 _FINISHED: Final = frozenset({"finished_stop", "finished_length"})
+PHASE_LABELS: Final = {"queue_s": "queued", "prefill_s": "prefill", "kv_transfer_s": "kv_transfer", "decode_s": "decode"}
 
 # Bucket edges in seconds, spread like vLLM's: fine where SLOs live, coarse in the tail.
 TTFT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -231,8 +232,9 @@ class Telemetry:
         if finished is not None and outcome in _FINISHED:
             self.e2e.labels(service).observe(max(finished - arrival, 0.0))
         if timings is not None:
-            for phase, seconds in _phases(timings):
-                self.phase.labels(service, phase).observe(seconds)
+            for field, seconds in phase_seconds(timings).items():
+                if seconds is not None:  # clocks of different hosts may disagree a little: never below 0
+                    self.phase.labels(service, PHASE_LABELS[field]).observe(max(seconds, 0.0))
         if outcome in _NOT_OFFERED or (ttft_slo_s is None and tpot_slo_s is None):
             return
         done = RequestOutcome(
@@ -319,20 +321,6 @@ class WorkerTelemetry:
         for gauge in (t.prefills_queued, t.kv_usage):
             with contextlib.suppress(KeyError):
                 gauge.remove(self.worker_id, self.role)
-
-
-def _phases(timings: protocol.Timings) -> Iterator[tuple[str, float]]:
-    """(phase, seconds) for each phase whose ends are both known; clocks of different hosts may disagree a little."""
-    decode_from = timings.kv_transferred if timings.kv_transferred is not None else timings.first_token
-    spans = (
-        ("queued", timings.arrival, timings.prefill_start),
-        ("prefill", timings.prefill_start, timings.first_token),
-        ("kv_transfer", timings.first_token, timings.kv_transferred),
-        ("decode", decode_from, timings.finished),
-    )
-    for phase, start, end in spans:
-        if start is not None and end is not None:
-            yield phase, max(end - start, 0.0)
 
 
 @contextlib.asynccontextmanager

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from tropical.live.bench.load import BenchRequest
-from tropical.metrics import RequestOutcome
+from tropical.metrics import RequestOutcome, phase_seconds
 from tropical.protocol import Timings
 
 
@@ -126,7 +126,7 @@ def measured(
         tpot_slo=request.tpot_slo,
         dropped=error is not None,
         prompt_tokens=len(request.prompt_token_ids),
-        **(_phases(t) if t is not None else {}),
+        **(phase_seconds(t) if t is not None else {}),
     )
     gaps = tuple(b - a for a, b in zip(seen.times, seen.times[1:]))
     hops = None
@@ -143,16 +143,3 @@ def _hops(t: Timings, first_emitted: float, first_received: float) -> ControlHop
     return ControlHops(t.routed - t.arrival, t.taken - t.dispatched, first_received - first_emitted)
 
 
-def _phases(t: Timings) -> dict[str, float | None]:
-    """Queue, prefill, KV transfer and decode time from a worker's milestones (the simulator's definitions)."""
-    decode_start = t.kv_transferred if t.kv_transferred is not None else t.first_token
-    return {
-        "queue_s": _gap(t.arrival, t.prefill_start),
-        "prefill_s": _gap(t.prefill_start, t.first_token),
-        "kv_transfer_s": _gap(t.first_token, t.kv_transferred),
-        "decode_s": _gap(decode_start, t.finished),
-    }
-
-
-def _gap(start: float | None, end: float | None) -> float | None:
-    return None if start is None or end is None else end - start
