@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 
 from tropical.bus import connect_bus
+from tropical.gateway.openai_api import TPOT_HEADERS, TTFT_HEADERS
 from tropical.live.bench.load import BenchRequest
 from tropical.live.bench.measure import Measured, Seen, measured
 from tropical.live.client import Client, RequestFailed
@@ -112,7 +113,7 @@ class HttpTarget:
 
     def headers(self, request: BenchRequest) -> dict[str, str]:
         slo = request.slo
-        headers = {"x-slo-ttft-ms": f"{slo.ttft_ms:g}", "x-slo-tpot-ms": f"{slo.tpot_ms:g}"}
+        headers = {TTFT_HEADERS[0]: f"{slo.ttft_ms:g}", TPOT_HEADERS[0]: f"{slo.tpot_ms:g}"}  # the names the gateway reads first
         return headers | ({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})
 
     async def measure(self, index: int, request: BenchRequest, arrival: float, now: Callable[[], float], timeout_s: float) -> Measured:
