@@ -17,13 +17,11 @@ import signal
 import time
 from collections.abc import Callable
 
-from redis.exceptions import RedisError
-
 from tropical.engine.serving import ServingEngine
 from tropical.latency.profiling import EngineLimits, GridPoint, Progress, ProfileGrid, default_grid, profile_engine
 from tropical.protocol import LatencyModelSpec
 from tropical.settings import MEMORY_URL, Settings
-from tropical.store import Store, StoreError, open_store
+from tropical.store import UNAVAILABLE, Store, open_store
 from tropical.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -110,7 +108,7 @@ class ProfilerService:
             if await asyncio.wait_for(self.store.get_latency_model(self.key), timeout=self.restore_check_s) is None:
                 await asyncio.wait_for(self.store.set_latency_model(self.published), timeout=self.restore_check_s)
                 log.info("%s was gone from the store (it restarted empty?): published it again", self.key)
-        except (StoreError, RedisError, OSError, TimeoutError) as exc:
+        except UNAVAILABLE as exc:
             log.warning("could not check that %s is still stored: %s", self.key, exc or type(exc).__name__)
 
     def request_profile(self) -> None:

@@ -40,8 +40,6 @@ import time
 import uuid
 from collections.abc import Callable
 
-from redis.exceptions import RedisError
-
 from tropical.bus import Bus, Delivery, Unroutable
 from tropical.core.actions import Action
 from tropical.core.request import RequestState
@@ -57,12 +55,10 @@ from tropical.policies.serving import ServingPolicy, make_policy
 from tropical.protocol import CancelRequest, Dispatch, ErrorCode, GenerateRequest, RequestRecord, RequestState as RecordState, Timings, WorkerStatus
 from tropical.queues import declare_requests_queue, worker_queue
 from tropical.settings import Settings
-from tropical.store import Store, StoreError
+from tropical.store import UNAVAILABLE, Store, StoreError
 from tropical.telemetry import Outcome, Telemetry
 
 log = logging.getLogger(__name__)
-
-STORE_FAILURES = (StoreError, RedisError, OSError, TimeoutError)  # what a store out of reach raises, beside its own errors
 
 LEASE = "router"  # the store's lease that the active router holds
 
@@ -146,7 +142,7 @@ class RouterService:
                 if not idle:
                     try:
                         await self._decide()
-                    except STORE_FAILURES as exc:  # the store is restarting or out of reach: decide again next time
+                    except UNAVAILABLE as exc:  # the store is restarting or out of reach: decide again next time
                         log.warning("router %s could not decide: the store failed (%s)", self.holder, exc or type(exc).__name__)
                 self.telemetry.router_queue(len(self.router.queue))
                 timeout = self.lease_ttl_s / 4 if idle else self.refresh_s

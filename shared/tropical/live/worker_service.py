@@ -35,8 +35,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from redis.exceptions import RedisError
-
 from tropical.bus import Bus, Delivery, Unroutable
 from tropical.core.actions import Abandoned, Action, TransferStarted
 from tropical.core.request import RequestState
@@ -69,7 +67,7 @@ from tropical.protocol import (
 )
 from tropical.queues import worker_queue, worker_queue_spec
 from tropical.settings import Settings
-from tropical.store import Store, StoreError
+from tropical.store import UNAVAILABLE, Store
 from tropical.telemetry import Telemetry, error_outcome, finish_outcome
 
 log = logging.getLogger(__name__)
@@ -259,7 +257,7 @@ class WorkerService:
                 if self.transport is not None and (expired := await self.transport.expire()):
                     self._expired.extend(expired)
                     self._wake.set()
-            except (TimeoutError, OSError, StoreError, RedisError, KvError) as exc:  # the store is restarting: try again
+            except (*UNAVAILABLE, KvError) as exc:  # the store is restarting: try again
                 log.warning("worker %s could not publish its status: %s", self.name, exc or type(exc).__name__)
             try:  # the floor between two statuses; a drain still ends at once
                 await asyncio.wait_for(done.wait(), timeout=self.status_interval_s)

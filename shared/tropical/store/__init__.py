@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from tropical.settings import MEMORY_URL, Settings
 from tropical.store.base import LatencyModelUpdates, Store
-from tropical.store.errors import CorruptValue, StoreClosed, StoreError
+from tropical.store.errors import UNAVAILABLE, CorruptValue, StoreClosed, StoreError
 from tropical.store.memory import MemoryStore
 from tropical.store.redis import RedisStore
 
 __all__ = [
+    "UNAVAILABLE",
     "CorruptValue",
     "LatencyModelUpdates",
     "MemoryStore",

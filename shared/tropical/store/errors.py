@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from redis.exceptions import RedisError
+
 
 class StoreError(Exception):
     """Base of the store's own errors."""
@@ -22,3 +24,8 @@ class CorruptValue(StoreError):
         super().__init__(f"corrupt value at {key}: {reason}")
         self.key = key
         self.reason = reason
+
+
+# What a store call may raise while the store restarts or is out of reach: its own errors, the Redis client's, the
+# socket's, and a deadline. A service that rides out an outage catches these and tries again later.
+UNAVAILABLE: tuple[type[BaseException], ...] = (StoreError, RedisError, OSError, TimeoutError)
