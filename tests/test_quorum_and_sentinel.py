@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from tests.helpers import eventually
 from tests.servers import RABBITMQ_URL, REDIS_URL, connect_rabbit
 from tests.test_live_embedded import MODEL, engine
 from tropical.bus import Bus, QueueMismatch, QueueSpec, dead_letter_queue
@@ -154,16 +154,15 @@ class SentinelRedis:
 
 
 async def _until(what: str, check: Callable[[], Awaitable[bool]], deadline_s: float = WAIT_S) -> None:
-    """Poll the async predicate `check` (errors count as not yet) until it holds; fail at the deadline."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
+    """`eventually`, with errors of a server that is failing over counted as not yet."""
+
+    async def holds() -> bool:
         try:
-            if await check():
-                return
+            return await check()
         except (RedisError, OSError):
-            pass
-        await asyncio.sleep(0.05)
-    pytest.fail(f"{what} did not happen within {deadline_s} s")
+            return False
+
+    await eventually(holds, deadline_s, interval=0.05, what=what)
 
 
 @pytest.fixture
