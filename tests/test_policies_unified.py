@@ -22,6 +22,7 @@ from tropical.policies import (
 )
 from tropical.policies.prefill_queue import urgency_order, urgent_first
 from tropical.policies.records import EMPTY_BATCH
+from tropical.policies.serving import ServingPolicy
 from tropical.policies.unified import SlackAwareRouter, prompt_work
 
 # prefill: 10 ms + 1 ms per token; decode: 10 ms + 1 ms per sequence + 20 µs per KV token
@@ -138,9 +139,22 @@ def test_inline_time_spends_the_bank_then_rides_at_one_tpot() -> None:
     assert router.inline_time(worker(0, Role.MULTIPLEX), 0.5, now=0.0) == pytest.approx(0.51)  # no decodes: a plain prefill
     # decode step 0.052 s; on-time deadline 0.4 s: surplus 0.4 − 0.1 = 0.3 → first step carries 0.1 + 0.3 − 0.052 = 0.348 s
     # of prompt work; the remaining 0.152 s goes 0.048 s per 0.1 s step
+    # of prompt work; the remaining 0.152 s goes 0.048 s per 0.1 s step: three whole steps, then one of 0.052 + 0.008 s,
+    # at whose end the first token comes out
     w = worker(0, Role.MULTIPLEX, batch=batch(2, 2000, deadline=0.4))
-    expected = 0.348 + 0.052 + 0.152 * 0.1 / 0.048
-    assert router.inline_time(w, 0.5, now=0.0) == pytest.approx(expected)
+    assert router.inline_time(w, 0.5, now=0.0) == pytest.approx(0.348 + 0.052 + 3 * 0.1 + 0.052 + 0.008)
+    assert router.inline_time(w, 0.3, now=0.0) == pytest.approx(0.3 + 0.052)  # within the first step
+
+
+def test_no_chunk_lengthens_a_step_past_the_deadline_of_a_prompt_it_completes() -> None:
+    # decode step 0.052 s, 0.348 s of room; the urgent prompt's 0.1 s ends at 0.152, due at 0.2
+    urgent, patient = request(1, 100, ttft=0.2), request(2, 1000, ttft=5.0)
+    w = worker(0, Role.MULTIPLEX, prefills=(urgent, patient), batch=batch(2, 2000, deadline=0.4))
+    packing = DecodeBatcher(MODEL, prefill_mode=PrefillMode.CHUNKED, admission=Admission.SLACK, allowed_step=AllowedStep.BANKED,
+                            slo_chunks=True, urgent_prompt_first=True, protect_late=False)
+    assert packing.plan(w, now=0.0).chunks == ((1, 100), (2, 248))  # the step ends at 0.4: the urgent prompt's token is late
+    on_time = replace(packing, finish_on_time=True)
+    assert on_time.plan(w, now=0.0).chunks == ((1, 100), (2, 48))  # cut to end at 0.2
 
 
 # --- placement ---------------------------------------------------------------------------------------
@@ -277,3 +291,57 @@ def test_the_bounded_search_finds_what_predicting_every_worker_finds(seed: int) 
     assert set(placed) | set(decision.drops) == {r.id for r in queue}
     expected = exhaustive_place(router, queue, workers, now)
     assert [(r, placed.get(r)) for r, _ in expected] == expected
+
+
+# --- the look-ahead: a decoding worker's own plans -------------------------------------------
+
+
+def chunked_batcher(**options: object) -> DecodeBatcher:
+    return DecodeBatcher(MODEL, prefill_mode=PrefillMode.CHUNKED, admission=Admission.SLACK, allowed_step=AllowedStep.BANKED,
+                         slo_chunks=True, urgent_prompt_first=True, protect_late=False, finish_on_time=True, **options)  # type: ignore[arg-type]
+
+
+def test_a_placement_that_would_make_a_placed_prompt_late_is_refused() -> None:
+    # no bank: a 0.1 s step carries what its 0.052 s of decodes leave, 48 tokens, then 47 as the decodes' KV grows
+    placed = request(9, 96, ttft=0.26)  # alone: 48 + 47 + 1 tokens, out at the third step's end, 0.252
+    w = worker(0, Role.MULTIPLEX, prefills=(placed,), batch=batch(2, 2000, deadline=0.1))
+    urgent = request(1, 48, ttft=0.15)  # one step, and due first: it would run first and push the placed one past 0.3
+    looking = SlackAwareRouter(MODEL, min_chunk=16, lookahead=chunked_batcher())
+    assert looking.place([urgent], [w], 0.0).drops == (1,)
+    assert replace(looking, keep_promises=False).place([urgent], [w], 0.0).placements[0].worker_id == 0
+    patient = request(2, 48, ttft=0.4)  # due after the placed one: it waits for it and comes out at 0.355
+    assert looking.place([patient], [w], 0.0).placements[0].worker_id == 0
+    assert looking.place([replace(patient, ttft_slo=0.3)], [w], 0.0).drops == (2,)  # too late for it
+
+
+def test_the_look_ahead_predicts_what_the_simulated_worker_does() -> None:
+    """With no decode ending and nothing arriving after, the look-ahead's first tokens are the simulator's."""
+    from tropical.core import ClusterCore
+    from tropical.policies.lookahead import first_tokens
+    from tropical.simulator import ClusterSpec, SimRequest
+    from tropical.simulator.simulation import Simulation
+
+    model = LatencyModel(c0=1e-8, c1=1e-4, c2=0.01, d0=0.015, d1=1e-4, d2=5e-7)
+    batcher = DecodeBatcher(model, prefill_mode=PrefillMode.CHUNKED, token_budget=16384, admission=Admission.SLACK,
+                            allowed_step=AllowedStep.BANKED, slo_chunks=True, urgent_prompt_first=True, protect_late=False,
+                            finish_on_time=True, abandon_hopeless=True, min_chunk=64)
+    router = SlackAwareRouter(model, min_chunk=64, lookahead=batcher, reject_unattainable=False, drop_hopeless=False)
+    policy = ServingPolicy("lookahead", router, PrefillPlanner(model), batcher, Role.MULTIPLEX, min_prefill_workers=0)
+    decodes = [SimRequest(0.05 * i, 500 + 300 * i, 5000, 2.0, 0.05) for i in range(8)]  # long outputs: none ends in the window
+    burst = [SimRequest(2.0, tokens, 20, ttft, 0.05) for tokens, ttft in ((900, 1.5), (300, 0.6), (2500, 3.0), (120, 0.4))]
+    seen: list[tuple[float, WorkerView]] = []
+
+    def observe(now: float, core: ClusterCore) -> None:
+        if now == 2.0 and not seen:
+            seen.append((now, core.workers[0].view(now)))
+
+    spec = ClusterSpec((Role.MULTIPLEX,), model, kv_capacity=200_000, kv_bytes_per_token=1, link_bandwidth=1e9)
+    result = Simulation(spec, policy, observe=observe).run([*decodes, *burst])
+    now, view = seen[0]
+    queued = {r.id for r in view.prefills}
+    assert {t.id for t in result.timelines if t.arrival == 2.0} <= queued and view.batch.size > 0 and view.busy
+    predicted = first_tokens(batcher, model, view, max(now, view.step_end), view.prefills)
+    actual = {t.id: t.first_token for t in result.timelines if t.id in queued}
+    assert set(predicted) == queued
+    for request_id, first in actual.items():
+        assert predicted[request_id] == pytest.approx(first, abs=1e-9)

@@ -91,6 +91,7 @@ class DecodeBatcher:
     abandon_after: float | None = None  # seconds behind its budget after which a waiting decode is given up (BANKED)
     abandon_hopeless: bool = False  # give up on queued prompts that could not meet their TTFT even if run alone now
     kv_watermark: float = 0.01  # fraction of KV kept free when starting a prompt (vLLM's default)
+    finish_on_time: bool = False  # no chunk lengthens a step past the TTFT deadline of a prompt the step completes
 
     def plan(self, worker: WorkerView, now: float) -> StepPlan:
         batch = self._admit(worker, now)
@@ -225,9 +226,10 @@ class DecodeBatcher:
             limit = batch.limit - (1.0 - self.chunk_fill) * batch.tpot if math.isfinite(batch.tpot) else batch.limit
             room = limit - now - self.model.decode_time(batch.size, batch.context)
         seqs = batch.size + len(worker.waiting) - len(batch.admit)
+        end = now + (self.model.decode_time(batch.size, batch.context) if batch.size > 0 else self.model.c2)  # the step's end so far
         chunks: list[tuple[RequestId, int]] = []
         for r in self._ordered_prompts(worker, now):
-            if budget <= 0:
+            if budget <= 0 or room <= 0.0:
                 break
             kv = r.prefill_tokens if r.prefilled == 0 else 0
             if (kv and kv > free) or (r.prefilled == 0 and seqs + len(chunks) >= self.max_seqs):
@@ -239,11 +241,14 @@ class DecodeBatcher:
                 fits = max_chunk(self.model, r.prefilled, room)
                 if fits <= 0 and chunks:
                     break
-                tokens = min(tokens, max(fits, self.min_chunk))
+                tokens = min(tokens, max(fits, self.min_chunk) if not (self.finish_on_time and chunks) else fits)
                 if tokens <= 0:
                     break
-                start = r.prefilled
-                room -= self.model.c0 * ((start + tokens) ** 2 - start * start) + self.model.c1 * tokens
+            cost = self.model.c0 * ((r.prefilled + tokens) ** 2 - r.prefilled**2) + self.model.c1 * tokens
+            room -= cost
+            end += cost
+            if self.finish_on_time and tokens == r.remaining_prefill and end <= r.ttft_deadline:
+                room = min(room, r.ttft_deadline - end)  # its first token comes out when the step ends: keep that on time
             chunks.append((r.id, tokens))
             budget -= tokens
             free -= kv

@@ -164,23 +164,25 @@ def _kairos(model: LatencyModel) -> ServingPolicy:
 
 
 def _unified(model: LatencyModel) -> ServingPolicy:
+    batcher = DecodeBatcher(
+        model,
+        prefill_mode=PrefillMode.CHUNKED,
+        token_budget=UNIFIED_TOKEN_BUDGET,
+        abandon_hopeless=True,
+        admission=Admission.SLACK,
+        allowed_step=AllowedStep.BANKED,
+        slo_chunks=True,
+        urgent_prompt_first=True,
+        protect_late=False,
+        abandon_after=UNIFIED_ABANDON_AFTER,
+        min_chunk=UNIFIED_MIN_CHUNK,
+        finish_on_time=True,
+    )
     return ServingPolicy(
         name="unified",
-        router=SlackAwareRouter(model, min_chunk=UNIFIED_MIN_CHUNK),
+        router=SlackAwareRouter(model, min_chunk=UNIFIED_MIN_CHUNK, lookahead=batcher),
         prefill=PrefillPlanner(model, order=PrefillOrder.URGENCY, max_batch=1, abandon_hopeless=True),
-        batcher=DecodeBatcher(
-            model,
-            prefill_mode=PrefillMode.CHUNKED,
-            token_budget=UNIFIED_TOKEN_BUDGET,
-            abandon_hopeless=True,
-            admission=Admission.SLACK,
-            allowed_step=AllowedStep.BANKED,
-            slo_chunks=True,
-            urgent_prompt_first=True,
-            protect_late=False,
-            abandon_after=UNIFIED_ABANDON_AFTER,
-            min_chunk=UNIFIED_MIN_CHUNK,
-        ),
+        batcher=batcher,
         decode_role=Role.MULTIPLEX,
         min_prefill_workers=0,
     )
@@ -201,4 +203,7 @@ def _with_options(policy: ServingPolicy, options: dict[str, Any]) -> ServingPoli
         for part in owners:
             changes[part][key] = value
     updated: dict[str, Any] = {part: replace(parts[part], **fields) for part, fields in changes.items() if fields}
+    router = updated.get("router", policy.router)
+    if getattr(router, "lookahead", None) is not None and "batcher" in updated:  # the router predicts with the batcher the workers run
+        updated["router"] = replace(router, lookahead=updated["batcher"])
     return replace(policy, **updated, **own)

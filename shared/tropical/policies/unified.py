@@ -14,9 +14,13 @@ that finishes it first.
 - a multiplexing worker runs prompts as chunks that spend the banked TPOT
   slack of its decodes first, then fill what each step leaves under one TPOT,
   so the prediction follows the same two phases and no decode is put past its
-  budget by construction. A worker with a waiting decode already behind its
-  budget takes no prompt: its decodes have no slack to lend (Tropical's
-  inlining check counts waiting decodes too).
+  budget by construction. That closed form only shortlists: the worker it
+  finds soonest is then looked ahead with its batcher's own plans
+  (`tropical.policies.lookahead`), and a placement there that would make a
+  prompt placed before it late is refused instead (`keep_promises`). A worker
+  with a waiting decode already behind its budget takes no prompt: its
+  decodes have no slack to lend (Tropical's inlining check counts waiting
+  decodes too).
 
 A prompt that no worker can finish in time is a miss under the prediction.
 By default it is refused at once (it counts as a miss either way, and serving
@@ -28,12 +32,14 @@ not even an idle worker could prefill in time are refused in any case unless
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, NamedTuple
 
 from tropical.latency.model import LatencyModel
+from tropical.policies.lookahead import first_tokens
 from tropical.policies.prefill_queue import Job, PrefillOrder, moore_hodgson, order_prefills, urgency_order
 from tropical.policies.records import (
     Placement,
@@ -43,6 +49,9 @@ from tropical.policies.records import (
     RouterDecision,
     WorkerView,
 )
+
+if TYPE_CHECKING:
+    from tropical.policies.batching import DecodeBatcher
 
 
 def prompt_work(model: LatencyModel, r: RequestView, tokens: int | None = None) -> float:
@@ -62,6 +71,13 @@ class SlackAwareRouter:
     drop_hopeless: bool = True  # refuse prompts predicted to miss (otherwise they wait for spare capacity)
     reject_unattainable: bool = True  # refuse prompts no schedule could save: now + isolated prefill > TTFT deadline
     count_harm: bool = True  # charge a prefill-worker placement for queued prompts it makes late
+    keep_promises: bool = True  # no placement on a decoding worker makes a prompt placed there late: refused instead
+    displace_longest: bool = True  # a prefill-worker placement may push out a longer placed prompt (Moore–Hodgson: as many on time, less work)
+    kv_watermark: float = 0.01  # as in the batcher: KV kept free when a prompt starts
+    lookahead: DecodeBatcher | None = None  # the decoding workers' batcher: predict inline prompts by its own plans (None: closed form)
+    headroom: float = 0.0  # seconds a predicted first token must leave before its deadline: what the live path adds (dispatch, jitter)
+    dispatch_lead: float = 0.0  # seconds a placement takes to reach a worker: a step planned sooner goes without it
+    lookahead_tries: int = 1  # decoding workers looked ahead per prompt, the earliest by the closed form first
     prefer_prefill_workers: bool = True  # inline only where no prefill worker meets the deadline: decode steps stay short
     window: int = 32  # waiting prompts examined per call beyond those placed
     multiplexing: bool = True  # False: prompts go to prefill workers only
@@ -237,7 +253,7 @@ class _Board:
     def free_kv(self, w: WorkerView) -> int:
         free = self.free.get(w.id)
         if free is None:
-            free = w.kv_free
+            free = w.kv_free - int(self.router.kv_watermark * w.kv_capacity) if w.kv_used else w.kv_free
             if w.prefills:
                 free -= sum(r.prefill_tokens for r in w.prefills if r.prefilled == 0)
             self.free[w.id] = free
@@ -253,6 +269,27 @@ class _Board:
         deadline = r.ttft_deadline
         return sum([work for recompute, due, work in self._works(w, held) if recompute or due <= deadline])
 
+    def looked_ahead(self, r: RequestView, w: WorkerView, held: Sequence[RequestView], start: float) -> float:
+        """r's first token on w by the batcher's own plans; inf where it would make a prompt placed there and on time late.
+
+        Only prompts due no earlier than r can wait for it: the look-ahead
+        watches those, and runs without r only if one of them would be late.
+        """
+        router = self.router
+        assert router.lookahead is not None
+        margin = router.headroom
+        after = [q for q in held if q.ttft_deadline >= r.ttft_deadline and q.generated == 0]
+        arriving = (r.id, self.now + router.dispatch_lead) if router.dispatch_lead > 0.0 else None
+        firsts = first_tokens(router.lookahead, router.model, _with_prefills(w, (*held, r)), start, [r, *after], required=r, arriving=arriving)
+        if firsts.get(r.id, math.inf) > r.ttft_deadline - margin:
+            return math.inf
+        late = [q for q in after if firsts.get(q.id, math.inf) > q.ttft_deadline - margin]
+        if late and router.keep_promises:  # were they on time without r?
+            base = first_tokens(router.lookahead, router.model, _with_prefills(w, tuple(held)), start, late)
+            if any(base.get(q.id, math.inf) <= q.ttft_deadline - margin for q in late):
+                return math.inf
+        return firsts[r.id]
+
     def _works(self, w: WorkerView, held: Sequence[RequestView]) -> list[tuple[bool, float, float]]:
         works = self.works.get(w.id)
         if works is None:
@@ -263,7 +300,7 @@ class _Board:
 
     def best_on_time(self, r: RequestView) -> WorkerView | None:
         router, now = self.router, self.now
-        deadline = r.ttft_deadline
+        deadline = r.ttft_deadline - router.headroom
         if now + router.model.prefill_time(r.remaining_prefill) > deadline:
             return None  # not even an idle worker could make it
         tokens = r.prefill_tokens
@@ -273,6 +310,8 @@ class _Board:
             if tokens > self.free_kv(w) and (w.kv_used or held):
                 continue
             finish, harm = router.predict(r, w, held, now)
+            if harm and not router.displace_longest:
+                continue
             key = (harm, False, finish)
             if finish <= deadline and (best is None or key < best[0]):
                 best = (key, i, w)
@@ -285,10 +324,17 @@ class _Board:
         return None if best is None else best[2]
 
     def _best_inline(self, r: RequestView, deadline: float, tokens: int) -> tuple[float, int, WorkerView] | None:
-        """The decoding worker with the earliest predicted first token within the deadline, the first on a tie."""
+        """The decoding worker with the earliest predicted first token within the deadline, the first on a tie.
+
+        With a look-ahead, the closed form only shortlists: the `lookahead_tries`
+        earliest by it are looked ahead in that order, and the first whose
+        batcher's own plans bring r out in time (and keep every prompt placed
+        there on time) wins.
+        """
         router = self.router
         work = prompt_work(router.model, r)
-        best: tuple[float, int, WorkerView] | None = None
+        tries = max(1, router.lookahead_tries) if router.lookahead is not None else 1
+        best: list[tuple[float, int, WorkerView]] = []  # the earliest by the closed form, at most `tries`
         limit = deadline
         bounded = self.bounded
         for bound, i, w, floor in self.decoding:
@@ -305,10 +351,22 @@ class _Board:
                 continue
             ahead = self.ahead(r, w, held) if held else 0
             finish = line.start + line.time(ahead + work)
-            if finish <= deadline and (best is None or (finish, i) < (best[0], best[1])):
-                best = (finish, i, w)
-                limit = finish
-        return best
+            if finish <= deadline and (len(best) < tries or (finish, i) < best[-1][:2]):
+                bisect.insort(best, (finish, i, w), key=lambda entry: entry[:2])
+                del best[tries:]
+                if len(best) == tries:
+                    limit = best[-1][0]
+        if router.lookahead is None:
+            return best[0] if best else None
+        for finish, i, w in best:
+            finish = self.looked_ahead(r, w, self.held(w), self.lines[w.id].start)
+            if finish <= deadline:
+                return finish, i, w
+        return None
+
+
+def _with_prefills(w: WorkerView, prefills: tuple[RequestView, ...]) -> WorkerView:
+    return replace(w, prefills=prefills, prefill_load=sum(q.remaining_prefill for q in prefills))
 
 
 def _begun(w: WorkerView) -> dict[RequestId, int]:
@@ -341,7 +399,8 @@ class _InlineLine(NamedTuple):
     stride: float = 0.0
 
     def time(self, work: float) -> float:
-        if self.first is None:
+        """Until the end of the step that runs the last of `work`: a first token comes out only when its step ends."""
+        if self.first is None or work <= self.first:
             return work + self.step
-        first = min(work, self.first)
-        return first + self.step + (work - first) * self.stride / self.floor
+        steps, rest = divmod(work - self.first, self.floor)
+        return self.first + self.step + steps * self.stride + (self.step + rest if rest > 0.0 else 0.0)

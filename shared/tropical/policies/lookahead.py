@@ -1,0 +1,151 @@
+"""What a decoding worker will do with the prompts queued on it, step by step, if nothing else arrives.
+
+A prompt riding on decode steps comes out when the step that runs its last
+chunk ends, and that step's length depends on everything else the batcher
+puts in it: waiting decodes it admits, other prompts' chunks, a step cut short
+so a finishing prompt stays on time, KV that is not free yet. A closed-form
+guess at that is optimistic exactly when it matters, under load. So the
+router asks the worker's own batcher for its next plans, on a view of the
+worker advanced one predicted step at a time.
+
+Output lengths are unknown, so no decode finishes in the look-ahead: the batch
+and its KV only grow, which errs late. A worker whose batcher would wait (its
+KV full until some decode ends) gives no first token in the look-ahead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from typing import TYPE_CHECKING
+
+from tropical.latency.model import Chunk, LatencyModel
+from tropical.policies.records import BatchSummary, RequestId, RequestView, WorkerView
+
+if TYPE_CHECKING:
+    from tropical.policies.batching import DecodeBatcher
+
+MAX_STEPS = 256  # a bound on one look-ahead; past it the rest come out "not in time"
+
+
+def first_tokens(
+    batcher: DecodeBatcher, model: LatencyModel, worker: WorkerView, start: float, watch: Collection[RequestView],
+    required: RequestView | None = None,
+    arriving: tuple[RequestId, float] | None = None,
+) -> dict[RequestId, float]:
+    """When prompts queued on `worker` get their first token: at least each of `watch` that gets it by its TTFT deadline.
+
+    `start` is when the worker is next free to plan (the end of the step in
+    progress, whose chunks and decode step count as done). The look-ahead stops once every
+    watched prompt is out or past its deadline, or once `required` is late.
+    `arriving` (a prompt, a time) reaches the worker only then: no step
+    planned before it holds that prompt.
+    """
+    until = max((r.ttft_deadline for r in watch), default=start)
+    pending = {r.id for r in watch}
+    firsts: dict[RequestId, float] = {}
+    prefills: list[RequestView] = []
+    waiting = list(worker.waiting)
+    started = dict(_in_step(worker))
+    for r in worker.prefills:
+        prefilled = r.prefilled + started.get(r.id, 0)
+        if prefilled >= r.prefill_tokens:
+            firsts[r.id] = start
+            pending.discard(r.id)
+            waiting.append(_decoding(r, start))
+        else:
+            prefills.append(_prefilled(r, prefilled) if prefilled != r.prefilled else r)
+    batch, kv_used, t = worker.batch, worker.kv_used, start
+    if worker.busy and batch.size:  # the step in progress decodes the batch too
+        batch, kv_used = _stepped(batch), kv_used + batch.size
+    plan_step, step_time = batcher.plan, model.step_time
+    for _ in range(MAX_STEPS):
+        if not pending or t > until or (required is not None and required.id in pending and t > required.ttft_deadline):
+            break
+        early = arriving is not None and t < arriving[1]
+        planned = tuple(r for r in prefills if r.id != arriving[0]) if early else tuple(prefills)  # type: ignore[index]
+        view = WorkerView(
+            worker.id, worker.role, worker.kv_capacity, kv_used, False, t, t, 0,
+            planned, sum(r.remaining_prefill for r in planned), batch, tuple(waiting), worker.incoming, worker.decode_load,
+        )
+        plan = plan_step(view, t)
+        if plan.abandon:
+            dropped = set(plan.abandon)
+            pending -= dropped
+            prefills = [r for r in prefills if r.id not in dropped]
+            waiting = [r for r in waiting if r.id not in dropped]
+        if not plan.chunks and not (plan.decode or plan.admit):
+            if early:
+                t = arriving[1]  # type: ignore[index]
+                continue  # idle until the prompt arrives
+            break  # the worker would wait for something the look-ahead cannot see (a decode ending, a review)
+        if plan.admit:
+            joining = set(plan.admit)
+            batch = _joined(batch, [r for r in waiting if r.id in joining])
+            waiting = [r for r in waiting if r.id not in joining]
+        by_id = {r.id: r for r in prefills}
+        chunks: list[Chunk] = []
+        for request, tokens in plan.chunks:
+            r = by_id[request]
+            if r.prefilled == 0:
+                kv_used += r.prefill_tokens
+            chunks.append((r.prefilled, r.prefilled + tokens))
+        decoding = plan.decode or bool(plan.admit)
+        t += step_time(batch.size if decoding else 0, batch.context_tokens, chunks)
+        for request, tokens in plan.chunks:
+            r = by_id[request]
+            if r.prefilled + tokens >= r.prefill_tokens:
+                firsts[r.id] = t
+                pending.discard(r.id)
+                waiting.append(_decoding(r, t))
+                del by_id[request]
+            else:
+                by_id[request] = _prefilled(r, r.prefilled + tokens)
+        prefills = list(by_id.values())
+        if decoding and batch.size:
+            kv_used += batch.size
+            batch = _stepped(batch)
+    return firsts
+
+
+def _in_step(worker: WorkerView) -> dict[RequestId, int]:
+    started: dict[RequestId, int] = {}
+    for request, tokens in worker.in_step:
+        started[request] = started.get(request, 0) + tokens
+    return started
+
+
+def _prefilled(r: RequestView, prefilled: int) -> RequestView:
+    return RequestView(r.id, r.arrival, r.prompt_tokens, r.ttft_slo, r.tpot_slo, prefilled, r.generated, r.first_token)
+
+
+def _decoding(r: RequestView, first_token: float) -> RequestView:
+    """r once its prompt is done: a waiting decode with its first token out."""
+    return RequestView(r.id, r.arrival, r.prompt_tokens, r.ttft_slo, r.tpot_slo, r.prefill_tokens, max(1, r.generated), first_token)
+
+
+def _joined(batch: BatchSummary, joining: list[RequestView]) -> BatchSummary:
+    """The batch with `joining` admitted."""
+    if not joining:
+        return batch
+    earliest, reserve, tpot, on_time = batch.next_token_deadline, batch.reserve_deadline, batch.tpot_slo, batch.on_time_deadline
+    for r in joining:
+        deadline = r.token_deadline
+        earliest, reserve, tpot = min(earliest, deadline), min(reserve, deadline - r.tpot_slo), min(tpot, r.tpot_slo)
+        if r.met_ttft:
+            on_time = min(on_time, deadline)
+    return BatchSummary(
+        batch.size + len(joining),
+        batch.context_tokens + sum(r.context_tokens for r in joining),
+        batch.prompt_tokens + sum(r.prompt_tokens for r in joining),
+        earliest, reserve, tpot, on_time,
+    )
+
+
+def _stepped(batch: BatchSummary) -> BatchSummary:
+    """The batch after one decode step: a token more each, every deadline one TPOT on (the tightest: errs early)."""
+    tpot = batch.tpot_slo if math.isfinite(batch.tpot_slo) else 0.0
+    return BatchSummary(
+        batch.size, batch.context_tokens + batch.size, batch.prompt_tokens,
+        batch.next_token_deadline + tpot, batch.reserve_deadline + tpot, batch.tpot_slo, batch.on_time_deadline + tpot,
+    )
