@@ -305,7 +305,33 @@ def test_overload_is_refused_fast_and_loses_no_request(overload_run: dict[str, o
 
 @pytest.mark.integration
 @SLOW
-@pytest.mark.xfail(strict=True, reason="unified admits requests it later abandons or finishes late at 3x goodput; "
-                   "the simulator on the same requests attains about 0.79 of the admitted too (docs/benchmarks.md)")
+def test_overload_admits_what_it_can_serve(overload_run: dict[str, object]) -> None:
+    r = overload_run
+    assert r["admission"] == {"headroom_ms": 20.0, "dispatch_lead_ms": 10.0}  # the scenario's strict admission
+    assert r["sim"]["admitted_attainment"] >= 0.99, r["output"]  # the policy itself keeps what it admits
+    assert r["admitted_attainment"] >= 0.85, r["output"]  # live: step jitter and hops on two shared cores cost a few
+
+
+@pytest.mark.integration
+@SLOW
+@pytest.mark.xfail(strict=False, reason="live, the admitted reach 0.94-0.97 on two shared cores (the simulator 1.0): "
+                   "a few first tokens come 5-30 ms past their deadline (docs/benchmarks.md, Faults and overload)")
 def test_overload_admitted_requests_attain_99_percent(overload_run: dict[str, object]) -> None:
     assert overload_run["admitted_attainment"] >= 0.99, overload_run["output"]
+
+
+def test_unified_keeps_what_it_admits_at_three_times_its_goodput() -> None:
+    """The overload scenario's load in the simulator (no servers): every request unified admits meets both SLOs."""
+    from dataclasses import replace
+
+    from tropical.policies import make_policy
+    from tropical.simulator import simulate
+
+    setting = setting_named("chat-13b")
+    policy = make_policy("unified", setting.latency_model())
+    load = Load(setting, count=400, seed=0).at(13.0)  # about 3x the goodput of two workers (4.3-4.5 req/s)
+    result = simulate(load, replace(setting.cluster(policy), roles=policy.roles(2, 0)), policy)
+    outcomes = result.outcomes()
+    admitted = [o for o, t in zip(outcomes, result.timelines) if not (t.dropped and t.placed is None)]
+    assert result.refused > 100 and result.abandoned == 0  # shed at the door, nothing given up later
+    assert sum(o.meets_both for o in admitted) / len(admitted) >= 0.99

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     prefetch: Annotated[int, Field(ge=1, le=65535)] = 16
     router_prefetch: Annotated[int, Field(ge=1, le=65535)] = 4096  # the router holds every queued request unacked until placed
     router_lease_ttl_s: Annotated[float, Field(gt=0)] = 2.0  # a standby router takes over this long after the active one dies
+    # strict admission (`unified`): a predicted first token must leave this much before its deadline, and a placement is
+    # taken to reach its worker this long after the decision (0: as the simulator, which has no hops and no jitter)
+    admission_headroom_ms: Annotated[float, Field(ge=0, le=60_000)] = 0.0
+    dispatch_lead_ms: Annotated[float, Field(ge=0, le=60_000)] = 0.0
     max_message_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
     status_ttl_s: Annotated[float, Field(gt=0)] = 5.0
     redis_resubscribe_timeout_s: Annotated[float, Field(gt=0)] = 60.0  # how long a lost update feed keeps trying

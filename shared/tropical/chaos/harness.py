@@ -80,6 +80,7 @@ class ChaosResult:
     sim: dict[str, Any] | None  # the simulator on the same requests, where the scenario compares (see `simulated`)
     namespace: str
     wall_s: float
+    admission: dict[str, float] | None = None  # the router's admission headroom and dispatch lead (ms), as the settings gave them
 
     def as_json(self) -> dict[str, Any]:
         plan = self.plan
@@ -102,6 +103,7 @@ class ChaosResult:
             "grace_s": plan.grace_s,
             "drain_s": plan.drain_s,
             "namespace": self.namespace,
+            "admission": self.admission,
             "wall_seconds": round(self.wall_s, 3),
         }
 
@@ -128,6 +130,8 @@ async def run_chaos(plan: ChaosPlan, settings: Settings) -> ChaosResult:
         broker = await stack.enter_async_context(PrivateRabbitMQ()) if scenario.private_broker else None
         redis = await stack.enter_async_context(PrivateRedis()) if scenario.private_redis else None
         settings = settings.with_overrides(
+            admission_headroom_ms=settings.admission_headroom_ms or scenario.admission_headroom_ms,
+            dispatch_lead_ms=settings.dispatch_lead_ms or scenario.dispatch_lead_ms,
             broker_url=None if broker is None else broker.url,
             redis_url=None if redis is None else redis.url,
             namespace=f"{settings.namespace}.chaos-{uuid.uuid4().hex[:8]}",
@@ -152,7 +156,8 @@ async def run_chaos(plan: ChaosPlan, settings: Settings) -> ChaosResult:
         exited = _exited(deployment, fault)
     accounts = account(target.tracked, fault.at)
     sim = simulated(plan, load) if scenario.compare_sim else None
-    return ChaosResult(plan, len(requests), accounts, fault, resumes, exited, sim, settings.namespace, time.perf_counter() - started)
+    admission = {"headroom_ms": settings.admission_headroom_ms, "dispatch_lead_ms": settings.dispatch_lead_ms}
+    return ChaosResult(plan, len(requests), accounts, fault, resumes, exited, sim, settings.namespace, time.perf_counter() - started, admission)
 
 
 def simulated(plan: ChaosPlan, load: Sequence[SimRequest]) -> dict[str, Any]:

@@ -7,7 +7,7 @@
 | `restart-redis` | on a private Redis (no persistence) | Redis stopped, then started again, empty, on its port |
 | `kill-router` | two routers | SIGKILL of the one holding the routers' lease (the first, where routers hold none) |
 | `kv-fault` | `distserve`, KV over a private Redis | for a while, every KV the workers hand over is deleted from Redis before its receiver pulls it |
-| `overload` | `unified` on two workers | none: three times the cluster's goodput is offered |
+| `overload` | `unified` on two workers, strict admission | none: three times the cluster's goodput is offered |
 
 The policy is `tropical` (a prefill and two multiplexing workers) unless said
 otherwise: `kv-fault` runs `distserve`, whose every request's KV crosses
@@ -38,6 +38,8 @@ from tropical.store import Store
 STORE_TIMEOUT_S = 5.0
 VICTIM_WAIT_S = 10.0  # how long a kill waits for a decoding worker to hold a request
 KV_FAULT_WINDOW_S = 3.0
+OVERLOAD_HEADROOM_MS = 20.0  # what a first token may lose live on two shared cores: step jitter and the hops back
+OVERLOAD_DISPATCH_LEAD_MS = 10.0  # a placement's trip to its worker, with room
 TAKEOVER_WAIT_S = 30.0  # how long a killed router's lease is watched for another holder
 ROUTER_LEASE = "router"  # the routers' lease in the store, where routers hold one
 DECODING = (WorkerRole.DECODE, WorkerRole.MULTIPLEX, WorkerRole.COLOCATED)
@@ -90,6 +92,8 @@ class Scenario:
     private_redis: bool = False
     rate_factor: float = 0.5
     compare_sim: bool = False  # also simulate the same requests: the policy's own attainment, where no fault is injected
+    admission_headroom_ms: float = 0.0  # strict admission (Settings.admission_headroom_ms), where the settings give none
+    dispatch_lead_ms: float = 0.0  # likewise Settings.dispatch_lead_ms
 
 
 async def kill_worker(ctx: FaultContext, at: float) -> Fault:
@@ -209,6 +213,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("restart-redis", restart_redis, private_redis=True),
         Scenario("kill-router", kill_router, routers=2),
         Scenario("kv-fault", kv_fault, policy="distserve", workers=2, kv_transport=KvTransport.REDIS, private_redis=True),
-        Scenario("overload", no_fault, policy="unified", workers=2, rate_factor=3.0, compare_sim=True),
+        Scenario("overload", no_fault, policy="unified", workers=2, rate_factor=3.0, compare_sim=True,
+                 admission_headroom_ms=OVERLOAD_HEADROOM_MS, dispatch_lead_ms=OVERLOAD_DISPATCH_LEAD_MS),
     )
 }

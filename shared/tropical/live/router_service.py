@@ -63,6 +63,16 @@ log = logging.getLogger(__name__)
 LEASE = "router"  # the store's lease that the active router holds
 
 
+def admitting_policy(name: str, model: LatencyModel, settings: Settings) -> ServingPolicy:
+    """The named policy as the live router runs it: with the settings' admission headroom and dispatch lead where its
+    router predicts first tokens (`unified`); the workers' side of every policy is `make_policy`'s."""
+    policy = make_policy(name, model)
+    fields = getattr(policy.router, "__dataclass_fields__", {})
+    if "headroom" in fields and "dispatch_lead" in fields and (settings.admission_headroom_ms or settings.dispatch_lead_ms):
+        policy = make_policy(name, model, headroom=settings.admission_headroom_ms / 1000.0, dispatch_lead=settings.dispatch_lead_ms / 1000.0)
+    return policy
+
+
 class RouterService:
     """Serves the `requests` queue until stopped."""
 
@@ -127,7 +137,7 @@ class RouterService:
 
     def _model_changed(self, model: LatencyModel) -> None:
         """A new latency model (profiled, or corrected online): the policy predicts with it from the next decision."""
-        self.policy = self.router.policy = make_policy(self.policy.name, model)
+        self.policy = self.router.policy = admitting_policy(self.policy.name, model, self.settings)
 
     async def run(self) -> None:
         """Serve until stopped: stand by until this router holds the lease, take requests while it holds it, and

@@ -29,7 +29,7 @@ from tropical.latency.model import LatencyModel
 from tropical.live.deployment import Deployment
 from tropical.live.engines import EngineChoice
 from tropical.live.model_feed import CorrectionPublishing, LatencyModelFeed
-from tropical.live.router_service import RouterService
+from tropical.live.router_service import RouterService, admitting_policy
 from tropical.live.worker_service import WorkerService
 from tropical.policies.records import Role
 from tropical.policies.serving import ServingPolicy, make_policy
@@ -111,7 +111,7 @@ async def _connected(settings: Settings, engine: EngineChoice) -> AsyncIterator[
 async def serve_router(settings: Settings, policy_name: str, engine: EngineChoice, *, metrics_host: str | None = None) -> None:
     telemetry = Telemetry()
     async with _connected(settings, engine) as held, metrics_served(settings, telemetry, metrics_host):
-        policy = make_policy(policy_name, held.model(engine))
+        policy = admitting_policy(policy_name, held.model(engine), settings)
         service = RouterService(
             policy, held.bus, held.store, settings, tokenizer=engine.tokenizer(), max_model_len=engine.max_model_len, feed=held.feed,
             telemetry=telemetry,

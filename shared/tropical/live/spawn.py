@@ -98,6 +98,8 @@ async def spawned(
         "TROPICAL_REDIS_URL": settings.redis_url,
         "TROPICAL_NAMESPACE": settings.namespace,
         "TROPICAL_TOKEN_FLUSH_MS": str(settings.token_flush_ms),
+        "TROPICAL_ADMISSION_HEADROOM_MS": str(settings.admission_headroom_ms),
+        "TROPICAL_DISPATCH_LEAD_MS": str(settings.dispatch_lead_ms),
     }
     with tempfile.TemporaryDirectory(prefix="tropical-spawn-") as logs:
         processes: dict[str, asyncio.subprocess.Process] = {}
