@@ -345,3 +345,13 @@ def test_the_look_ahead_predicts_what_the_simulated_worker_does() -> None:
     assert set(predicted) == queued
     for request_id, first in actual.items():
         assert predicted[request_id] == pytest.approx(first, abs=1e-9)
+
+
+def test_the_router_looks_ahead_with_the_batcher_the_workers_run() -> None:
+    from tropical.policies import make_policy
+
+    policy = make_policy("unified", MODEL)
+    assert policy.router.lookahead is policy.batcher
+    tuned = make_policy("unified", MODEL, min_chunk=128)  # a batcher (and router) option: the look-ahead follows it
+    assert tuned.router.lookahead is tuned.batcher and tuned.batcher.min_chunk == 128
+    assert make_policy("unified", MODEL, lookahead=None).router.lookahead is None  # the closed form alone
