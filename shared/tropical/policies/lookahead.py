@@ -36,11 +36,12 @@ def first_tokens(
     """When prompts queued on `worker` get their first token: at least each of `watch` that gets it by its TTFT deadline.
 
     `start` is when the worker is next free to plan (the end of the step in
-    progress, whose chunks and decode step count as done). The look-ahead stops once every
-    watched prompt is out or past its deadline, or once `required` is late.
-    `arriving` (a prompt, a time) reaches the worker only then: no step
-    planned before it holds that prompt.
+    progress, whose chunks and decode step count as done). The look-ahead
+    stops once every watched prompt is out or past its deadline, or once
+    `required` is late. `arriving` (a prompt, a time) reaches the worker only
+    then: no step planned before it holds that prompt.
     """
+    late_id, arrives_at = arriving if arriving is not None else (None, -math.inf)
     until = max((r.ttft_deadline for r in watch), default=start)
     pending = {r.id for r in watch}
     firsts: dict[RequestId, float] = {}
@@ -62,8 +63,8 @@ def first_tokens(
     for _ in range(MAX_STEPS):
         if not pending or t > until or (required is not None and required.id in pending and t > required.ttft_deadline):
             break
-        early = arriving is not None and t < arriving[1]
-        planned = tuple(r for r in prefills if r.id != arriving[0]) if early else tuple(prefills)  # type: ignore[index]
+        early = t < arrives_at
+        planned = tuple(r for r in prefills if r.id != late_id) if early else tuple(prefills)
         view = WorkerView(
             worker.id, worker.role, worker.kv_capacity, kv_used, False, t, t, 0,
             planned, sum(r.remaining_prefill for r in planned), batch, tuple(waiting), worker.incoming, worker.decode_load,
@@ -76,7 +77,7 @@ def first_tokens(
             waiting = [r for r in waiting if r.id not in dropped]
         if not plan.chunks and not (plan.decode or plan.admit):
             if early:
-                t = arriving[1]  # type: ignore[index]
+                t = arrives_at
                 continue  # idle until the prompt arrives
             break  # the worker would wait for something the look-ahead cannot see (a decode ending, a review)
         if plan.admit:
