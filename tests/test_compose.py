@@ -134,7 +134,8 @@ def test_commands_name_only_the_service_and_every_choice_is_a_variable() -> None
     for name in TROPICAL:
         assert services[name]["command"] == ["python", "-m", f"services.{name}"]
     chosen = {"TROPICAL_POLICY": "kairos", "TROPICAL_ENGINE": "smollm2", "TROPICAL_SETTING": "longbench-70b", "TROPICAL_KV_TRANSPORT": "host",
-              "TROPICAL_METRICS_PORT": "9200", "TROPICAL_NAMESPACE": "elsewhere"}
+              "TROPICAL_METRICS_PORT": "9200", "TROPICAL_NAMESPACE": "elsewhere", "TROPICAL_ADMISSION_HEADROOM_MS": "20",
+              "TROPICAL_DISPATCH_LEAD_MS": "10"}
     for name, service in load(COMPOSE, {**REQUIRED, **chosen}).items():
         env = environment(service)
         if name in SERVERS:
@@ -142,6 +143,7 @@ def test_commands_name_only_the_service_and_every_choice_is_a_variable() -> None
         expected = {key: value for key, value in chosen.items() if key in env}
         assert {"TROPICAL_POLICY", "TROPICAL_ENGINE", "TROPICAL_SETTING", "TROPICAL_NAMESPACE"} <= set(expected), name
         assert ("TROPICAL_KV_TRANSPORT" in expected) == (name in WORKERS), name
+        assert ("TROPICAL_ADMISSION_HEADROOM_MS" in expected and "TROPICAL_DISPATCH_LEAD_MS" in expected) == (name == "router"), name
         assert {key: env[key] for key in expected} == expected, f"{name} does not take every choice from the environment"
 
 
