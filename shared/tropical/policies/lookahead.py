@@ -72,6 +72,8 @@ def first_tokens(
         plan = plan_step(view, t)
         if plan.abandon:
             dropped = set(plan.abandon)
+            if required is not None and required.id in dropped:
+                break  # given up as hopeless: it is late
             pending -= dropped
             prefills = [r for r in prefills if r.id not in dropped]
             waiting = [r for r in waiting if r.id not in dropped]
