@@ -30,20 +30,23 @@ MAX_STEPS = 256  # a bound on one look-ahead; past it the rest come out "not in 
 
 def first_tokens(
     batcher: DecodeBatcher, model: LatencyModel, worker: WorkerView, start: float, watch: Collection[RequestView],
-    required: RequestView | None = None,
     arriving: tuple[RequestId, float] | None = None,
+    stop_at_late: bool = False,
 ) -> dict[RequestId, float]:
-    """When prompts queued on `worker` get their first token: at least each of `watch` that gets it by its TTFT deadline.
+    """When prompts queued on `worker` get their first token: each of `watch` that gets it, inf for each that is late.
 
     `start` is when the worker is next free to plan (the end of the step in
-    progress, whose chunks and decode step count as done). The look-ahead
-    stops once every watched prompt is out or past its deadline, or once
-    `required` is late. `arriving` (a prompt, a time) reaches the worker only
-    then: no step planned before it holds that prompt.
+    progress, whose chunks and decode step count as done). A watched prompt
+    is late once its deadline passes before it is out, or once the batcher
+    gives it up. The look-ahead stops once every watched prompt is out or
+    late, or, with `stop_at_late`, at the first late one: watched prompts it
+    has not settled by then are missing from the answer. `arriving` (a
+    prompt, a time) reaches the worker only then: no step planned before it
+    holds that prompt.
     """
     late_id, arrives_at = arriving if arriving is not None else (None, -math.inf)
-    until = max((r.ttft_deadline for r in watch), default=start)
-    pending = {r.id for r in watch}
+    deadlines = {r.id: r.ttft_deadline for r in watch}
+    pending = set(deadlines)
     firsts: dict[RequestId, float] = {}
     prefills: list[RequestView] = []
     waiting = list(worker.waiting)
@@ -51,7 +54,7 @@ def first_tokens(
     for r in worker.prefills:
         prefilled = r.prefilled + started.get(r.id, 0)
         if prefilled >= r.prefill_tokens:
-            firsts[r.id] = start
+            firsts[r.id] = start if start <= deadlines.get(r.id, math.inf) else math.inf
             pending.discard(r.id)
             waiting.append(_decoding(r, start))
         else:
@@ -61,7 +64,11 @@ def first_tokens(
         batch, kv_used = _stepped(batch), kv_used + batch.size
     plan_step, step_time = batcher.plan, model.step_time
     for _ in range(MAX_STEPS):
-        if not pending or t > until or (required is not None and required.id in pending and t > required.ttft_deadline):
+        overdue = [request for request in pending if deadlines[request] < t]
+        for request in overdue:
+            firsts[request] = math.inf
+            pending.discard(request)
+        if not pending or (overdue and stop_at_late):
             break
         early = t < arrives_at
         planned = tuple(r for r in prefills if r.id != late_id) if early else tuple(prefills)
@@ -72,9 +79,12 @@ def first_tokens(
         plan = plan_step(view, t)
         if plan.abandon:
             dropped = set(plan.abandon)
-            if required is not None and required.id in dropped:
-                break  # given up as hopeless: it is late
-            pending -= dropped
+            given_up = pending & dropped
+            for request in given_up:
+                firsts[request] = math.inf
+            pending -= given_up
+            if given_up and stop_at_late:
+                break
             prefills = [r for r in prefills if r.id not in dropped]
             waiting = [r for r in waiting if r.id not in dropped]
         if not plan.chunks and not (plan.decode or plan.admit):
@@ -98,8 +108,11 @@ def first_tokens(
         for request, tokens in plan.chunks:
             r = by_id[request]
             if r.prefilled + tokens >= r.prefill_tokens:
-                firsts[r.id] = t
-                pending.discard(r.id)
+                if r.id in pending:
+                    firsts[r.id] = t if t <= deadlines[r.id] else math.inf
+                    pending.discard(r.id)
+                else:
+                    firsts.setdefault(r.id, t)
                 waiting.append(_decoding(r, t))
                 del by_id[request]
             else:

@@ -273,21 +273,33 @@ class _Board:
         """r's first token on w by the batcher's own plans; inf where it would make a prompt placed there and on time late.
 
         Only prompts due no earlier than r can wait for it: the look-ahead
-        watches those, and runs without r only if one of them would be late.
+        watches those with r and stops at the first that is late. If that is
+        one of them, a look-ahead without r tells whether r made it late; if
+        not (it was late anyway), the one with r goes on to the end.
         """
         router = self.router
         assert router.lookahead is not None
         margin = router.headroom
         after = [q for q in held if q.ttft_deadline >= r.ttft_deadline and q.generated == 0]
         arriving = (r.id, self.now + router.dispatch_lead) if router.dispatch_lead > 0.0 else None
-        firsts = first_tokens(router.lookahead, router.model, _with_prefills(w, (*held, r)), start, [r, *after], required=r, arriving=arriving)
-        if firsts.get(r.id, math.inf) > r.ttft_deadline - margin:
+        with_r = _with_prefills(w, (*held, r))
+        firsts = first_tokens(router.lookahead, router.model, with_r, start, [r, *after], arriving=arriving, stop_at_late=True)
+        if firsts.get(r.id, 0.0) > r.ttft_deadline - margin:
             return math.inf
-        late = [q for q in after if firsts.get(q.id, math.inf) > q.ttft_deadline - margin]
+        late = [q for q in after if firsts.get(q.id, 0.0) > q.ttft_deadline - margin]
         if late and router.keep_promises:  # were they on time without r?
             base = first_tokens(router.lookahead, router.model, _with_prefills(w, tuple(held)), start, late)
             if any(base.get(q.id, math.inf) <= q.ttft_deadline - margin for q in late):
                 return math.inf
+        if r.id not in firsts or any(q.id not in firsts for q in after):  # stopped at a prompt late anyway: look to the end
+            firsts = first_tokens(router.lookahead, router.model, with_r, start, [r, *after], arriving=arriving)
+            if firsts.get(r.id, math.inf) > r.ttft_deadline - margin:
+                return math.inf
+            harmed = [q for q in after if firsts.get(q.id, math.inf) > q.ttft_deadline - margin and q not in late]
+            if harmed and router.keep_promises:
+                base = first_tokens(router.lookahead, router.model, _with_prefills(w, tuple(held)), start, harmed)
+                if any(base.get(q.id, math.inf) <= q.ttft_deadline - margin for q in harmed):
+                    return math.inf
         return firsts[r.id]
 
     def _works(self, w: WorkerView, held: Sequence[RequestView]) -> list[tuple[bool, float, float]]:
