@@ -50,9 +50,8 @@ def first_tokens(
     firsts: dict[RequestId, float] = {}
     prefills: list[RequestView] = []
     waiting = list(worker.waiting)
-    started = dict(_in_step(worker))
     for r in worker.prefills:
-        prefilled = r.prefilled + started.get(r.id, 0)
+        prefilled = r.prefill_tokens - worker.unstarted_prefill(r)  # the step in progress's chunks done
         if prefilled >= r.prefill_tokens:
             firsts[r.id] = start if start <= deadlines.get(r.id, math.inf) else math.inf
             pending.discard(r.id)
@@ -122,13 +121,6 @@ def first_tokens(
             kv_used += batch.size
             batch = _stepped(batch)
     return firsts
-
-
-def _in_step(worker: WorkerView) -> dict[RequestId, int]:
-    started: dict[RequestId, int] = {}
-    for request, tokens in worker.in_step:
-        started[request] = started.get(request, 0) + tokens
-    return started
 
 
 def _prefilled(r: RequestView, prefilled: int) -> RequestView:
