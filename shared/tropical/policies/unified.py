@@ -273,33 +273,34 @@ class _Board:
         """r's first token on w by the batcher's own plans; inf where it would make a prompt placed there and on time late.
 
         Only prompts due no earlier than r can wait for it: the look-ahead
-        watches those with r and stops at the first that is late. If that is
-        one of them, a look-ahead without r tells whether r made it late; if
-        not (it was late anyway), the one with r goes on to the end.
+        watches those with r and stops at the first that is late. If that was
+        late without r too, the look-ahead with r goes on to the end.
         """
-        router = self.router
+        router, margin = self.router, self.router.headroom
         assert router.lookahead is not None
-        margin = router.headroom
         after = [q for q in held if q.ttft_deadline >= r.ttft_deadline and q.generated == 0]
         arriving = (r.id, self.now + router.dispatch_lead) if router.dispatch_lead > 0.0 else None
         with_r = _with_prefills(w, (*held, r))
+
+        def late(firsts: dict[RequestId, float], among: Sequence[RequestView], unsettled: float = 0.0) -> list[RequestView]:
+            """Those of `among` out past their deadline (less the margin), or never; one not settled counts as `unsettled`."""
+            return [q for q in among if firsts.get(q.id, unsettled) > q.ttft_deadline - margin]
+
+        def harmed(prompts: list[RequestView]) -> bool:
+            """Whether one of these late prompts would have been on time without r."""
+            if not (prompts and router.keep_promises):
+                return False
+            base = first_tokens(router.lookahead, router.model, _with_prefills(w, tuple(held)), start, prompts)
+            return any(base.get(q.id, math.inf) <= q.ttft_deadline - margin for q in prompts)
+
         firsts = first_tokens(router.lookahead, router.model, with_r, start, [r, *after], arriving=arriving, stop_at_late=True)
-        if firsts.get(r.id, 0.0) > r.ttft_deadline - margin:
+        late_anyway = late(firsts, after)
+        if late(firsts, [r]) or harmed(late_anyway):
             return math.inf
-        late = [q for q in after if firsts.get(q.id, 0.0) > q.ttft_deadline - margin]
-        if late and router.keep_promises:  # were they on time without r?
-            base = first_tokens(router.lookahead, router.model, _with_prefills(w, tuple(held)), start, late)
-            if any(base.get(q.id, math.inf) <= q.ttft_deadline - margin for q in late):
-                return math.inf
-        if r.id not in firsts or any(q.id not in firsts for q in after):  # stopped at a prompt late anyway: look to the end
+        if r.id not in firsts or any(q.id not in firsts for q in after):  # it stopped at prompts late anyway: to the end
             firsts = first_tokens(router.lookahead, router.model, with_r, start, [r, *after], arriving=arriving)
-            if firsts.get(r.id, math.inf) > r.ttft_deadline - margin:
+            if late(firsts, [r], math.inf) or harmed([q for q in late(firsts, after, math.inf) if q not in late_anyway]):
                 return math.inf
-            harmed = [q for q in after if firsts.get(q.id, math.inf) > q.ttft_deadline - margin and q not in late]
-            if harmed and router.keep_promises:
-                base = first_tokens(router.lookahead, router.model, _with_prefills(w, tuple(held)), start, harmed)
-                if any(base.get(q.id, math.inf) <= q.ttft_deadline - margin for q in harmed):
-                    return math.inf
         return firsts[r.id]
 
     def _works(self, w: WorkerView, held: Sequence[RequestView]) -> list[tuple[bool, float, float]]:
