@@ -222,11 +222,12 @@ class DecodeBatcher:
         free = self._free_for_prompts(worker)
         budget = self.token_budget - batch.size
         room = math.inf
+        decode = self.model.decode_time(batch.size, batch.context) if batch.size > 0 else self.model.c2  # the step before its chunks
         if self.slo_chunks and batch.size > 0:
             limit = batch.limit - (1.0 - self.chunk_fill) * batch.tpot if math.isfinite(batch.tpot) else batch.limit
-            room = limit - now - self.model.decode_time(batch.size, batch.context)
+            room = limit - now - decode
         seqs = batch.size + len(worker.waiting) - len(batch.admit)
-        end = now + (self.model.decode_time(batch.size, batch.context) if batch.size > 0 else self.model.c2)  # the step's end so far
+        end = now + decode  # the step's end so far
         chunks: list[tuple[RequestId, int]] = []
         for r in self._ordered_prompts(worker, now):
             if budget <= 0 or room <= 0.0:
