@@ -312,6 +312,9 @@ def test_a_placement_that_would_make_a_placed_prompt_late_is_refused() -> None:
     patient = request(2, 48, ttft=0.4)  # due after the placed one: it waits for it and comes out at 0.355
     assert looking.place([patient], [w], 0.0).placements[0].worker_id == 0
     assert looking.place([replace(patient, ttft_slo=0.3)], [w], 0.0).drops == (2,)  # too late for it
+    doomed = replace(w, prefills=(replace(placed, ttft_slo=0.24),))  # out at 0.252 even alone
+    assert looking.place([urgent], [doomed], 0.0).drops == (1,)  # late with it: not asked whether it was late anyway
+    assert replace(looking, keep_promises=False).place([urgent], [doomed], 0.0).placements[0].worker_id == 0
 
 
 def test_the_look_ahead_predicts_what_the_simulated_worker_does() -> None:
