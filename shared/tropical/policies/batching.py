@@ -95,9 +95,10 @@ class DecodeBatcher:
 
     def plan(self, worker: WorkerView, now: float) -> StepPlan:
         batch = self._admit(worker, now)
-        if self.abandon_hopeless:
+        if self.abandon_hopeless and worker.prefills:
             worker, hopeless = without_hopeless(self.model, worker, now)
-            batch = batch._replace(abandon=batch.abandon + hopeless)
+            if hopeless:
+                batch = batch._replace(abandon=batch.abandon + hopeless)
         chunks: tuple[tuple[RequestId, int], ...] = ()
         if worker.prefills and self.prefill_mode is PrefillMode.FIRST:
             chunks = self._prompt_step(worker, now)
@@ -117,7 +118,7 @@ class DecodeBatcher:
         """Which waiting decodes join, and what the batch looks like once they have."""
         running = worker.batch
         abandon: tuple[RequestId, ...] = ()
-        if self.abandon_after is not None and running.size > 0:  # an empty batch takes whatever waits
+        if self.abandon_after is not None and running.size > 0 and worker.waiting:  # an empty batch takes whatever waits
             abandon = tuple(r.id for r in worker.waiting if self._starved(r, now, self.abandon_after))
         batch = _NextBatch((), running.size, running.context_tokens, self._batch_limit(running, now), running.tpot_slo, None, abandon)
         room = self.max_seqs - running.size
@@ -218,38 +219,50 @@ class DecodeBatcher:
         return tuple(chunks)
 
     def _chunks(self, worker: WorkerView, batch: _NextBatch, now: float) -> tuple[tuple[RequestId, int], ...]:
-        """Stall-free: prompt chunks after the decodes, within the token budget (or the allowed step)."""
+        """Stall-free: prompt chunks after the decodes, within the token budget (or the allowed step).
+
+        A router's look-ahead calls this for every step it predicts, so the
+        loop reads each request's fields once and the model's coefficients as locals.
+        """
+        model = self.model
+        c0, c1 = model.c0, model.c1
         free = self._free_for_prompts(worker)
         budget = self.token_budget - batch.size
         room = math.inf
-        decode = self.model.decode_time(batch.size, batch.context) if batch.size > 0 else self.model.c2  # the step before its chunks
+        decode = model.decode_time(batch.size, batch.context) if batch.size > 0 else model.c2  # the step before its chunks
         if self.slo_chunks and batch.size > 0:
             limit = batch.limit - (1.0 - self.chunk_fill) * batch.tpot if math.isfinite(batch.tpot) else batch.limit
             room = limit - now - decode
         seqs = batch.size + len(worker.waiting) - len(batch.admit)
+        max_seqs, min_chunk, finish_on_time, skip_blocked = self.max_seqs, self.min_chunk, self.finish_on_time, self.urgent_prompt_first
         end = now + decode  # the step's end so far
         chunks: list[tuple[RequestId, int]] = []
         for r in self._ordered_prompts(worker, now):
             if budget <= 0 or room <= 0.0:
                 break
-            kv = r.prefill_tokens if r.prefilled == 0 else 0
-            if (kv and kv > free) or (r.prefilled == 0 and seqs + len(chunks) >= self.max_seqs):
-                if self.urgent_prompt_first:
+            prefilled = r.prefilled
+            total = r.prompt_tokens + r.generated  # r.prefill_tokens
+            kv = total if prefilled == 0 else 0
+            if (kv and kv > free) or (prefilled == 0 and seqs + len(chunks) >= max_seqs):
+                if skip_blocked:
                     continue  # a started prompt further down holds KV already: let it finish
                 break
-            tokens = min(r.remaining_prefill, budget)
-            if math.isfinite(room):
-                fits = max_chunk(self.model, r.prefilled, room)
+            remaining = total - prefilled
+            tokens = min(remaining, budget)
+            if room != math.inf:
+                fits = max_chunk(model, prefilled, room)
                 if fits <= 0 and chunks:
                     break
-                tokens = min(tokens, max(fits, self.min_chunk) if not (self.finish_on_time and chunks) else fits)
+                tokens = min(tokens, max(fits, min_chunk) if not (finish_on_time and chunks) else fits)
                 if tokens <= 0:
                     break
-            cost = self.model.c0 * ((r.prefilled + tokens) ** 2 - r.prefilled**2) + self.model.c1 * tokens
+            cost = c0 * ((prefilled + tokens) ** 2 - prefilled**2) + c1 * tokens
             room -= cost
             end += cost
-            if self.finish_on_time and tokens == r.remaining_prefill and end <= r.ttft_deadline:
-                room = min(room, r.ttft_deadline - end)  # its first token comes out when the step ends: keep that on time
+            if finish_on_time and tokens == remaining:
+                deadline = r.arrival + r.ttft_slo  # r.ttft_deadline
+                if end <= deadline:
+                    room = min(room, deadline - end)  # its first token comes out when the step ends: keep that on time
             chunks.append((r.id, tokens))
             budget -= tokens
             free -= kv
