@@ -155,6 +155,7 @@ def test_no_chunk_lengthens_a_step_past_the_deadline_of_a_prompt_it_completes() 
     assert packing.plan(w, now=0.0).chunks == ((1, 100), (2, 248))  # the step ends at 0.4: the urgent prompt's token is late
     on_time = replace(packing, finish_on_time=True)
     assert on_time.plan(w, now=0.0).chunks == ((1, 100), (2, 48))  # cut to end at 0.2
+    assert replace(on_time, finish_margin=0.02).plan(w, now=0.0).chunks == ((1, 100), (2, 28))  # live: to end 20 ms before it
 
 
 # --- placement ---------------------------------------------------------------------------------------
@@ -358,3 +359,15 @@ def test_the_router_looks_ahead_with_the_batcher_the_workers_run() -> None:
     tuned = make_policy("unified", MODEL, min_chunk=128)  # a batcher (and router) option: the look-ahead follows it
     assert tuned.router.lookahead is tuned.batcher and tuned.batcher.min_chunk == 128
     assert make_policy("unified", MODEL, lookahead=None).router.lookahead is None  # the closed form alone
+
+
+def test_the_live_router_and_its_workers_build_one_policy_with_the_settings_margins() -> None:
+    from tropical.live.policy import live_policy
+    from tropical.policies import make_policy
+    from tropical.settings import Settings
+
+    strict = live_policy("unified", MODEL, Settings(admission_headroom_ms=20.0, dispatch_lead_ms=10.0))
+    assert (strict.router.headroom, strict.router.dispatch_lead, strict.batcher.finish_margin) == (0.02, 0.01, 0.02)
+    assert strict.router.lookahead is strict.batcher  # the router looks ahead with the margin the workers keep
+    assert live_policy("unified", MODEL, Settings()) == make_policy("unified", MODEL)
+    assert live_policy("vllm", MODEL, Settings(admission_headroom_ms=20.0)) == make_policy("vllm", MODEL)  # no predicted first tokens

@@ -18,10 +18,10 @@ from tropical.engine.tokenizer import Tokenizer
 from tropical.kv import make_transport
 from tropical.latency.model import LatencyModel
 from tropical.live.client import Client
-from tropical.live.router_service import RouterService, admitting_policy
+from tropical.live.policy import live_policy
+from tropical.live.router_service import RouterService
 from tropical.live.worker_service import WorkerService
 from tropical.policies.records import Role
-from tropical.policies.serving import make_policy
 from tropical.protocol import KvTransport
 from tropical.settings import Settings
 from tropical.store import MemoryStore, Store, open_store
@@ -44,7 +44,7 @@ class Deployment:
     telemetry: Telemetry = field(default_factory=Telemetry)
 
     async def start(self) -> None:
-        policy = make_policy(self.policy, self.model)
+        policy = live_policy(self.policy, self.model, self.settings)
         self._buses: list[Bus] = []
         self._stores: list[Store] = []
         engines = [self.engine() for _ in self.roles]
@@ -57,7 +57,7 @@ class Deployment:
             for i, (role, engine, transport) in enumerate(zip(self.roles, engines, self._transports))
         ]
         self.router = RouterService(
-            admitting_policy(self.policy, self.model, self.settings), await self._bus(), self._store(), self.settings, tokenizer=self.tokenizer,
+            live_policy(self.policy, self.model, self.settings), await self._bus(), self._store(), self.settings, tokenizer=self.tokenizer,
             max_model_len=min(e.max_model_len for e in engines), telemetry=self.telemetry,
         )
         self._tasks = [asyncio.create_task(w.run()) for w in self.workers]

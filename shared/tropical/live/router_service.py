@@ -49,9 +49,10 @@ from tropical.engine.tokenizer import Tokenizer
 from tropical.latency.model import LatencyModel
 from tropical.live.model_feed import LatencyModelFeed
 from tropical.live.placements import Placements
+from tropical.live.policy import live_policy
 from tropical.messaging import Held, MessageConsumer, reply_error, send
 from tropical.policies.records import WorkerView
-from tropical.policies.serving import ServingPolicy, make_policy
+from tropical.policies.serving import ServingPolicy
 from tropical.protocol import CancelRequest, Dispatch, ErrorCode, GenerateRequest, RequestRecord, RequestState as RecordState, Timings, WorkerStatus
 from tropical.queues import declare_requests_queue, worker_queue
 from tropical.settings import Settings
@@ -61,16 +62,6 @@ from tropical.telemetry import Outcome, Telemetry
 log = logging.getLogger(__name__)
 
 LEASE = "router"  # the store's lease that the active router holds
-
-
-def admitting_policy(name: str, model: LatencyModel, settings: Settings) -> ServingPolicy:
-    """The named policy as the live router runs it: with the settings' admission headroom and dispatch lead where its
-    router predicts first tokens (`unified`); the workers' side of every policy is `make_policy`'s."""
-    policy = make_policy(name, model)
-    fields = getattr(policy.router, "__dataclass_fields__", {})
-    if "headroom" in fields and "dispatch_lead" in fields and (settings.admission_headroom_ms or settings.dispatch_lead_ms):
-        policy = make_policy(name, model, headroom=settings.admission_headroom_ms / 1000.0, dispatch_lead=settings.dispatch_lead_ms / 1000.0)
-    return policy
 
 
 class RouterService:
@@ -137,7 +128,7 @@ class RouterService:
 
     def _model_changed(self, model: LatencyModel) -> None:
         """A new latency model (profiled, or corrected online): the policy predicts with it from the next decision."""
-        self.policy = self.router.policy = admitting_policy(self.policy.name, model, self.settings)
+        self.policy = self.router.policy = live_policy(self.policy.name, model, self.settings)
 
     async def run(self) -> None:
         """Serve until stopped: stand by until this router holds the lease, take requests while it holds it, and

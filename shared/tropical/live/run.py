@@ -29,7 +29,8 @@ from tropical.latency.model import LatencyModel
 from tropical.live.deployment import Deployment
 from tropical.live.engines import EngineChoice
 from tropical.live.model_feed import CorrectionPublishing, LatencyModelFeed
-from tropical.live.router_service import RouterService, admitting_policy
+from tropical.live.policy import live_policy
+from tropical.live.router_service import RouterService
 from tropical.live.worker_service import WorkerService
 from tropical.policies.records import Role
 from tropical.policies.serving import ServingPolicy, make_policy
@@ -111,7 +112,7 @@ async def _connected(settings: Settings, engine: EngineChoice) -> AsyncIterator[
 async def serve_router(settings: Settings, policy_name: str, engine: EngineChoice, *, metrics_host: str | None = None) -> None:
     telemetry = Telemetry()
     async with _connected(settings, engine) as held, metrics_served(settings, telemetry, metrics_host):
-        policy = admitting_policy(policy_name, held.model(engine), settings)
+        policy = live_policy(policy_name, held.model(engine), settings)
         service = RouterService(
             policy, held.bus, held.store, settings, tokenizer=engine.tokenizer(), max_model_len=engine.max_model_len, feed=held.feed,
             telemetry=telemetry,
@@ -142,7 +143,7 @@ async def serve_worker(
     ):
         model = held.model(engine)
         service = WorkerService(
-            name, role, engine.engine(), make_policy(policy_name, model), model, held.bus, held.store, settings,
+            name, role, engine.engine(), live_policy(policy_name, model, settings), model, held.bus, held.store, settings,
             transport=transport, feed=held.feed, telemetry=telemetry,
         )
         await until_signalled(service.stop)

@@ -47,9 +47,10 @@ from tropical.kv.base import KvError, Transport
 from tropical.latency.model import LatencyModel
 from tropical.live.engine_worker import EngineWorker
 from tropical.live.model_feed import LatencyModelFeed
+from tropical.live.policy import live_policy
 from tropical.messaging import MessageConsumer, send
 from tropical.policies.records import Role
-from tropical.policies.serving import ServingPolicy, make_policy
+from tropical.policies.serving import ServingPolicy
 from tropical.protocol import (
     CancelRequest,
     Dispatch,
@@ -194,7 +195,7 @@ class WorkerService:
 
     def _model_changed(self, model: LatencyModel) -> None:
         """The profiler published a model (or the services converged on a new correction): plan with it from now on."""
-        self.policy = make_policy(self.policy.name, model)
+        self.policy = live_policy(self.policy.name, model, self.settings)
         self.state.model = model
 
     # --- lifecycle ------------------------------------------------------------------------

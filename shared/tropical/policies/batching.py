@@ -92,6 +92,7 @@ class DecodeBatcher:
     abandon_hopeless: bool = False  # give up on queued prompts that could not meet their TTFT even if run alone now
     kv_watermark: float = 0.01  # fraction of KV kept free when starting a prompt (vLLM's default)
     finish_on_time: bool = False  # no chunk lengthens a step past the TTFT deadline of a prompt the step completes
+    finish_margin: float = 0.0  # ... less this many seconds: what a live step's overrun and the reply's way back take
 
     def plan(self, worker: WorkerView, now: float) -> StepPlan:
         batch = self._admit(worker, now)
@@ -235,6 +236,7 @@ class DecodeBatcher:
             room = limit - now - decode
         seqs = batch.size + len(worker.waiting) - len(batch.admit)
         max_seqs, min_chunk, finish_on_time, skip_blocked = self.max_seqs, self.min_chunk, self.finish_on_time, self.urgent_prompt_first
+        finish_margin = self.finish_margin
         end = now + decode  # the step's end so far
         chunks: list[tuple[RequestId, int]] = []
         for r in self._ordered_prompts(worker, now):
@@ -260,7 +262,7 @@ class DecodeBatcher:
             room -= cost
             end += cost
             if finish_on_time and tokens == remaining:
-                deadline = r.arrival + r.ttft_slo  # r.ttft_deadline
+                deadline = r.arrival + r.ttft_slo - finish_margin  # r.ttft_deadline, less the margin
                 if end <= deadline:
                     room = min(room, deadline - end)  # its first token comes out when the step ends: keep that on time
             chunks.append((r.id, tokens))
