@@ -309,13 +309,14 @@ def test_overload_admits_what_it_can_serve(overload_run: dict[str, object]) -> N
     r = overload_run
     assert r["admission"] == {"headroom_ms": 20.0, "dispatch_lead_ms": 10.0}  # the scenario's strict admission
     assert r["sim"]["admitted_attainment"] >= 0.99, r["output"]  # the policy itself keeps what it admits
-    assert r["admitted_attainment"] >= 0.85, r["output"]  # live: step jitter and hops on two shared cores cost a few
+    assert r["admitted_attainment"] >= 0.9, r["output"]  # live: step jitter and hops on two shared cores cost a few
 
 
 @pytest.mark.integration
 @SLOW
-@pytest.mark.xfail(strict=False, reason="live, the admitted reach 0.94-0.97 on two shared cores (the simulator 1.0): "
-                   "a few first tokens come 5-30 ms past their deadline (docs/benchmarks.md, Faults and overload)")
+@pytest.mark.xfail(strict=False, reason="live, the admitted reach 0.98-0.995 on two shared cores (the simulator 1.0): "
+                   "a first token of a long prompt 5-50 ms past its deadline, or a 12-token output's TPOT 2 % over "
+                   "(docs/benchmarks.md, Faults and overload)")
 def test_overload_admitted_requests_attain_99_percent(overload_run: dict[str, object]) -> None:
     assert overload_run["admitted_attainment"] >= 0.99, overload_run["output"]
 

@@ -145,6 +145,35 @@ async def test_a_worker_silent_for_a_second_gets_no_placement() -> None:
         await bus.close()
 
 
+async def test_a_worker_calibrates_on_its_whole_step_cycle() -> None:
+    """An emulated engine's steps last exactly what the model predicts; the worker's own time around each step still
+    counts, since a request's next token waits for it too, so the correction rises above 1."""
+    from tropical.engine.emulated import EmulatedEngine
+
+    bus, store = MemoryBus(), MemoryStore()
+    feed = await LatencyModelFeed.open(store, "tiny@cpu/tp1", default=MODEL)
+    worker = WorkerService("w", Role.COLOCATED, EmulatedEngine(MODEL, 4096, vocab_size=64), make_policy("vllm", MODEL), MODEL, bus, store,
+                           SETTINGS, feed=feed)
+    await bus.declare_queue(QueueSpec(worker.queue))
+    task = asyncio.create_task(worker.run())
+    try:
+        async with Client(bus, SETTINGS) as client:
+            request = GenerateRequest(request_id="r", prompt_token_ids=[5, 6, 7], max_tokens=8, arrival_time=time.time(), reply_to=client.reply_to,
+                                      sampling=SamplingParams(ignore_eos=True))
+            stream: asyncio.Queue[Message] = asyncio.Queue()
+            client._streams["r"] = stream
+            await send(bus, worker_queue(SETTINGS, "w"), Dispatch(request=request, prefill_worker="w", decode_worker="w",
+                                                                  ttft_deadline=request.arrival_time + 60, dispatched_at=time.time()))
+            while not isinstance(await asyncio.wait_for(stream.get(), timeout=30), RequestFinished):
+                pass
+        assert worker.steps >= 8 and feed.factor > 1.0
+    finally:
+        await worker.stop()
+        await asyncio.wait_for(task, timeout=10)
+        await feed.close()
+        await bus.close()
+
+
 async def test_a_worker_calibrates_and_switches_to_a_published_model() -> None:
     bus, store = MemoryBus(), MemoryStore()
     feed = await LatencyModelFeed.open(store, "tiny@cpu/tp1", default=MODEL)

@@ -7,7 +7,9 @@ swaps in every model the profiler publishes, so a service switches models
 without restarting.
 
 Calibration has one home, `OnlineCorrection`: a worker reports each step's
-time as the stored model predicted it and as it was measured (`observe`), and
+time as the stored model predicted it and as it was measured (`observe`; the
+whole cycle, the worker's own time around the engine's step included, since
+that is what a request's next token waits for), and
 `feed.model` is the stored model scaled by the running factor
 (`LatencyModel.scaled`). The factor is written back into the stored spec's
 `correction` field (`publish_correction`, rate-limited), so every feed of the
