@@ -352,7 +352,7 @@ class WorkerService:
         self._carry_out()
         if self.feed is not None:  # keeps the predictions calibrated
             # on the whole cycle, the worker's own time around the engine's step included: a request's next token waits
-            # for all of it (on the emulated engines here, 5-6 % more than the step alone on average)
+            # for all of it (5-6 % more than the step alone on average, on the emulated engines of docs/benchmarks.md)
             self.feed.observe_step(batch, context, chunks, max(result.step_time_s, self.clock() - started))
         return True
 
