@@ -256,3 +256,31 @@ async def _drain_queue(settings: Settings, worker: str) -> list[Message]:
             return taken
     finally:
         await bus.close()
+
+
+async def test_an_emulated_engines_services_store_its_model_so_their_corrections_are_published() -> None:
+    """An emulated engine needs no profiler: its steps' model is its profile. Stored by the first service to start, it
+    is the base the workers' online correction (their time around each step) is published against; a service started
+    later keeps the stored one, with the correction published meanwhile."""
+    from dataclasses import replace
+
+    import msgspec
+
+    from tropical.latency.model import LatencyModel
+    from tropical.live.run import _connected
+
+    def unnamed(model: LatencyModel) -> LatencyModel:
+        return replace(model, name="")
+
+    engine = EngineChoice("emulated", setting="longbench-70b")
+    assert EngineChoice("tiny").known_profile(0.0) is None  # a real engine's model comes from the profiler
+    settings = Settings(broker_url=RABBITMQ_URL, redis_url=REDIS_URL, namespace=f"test-{uuid.uuid4().hex[:8]}")
+    async with _connected(settings, engine) as first:
+        stored = await first.store.get_latency_model(engine.model_key())
+        assert stored is not None and stored.key == engine.model_key() == "longbench-70b@emulated/tp1"
+        assert unnamed(LatencyModel.from_spec(stored)) == unnamed(engine.latency_model())
+        assert first.feed is not None and first.feed.spec == stored
+        await first.store.set_latency_model(msgspec.structs.replace(stored, correction=1.07))  # a worker's correction
+        async with _connected(settings, engine) as later:
+            assert later.feed is not None and later.feed.factor == 1.07
+            assert unnamed(later.model(engine)) == unnamed(engine.latency_model().scaled(1.07))

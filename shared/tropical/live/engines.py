@@ -14,6 +14,7 @@ from pathlib import Path
 from tropical.engine.serving import ServingEngine
 from tropical.engine.tokenizer import ByteTokenizer, Tokenizer
 from tropical.latency.model import LatencyModel
+from tropical.protocol import LatencyModelSpec
 
 EMULATED = "emulated"
 
@@ -42,10 +43,11 @@ class EngineChoice:
 
         return default_latency_model("tiny")  # until the profiler publishes one for this engine
 
-    def model_key(self) -> str | None:
-        """The key the profiler publishes this engine's latency model under (None: emulated, its model is fixed)."""
+    def model_key(self) -> str:
+        """The key this engine's latency model is published under: by the profiler, or for an emulated engine by
+        whichever service starts first (`known_profile`)."""
         if self.source == EMULATED:
-            return None
+            return f"{self.setting}@{EMULATED}/tp1"
         import torch
 
         from tropical.latency.profiling import hardware_name
@@ -53,6 +55,17 @@ class EngineChoice:
         name = "tiny" if self.source == "tiny" else Path(self.source).name
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return f"{name}@{hardware_name(device)}/tp1"
+
+    def known_profile(self, fitted_at: float) -> LatencyModelSpec | None:
+        """The profile an emulated engine needs no profiler for: its own steps' model (None for a real engine).
+
+        Stored, it lets the workers publish their online correction, which
+        learns what the model leaves out: the worker's own time around each
+        step, which a request's next token waits for too.
+        """
+        if self.source != EMULATED:
+            return None
+        return self.latency_model().to_spec(model=self.setting, hardware=EMULATED, tensor_parallel=1, samples=0, fitted_at=fitted_at)
 
     def engine(self) -> ServingEngine:
         if self.source == EMULATED:

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -99,8 +100,10 @@ async def _connected(settings: Settings, engine: EngineChoice) -> AsyncIterator[
     feed = None
     try:
         key = engine.model_key()
-        if key is not None:
-            feed = await LatencyModelFeed.open(store, key, default=engine.latency_model(), publishing=CorrectionPublishing())
+        known = engine.known_profile(time.time())
+        if known is not None and await store.get_latency_model(key) is None:
+            await store.set_latency_model(known)  # an emulated engine's: the services calibrate from it like from a profile
+        feed = await LatencyModelFeed.open(store, key, default=engine.latency_model(), publishing=CorrectionPublishing())
         yield _Connections(bus, store, feed)
     finally:
         if feed is not None:
