@@ -314,8 +314,8 @@ def test_overload_admits_what_it_can_serve(overload_run: dict[str, object]) -> N
 
 @pytest.mark.integration
 @SLOW
-@pytest.mark.xfail(strict=False, reason="live, the admitted reach 0.98-0.995 on two shared cores (the simulator 1.0): "
-                   "a first token of a long prompt 5-50 ms past its deadline, or a 12-token output's TPOT 2 % over "
+@pytest.mark.xfail(strict=False, reason="live, 300 requests reach 0.995-1.0 of the admitted on two shared cores, but here about 95 "
+                   "are admitted and one late first token or a 12-token output's TPOT 0.1 % over is a 0.989 "
                    "(docs/benchmarks.md, Faults and overload)")
 def test_overload_admitted_requests_attain_99_percent(overload_run: dict[str, object]) -> None:
     assert overload_run["admitted_attainment"] >= 0.99, overload_run["output"]
