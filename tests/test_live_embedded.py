@@ -174,6 +174,50 @@ async def test_a_worker_calibrates_on_its_whole_step_cycle() -> None:
         await bus.close()
 
 
+async def test_a_worker_takes_a_resent_dispatch_only_if_it_never_had_the_request() -> None:
+    """A router that took over sends again what the one before it recorded as dispatched (`resent`): the worker serves
+    a request once however often it comes, and one it never got as new."""
+    from tropical.engine.emulated import EmulatedEngine
+
+    bus, store = MemoryBus(), MemoryStore()
+    worker = WorkerService("w", Role.COLOCATED, EmulatedEngine(MODEL, 4096, vocab_size=64), make_policy("vllm", MODEL), MODEL, bus, store,
+                           SETTINGS)
+    await bus.declare_queue(QueueSpec(worker.queue))
+    task = asyncio.create_task(worker.run())
+    try:
+        async with Client(bus, SETTINGS) as client:
+            streams: dict[str, asyncio.Queue[Message]] = {}
+
+            async def dispatch(name: str, arrival: float, *, resent: bool) -> None:
+                request = GenerateRequest(request_id=name, prompt_token_ids=[5, 6, 7], max_tokens=4, arrival_time=arrival,
+                                          reply_to=client.reply_to, sampling=SamplingParams(ignore_eos=True))
+                client._streams[name] = streams.setdefault(name, asyncio.Queue())
+                await send(bus, worker_queue(SETTINGS, "w"), Dispatch(request=request, prefill_worker="w", decode_worker="w",
+                                                                      ttft_deadline=arrival + 60, dispatched_at=time.time(), resent=resent))
+
+            async def finished(name: str) -> list[Message]:
+                got = [await asyncio.wait_for(streams[name].get(), timeout=30)]
+                while not isinstance(got[-1], RequestFinished):
+                    got.append(await asyncio.wait_for(streams[name].get(), timeout=30))
+                return got
+
+            first = time.time()
+            await dispatch("a", first, resent=False)
+            await finished("a")
+            await dispatch("a", first, resent=True)  # the router that sent it died before acking: its successor sends it again
+            await dispatch("b", time.time(), resent=True)  # recorded, then the router died before sending it
+            assert isinstance((await finished("b"))[-1], RequestFinished)
+            await dispatch("c", time.time(), resent=False)  # its replies come after any of the steps that ran with "b"
+            await finished("c")
+            assert streams["a"].empty()  # "a" was not served again: its stream got nothing after its end
+            await dispatch("a", time.time(), resent=False)  # its client resumed it: a new arrival is a new placement
+            assert isinstance((await finished("a"))[-1], RequestFinished)
+    finally:
+        await worker.stop()
+        await asyncio.wait_for(task, timeout=10)
+        await bus.close()
+
+
 async def test_a_worker_calibrates_and_switches_to_a_published_model() -> None:
     bus, store = MemoryBus(), MemoryStore()
     feed = await LatencyModelFeed.open(store, "tiny@cpu/tp1", default=MODEL)

@@ -270,7 +270,10 @@ async def test_a_router_that_cannot_renew_its_lease_stops_taking_requests_before
     await bus.close()
 
 
-async def test_a_request_placed_by_a_router_that_died_before_acking_it_is_not_placed_again(caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_request_a_router_recorded_as_dispatched_before_it_died_goes_once_to_the_worker_the_record_names(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The dispatch is recorded before it is sent; the router dies in between: the next router sends it to that worker."""
     caplog.set_level(logging.INFO, logger="tropical.live.router_service")
     broker, store = MemoryBroker(), MemoryStore()
     worker = StandInWorker(broker.connect(), store)
@@ -286,8 +289,8 @@ async def test_a_request_placed_by_a_router_that_died_before_acking_it_is_not_pl
         await eventually(lambda: doomed.leading, WAIT, what="the first router taking the lease")
         placed = request("placed")
         await send(bus, queue, placed)
-        await asyncio.wait_for(freezing.frozen.wait(), WAIT)  # dispatched and recorded; never acked
-        assert worker.dispatches() == Counter({"placed": 1})
+        await asyncio.wait_for(freezing.frozen.wait(), WAIT)  # recorded; never sent, never acked
+        assert worker.dispatches() == Counter()
         await doomed_bus.close()  # the broker loses the dead router's connection: its unacked message is redelivered
 
         successor = router(broker.connect(), store, "successor")
@@ -296,15 +299,45 @@ async def test_a_request_placed_by_a_router_that_died_before_acking_it_is_not_pl
             await eventually(lambda: any("not placed twice" in r.getMessage() for r in caplog.records), WAIT, what="the redelivery seen")
             await send(bus, queue, request("after"))
             await eventually(lambda: worker.dispatches()["after"] == 1, WAIT, what="a new request placed by the successor")
-            assert worker.dispatches() == Counter({"placed": 1, "after": 1})  # the redelivered one was acked, not placed again
+            assert worker.dispatches() == Counter({"placed": 1, "after": 1})  # the redelivered one went where it was recorded
+            assert [m.resent for m in worker.received if isinstance(m, Dispatch)] == [True, False]
             assert await bus.queue_depth(queue) == 0
 
             resumed = request("placed", arrival_time=placed.arrival_time + 5)  # its client sends it again: a new arrival
             await send(bus, queue, resumed)
             await eventually(lambda: worker.dispatches()["placed"] == 2, WAIT, what="the resumed request placed")
-            assert [m.request.arrival_time for m in worker.received if isinstance(m, Dispatch) and m.request.request_id == "placed"] == [
-                placed.arrival_time, resumed.arrival_time
+            assert [(m.request.arrival_time, m.resent) for m in worker.received if isinstance(m, Dispatch) and m.request.request_id == "placed"] == [
+                (placed.arrival_time, True), (resumed.arrival_time, False)
             ]
+    finally:
+        doomed_task.cancel()
+        await asyncio.gather(doomed_task, return_exceptions=True)
+        await bus.close()
+
+
+async def test_a_request_recorded_as_dispatched_to_a_worker_that_died_since_is_placed_anew() -> None:
+    broker, store = MemoryBroker(), MemoryStore()
+    gone, other = StandInWorker(broker.connect(), store), StandInWorker(broker.connect(), store, name="v")
+    await gone.start()
+    await gone.report()
+    freezing = Freezing(store)
+    doomed_bus = broker.connect()
+    doomed = router(doomed_bus, cast(Store, freezing), "doomed")
+    doomed_task = asyncio.create_task(doomed.run())
+    bus = broker.connect()
+    try:
+        queue = await declare_requests_queue(bus, SETTINGS)
+        await eventually(lambda: doomed.leading, WAIT, what="the first router taking the lease")
+        await send(bus, queue, request("placed"))
+        await asyncio.wait_for(freezing.frozen.wait(), WAIT)  # recorded as dispatched to w; never sent, never acked
+        await store.remove_worker_status("w")  # and w died too
+        await other.start()
+        await other.report()
+        await doomed_bus.close()
+        successor = router(broker.connect(), store, "successor")
+        async with running(successor):
+            await eventually(lambda: other.dispatches()["placed"] == 1, WAIT, what="the request placed on the living worker")
+        assert gone.dispatches() == Counter() and [m.resent for m in other.received if isinstance(m, Dispatch)] == [False]
     finally:
         doomed_task.cancel()
         await asyncio.gather(doomed_task, return_exceptions=True)

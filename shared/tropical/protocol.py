@@ -132,6 +132,7 @@ class Dispatch(Message, tag="dispatch", kw_only=True, frozen=True):
     ttft_deadline: Timestamp
     dispatched_at: Timestamp
     routed_at: Timestamp | None = None  # when the router took the request off the queue
+    resent: bool = False  # sent again by a router that took over from the one that recorded it: taken only if never had
 
 
 # --- KV handoff -----------------------------------------------------------------

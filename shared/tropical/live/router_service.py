@@ -5,7 +5,10 @@ waits in the core's `RouterState` until the policy places it. Its delivery is
 acknowledged only once it is dispatched, refused or cancelled, and after its
 record says so: a router that dies leaves the requests it had not placed on the
 queue, redelivered to the next router, which skips one whose record shows it
-placed already. The router
+refused or cancelled already. A dispatch is recorded before it is sent, so one
+whose record names a worker may or may not have reached it: the next router
+sends it again to that worker, marked `resent`, and the worker takes it only
+if it never had it. No request is placed twice. The router
 decides on every arrival, on a timer as heartbeats change, and at the policy's
 review time; dispatches that no heartbeat shows yet are added to their worker's
 view (`DispatchLedger`), so a burst is not piled on one worker.
@@ -38,7 +41,7 @@ import math
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from tropical.bus import Bus, Delivery, Unroutable
 from tropical.core.actions import Action
@@ -294,7 +297,7 @@ class RouterService:
     async def _on_request(self, request: GenerateRequest, delivery: Delivery) -> Held | None:
         """Check, record and queue a request; its delivery is held until the request is placed, refused or cancelled."""
         if delivery.redelivered and await self._settled_before(request):
-            return None  # acked: an earlier router saw to it
+            return None  # acked: an earlier router saw to it (and this one sent a dispatch of it again)
         self._routed[request.request_id] = self.clock()
         try:
             request = self._checked(request)
@@ -324,8 +327,32 @@ class RouterService:
         record = await asyncio.wait_for(self.store.get_request_record(request.request_id), timeout=self.settings.status_ttl_s)
         if record is None or record.state is RecordState.QUEUED or record.timings.arrival != request.arrival_time:
             return False
-        log.info("request %s came again, but its record says %s (worker %s): not placed twice", request.request_id, record.state, record.prefill_worker)
+        worker = record.prefill_worker
+        if record.state is RecordState.PREFILLING and worker is not None:
+            # recorded, then maybe sent: the worker it names takes it only if it never had it
+            status = await asyncio.wait_for(self.store.get_worker_status(worker), timeout=self.settings.status_ttl_s)
+            if status is None:
+                log.info("request %s came again; its worker %s is gone: placed anew", request.request_id, worker)
+                return False  # wherever it got to died with its worker; its client skips the tokens it has
+            try:
+                await self._send_again(request, record, status)
+            except ValueError:
+                return False  # it no longer passes the checks (a new tokenizer, a shorter context): it is answered as new
+        log.info("request %s came again, but its record says %s (worker %s): not placed twice", request.request_id, record.state, worker)
         return True
+
+    async def _send_again(self, request: GenerateRequest, record: RequestRecord, status: WorkerStatus) -> None:
+        """The dispatch an earlier router recorded, sent again to the same worker (`resent`) and followed from here."""
+        checked = self._checked(request)
+        slo = checked.slo
+        ttft = (slo.ttft_ms if slo else self.settings.default_ttft_slo_ms) / 1000.0
+        dispatched = record.timings.dispatched if record.timings.dispatched is not None else self.clock()
+        message = Dispatch(
+            request=checked, prefill_worker=status.worker_id, decode_worker=status.worker_id, ttft_deadline=checked.arrival_time + ttft,
+            dispatched_at=dispatched, routed_at=record.timings.routed, resent=True,
+        )
+        self.placements.dispatched(checked, status.worker_id)
+        await send(self.bus, worker_queue(self.settings, status.worker_id), message)
 
     def _record(
         self, request: GenerateRequest, state: RecordState, *, worker: str | None = None, error: ErrorCode | None = None,
@@ -342,12 +369,17 @@ class RouterService:
     async def _put_record(self, record: RequestRecord) -> None:
         await asyncio.wait_for(self.store.put_request_record(record, ttl_s=self.settings.request_record_ttl_s), timeout=self.settings.status_ttl_s)
 
-    async def _settle(self, request: GenerateRequest, record: RequestRecord) -> None:
-        """A request taken off the queue is recorded as what became of it, and only then is its delivery acked (a
-        request placed again has none: it was acked when first placed). A router that dies in between leaves the
-        message to be redelivered, and the record tells the next router not to place it again."""
+    async def _settle(self, request: GenerateRequest, record: RequestRecord, before_ack: Awaitable[None] | None = None) -> None:
+        """A request taken off the queue is recorded as what became of it, `before_ack` is done (its dispatch sent),
+        and only then is its delivery acked (a request placed again has none: it was acked when first placed). A
+        router that dies in between leaves the message to be redelivered, and the record tells the next router what
+        became of it."""
         held = self._held.pop(request.request_id, None)
-        await self._put_record(record)
+        try:
+            await self._put_record(record)
+        finally:
+            if before_ack is not None:
+                await before_ack  # awaited even if the record failed: the decision stands, its dispatch goes out
         if held is not None:
             await held.ack()
 
@@ -521,11 +553,11 @@ class RouterService:
             )
             self.ledger.dispatched(status.worker_id, job.view, now)
             self.placements.dispatched(request, status.worker_id)
-            # Sent before it is recorded: a router that dies in between may have it placed twice (its client skips
-            # the tokens it has), never lost.
-            await send(self.bus, worker_queue(self.settings, status.worker_id), message)
+            # Recorded before it is sent: a router that dies in between leaves a record naming the worker, and the
+            # next router sends the dispatch again to that worker, which takes it once (never lost, never placed twice).
+            record = self._record(request, RecordState.PREFILLING, worker=status.worker_id, routed=routed_at, dispatched=now)
+            await self._settle(request, record, before_ack=send(self.bus, worker_queue(self.settings, status.worker_id), message))
             self.dispatched += 1
-            await self._settle(request, self._record(request, RecordState.PREFILLING, worker=status.worker_id, routed=routed_at, dispatched=now))
         return True
 
     async def _refuse(self, job_id: int) -> bool:

@@ -175,6 +175,7 @@ class WorkerService:
         self._expired: list[bytes] = []  # leases that ran out before their receiver acked
         self._workers = RequestIds()  # other workers' names as the core's integers
         self._accepted: deque[tuple[float, int]] = deque()  # (when, request) taken in the last ACCEPTED_WINDOW_S
+        self._placed: dict[tuple[str, float], float] = {}  # (request, arrival) → when placed here, for as long as records last
         self._tokens = itertools.count(1)
         self._handoff_ids = itertools.count()
         self._wake = asyncio.Event()
@@ -382,6 +383,9 @@ class WorkerService:
         taken_at = self._taken.pop(request.request_id, None)
         if request.request_id in self._streams:
             return  # a redelivered dispatch: it is here already
+        if not self._first_placement(request, resent=dispatch.resent):
+            log.info("request %s sent again by a router that took over: placed here already", request.request_id)
+            return
         await self._let_go_of_earlier(request.request_id)
         job = self._job(request)
         self._accepted.append((self.clock(), job.id))
@@ -398,6 +402,23 @@ class WorkerService:
             return
         self._streams[request.request_id] = stream
         self.state.place(job, self.clock())
+
+    def _first_placement(self, request: GenerateRequest, *, resent: bool) -> bool:
+        """Whether this placement of the request (its id and arrival) is its first here; remembered for as long as the
+        routers keep request records, the only source of a resent dispatch."""
+        now = self.clock()
+        placed = self._placed
+        while placed:
+            oldest, at = next(iter(placed.items()))
+            if now - at <= self.settings.request_record_ttl_s:
+                break
+            del placed[oldest]
+        key = (request.request_id, request.arrival_time)
+        if resent and key in placed:
+            return False
+        placed.pop(key, None)
+        placed[key] = now  # at the end: the dict stays in order of placement
+        return True
 
     async def _let_go_of_earlier(self, request_id: str) -> None:
         """A request placed here again (resumed after its decoding worker was lost) may still have its earlier prefill's
