@@ -279,8 +279,8 @@ async def test_an_emulated_engines_services_store_its_model_so_their_corrections
         stored = await first.store.get_latency_model(engine.model_key())
         assert stored is not None and stored.key == engine.model_key() == "longbench-70b@emulated/tp1"
         assert unnamed(LatencyModel.from_spec(stored)) == unnamed(engine.latency_model())
-        assert first.feed is not None and first.feed.spec == stored
+        assert first.feed.spec == stored
         await first.store.set_latency_model(msgspec.structs.replace(stored, correction=1.07))  # a worker's correction
         async with _connected(settings, engine) as later:
-            assert later.feed is not None and later.feed.factor == 1.07
-            assert unnamed(later.model(engine)) == unnamed(engine.latency_model().scaled(1.07))
+            assert later.feed.factor == 1.07
+            assert unnamed(later.model()) == unnamed(engine.latency_model().scaled(1.07))

@@ -344,8 +344,7 @@ class RouterService:
     async def _send_again(self, request: GenerateRequest, record: RequestRecord, status: WorkerStatus) -> None:
         """The dispatch an earlier router recorded, sent again to the same worker (`resent`) and followed from here."""
         checked = self._checked(request)
-        slo = checked.slo
-        ttft = (slo.ttft_ms if slo else self.settings.default_ttft_slo_ms) / 1000.0
+        ttft, _ = self._slo_s(checked)
         dispatched = record.timings.dispatched if record.timings.dispatched is not None else self.clock()
         message = Dispatch(
             request=checked, prefill_worker=status.worker_id, decode_worker=status.worker_id, ttft_deadline=checked.arrival_time + ttft,
@@ -385,9 +384,7 @@ class RouterService:
 
     def _enqueue(self, request: GenerateRequest) -> None:
         """Into the global queue, on its arrival time: a request placed again keeps its SLO deadlines."""
-        slo = request.slo
-        ttft = (slo.ttft_ms if slo else self.settings.default_ttft_slo_ms) / 1000.0
-        tpot = (slo.tpot_ms if slo else self.settings.default_tpot_slo_ms) / 1000.0
+        ttft, tpot = self._slo_s(request)
         # a resumed request: the answer's delivered tokens are prompt to compute, only the rest of it is output
         generated = len(request.generated_token_ids)
         prompt = len(request.prompt_token_ids or []) + generated
@@ -396,6 +393,13 @@ class RouterService:
         self._requests[job.id] = request
         self.router.enqueue(job)
         self._wake.set()
+
+    def _slo_s(self, request: GenerateRequest) -> tuple[float, float]:
+        """The request's TTFT and TPOT SLOs in seconds (the deployment's defaults where it gives none)."""
+        slo = request.slo
+        ttft = (slo.ttft_ms if slo else self.settings.default_ttft_slo_ms) / 1000.0
+        tpot = (slo.tpot_ms if slo else self.settings.default_tpot_slo_ms) / 1000.0
+        return ttft, tpot
 
     async def _on_cancel(self, cancel: CancelRequest, delivery: Delivery) -> None:
         """A queued request leaves the queue; a placed one's cancel goes to its worker, which frees its KV (the worker

@@ -86,15 +86,16 @@ class _Connections:
 
     bus: Bus
     store: Store
-    feed: LatencyModelFeed | None
+    feed: LatencyModelFeed
 
-    def model(self, engine: EngineChoice) -> LatencyModel:
-        return self.feed.model if self.feed is not None else engine.latency_model()
+    def model(self) -> LatencyModel:
+        return self.feed.model
 
 
 @asynccontextmanager
 async def _connected(settings: Settings, engine: EngineChoice) -> AsyncIterator[_Connections]:
-    """Open the bus, the store and the feed (the profiler's model of this engine, the shipped default until then)."""
+    """Open the bus, the store and the feed (the profiler's model of this engine, the shipped default until then; an
+    emulated engine's own model, stored by the first service to start)."""
     bus = await connect_bus(settings)
     store = open_store(settings)
     feed = None
@@ -115,7 +116,7 @@ async def _connected(settings: Settings, engine: EngineChoice) -> AsyncIterator[
 async def serve_router(settings: Settings, policy_name: str, engine: EngineChoice, *, metrics_host: str | None = None) -> None:
     telemetry = Telemetry()
     async with _connected(settings, engine) as held, metrics_served(settings, telemetry, metrics_host):
-        policy = live_policy(policy_name, held.model(engine), settings)
+        policy = live_policy(policy_name, held.model(), settings)
         service = RouterService(
             policy, held.bus, held.store, settings, tokenizer=engine.tokenizer(), max_model_len=engine.max_model_len, feed=held.feed,
             telemetry=telemetry,
@@ -144,7 +145,7 @@ async def serve_worker(
         _kv_transport(kv_transport, settings, group) as transport,
         metrics_served(settings, telemetry, metrics_host),
     ):
-        model = held.model(engine)
+        model = held.model()
         service = WorkerService(
             name, role, engine.engine(), live_policy(policy_name, model, settings), model, held.bus, held.store, settings,
             transport=transport, feed=held.feed, telemetry=telemetry,
