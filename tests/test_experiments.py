@@ -203,10 +203,11 @@ def test_sim_command_replays_a_window_of_a_timed_trace_at_its_own_rate(timed: Pa
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
     assert record["simulated_requests"] == 70 and record["rate"] is None
+    assert f"{timed.name}: 70 requests at the trace's own times" in result.output  # it says what it replayed
     assert record["replay"] == {"requests": None, "start_s": 10.0, "duration_s": 30.0, "arrival": "poisson", "cv": 1.0}
     result = CliRunner().invoke(app, [*args, "--num-requests", "12", "--rate", "2", "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert json.loads(out.read_text())["simulated_requests"] == 12
+    assert json.loads(out.read_text())["simulated_requests"] == 12 and "12 requests at 2 req/s" in result.output
 
 
 @pytest.mark.parametrize(
@@ -223,6 +224,39 @@ def test_sim_command_names_bad_replay_options(lengths: Path, extra: list[str], p
     result = CliRunner().invoke(app, ["sim", "--setting", "chat-13b", "--trace", str(lengths), *extra], env={"COLUMNS": "300"})
     assert result.exit_code == 2
     assert problem in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["sim", "--policy", "vllm", "--rate", "2", "--ttft-slo-ms", "0"], "'--ttft-slo-ms': must be a positive number, got 0"),
+        (["sim", "--policy", "vllm", "--rate", "2", "--tpot-slo-ms", "nan"], "'--tpot-slo-ms': must be a positive number, got nan"),
+        (["sim", "--policy", "vllm", "--rate", "2", "--ttft-slo-scale", "-1"], "'--ttft-slo-scale': must be a positive number, got -1"),
+        (["sim", "--policy", "sarathi", "--rate", "2", "--prefill-workers", "2"], "sarathi runs prompts and decodes on every worker"),
+        (["sim", "--policy", "vllm", "--rate", "2", "--json", "."], "is a folder; give a file's path"),
+        (["goodput", "--policies", ""], "no policy given"),
+        (["goodput", "--policies", " , "], "no policy given"),
+        (["goodput", "--policies", "vllm,kairos,vllm"], "vllm given twice"),
+        (["slo-sweep", "--rate", "1", "--policies", "vllm", "--scales", "nan,1"], "--scales must be positive numbers"),
+        (["slo-sweep", "--rate", "1", "--policies", "vllm", "--scales", "0"], "--scales must be positive numbers"),
+        (["bench-router", "--policies", "unified,unified"], "unified given twice"),
+    ],
+)
+def test_commands_refuse_bad_slos_policies_scales_splits_and_json_targets(lengths: Path, args: list[str], problem: str) -> None:
+    setting = [] if args[0] == "bench-router" else ["--setting", "chat-13b", "--trace", str(lengths)]
+    result = CliRunner().invoke(app, [*args, *setting], env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    assert problem in result.output and "Traceback" not in result.output
+
+
+def test_json_goes_into_a_folder_made_for_it_but_not_under_a_file(lengths: Path, tmp_path: Path) -> None:
+    args = ["sim", "--setting", "chat-13b", "--trace", str(lengths), "--policy", "vllm", "--rate", "2", "--requests", "20"]
+    out = tmp_path / "new" / "folder" / "sim.json"
+    result = CliRunner().invoke(app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["simulated_requests"] == 20
+    result = CliRunner().invoke(app, [*args, "--json", str(out / "under-a-file.json")], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output
 
 
 def test_sim_command_draws_gamma_arrivals_for_a_length_table(lengths: Path, tmp_path: Path) -> None:

@@ -6,11 +6,12 @@ import asyncio
 import enum
 import json
 import logging
+import math
 import os
 import platform
 import sys
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ from tropical.settings import MEMORY_URL, Settings
 if TYPE_CHECKING:
     from tropical.engine import Engine
     from tropical.experiments import Replay, Setting
+    from tropical.simulator import SimRequest
 
 T = TypeVar("T")
 
@@ -79,7 +81,7 @@ def bench_bus(
     messages: Annotated[int, typer.Option(min=1, help="round trips per run")] = 2000,
     batches: Annotated[str, typer.Option(help="comma-separated batch sizes; 1 means unbatched")] = "1,32",
     memory_only: Annotated[bool, typer.Option(help="skip RabbitMQ")] = False,
-    json_path: Annotated[Path | None, typer.Option("--json", help="also write the results here")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="also write the results here")] = None,
 ) -> None:
     """Measure bus round trips per second, in memory and on RabbitMQ, with and without batching."""
     from tropical.bus import Bus, MemoryBroker
@@ -120,7 +122,7 @@ def bench_bus(
     results = run_async(measure())
     if json_path:
         record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": _machine(), "results": results}
-        json_path.write_text(json.dumps(record, indent=2) + "\n")
+        _write_json(json_path, record)
 
 
 @app.command("bench-engine")
@@ -131,7 +133,7 @@ def bench_engine(
     max_num_batched_tokens: Annotated[int, typer.Option(min=16, help="tokens per engine step")] = 512,
     repeats: Annotated[int, typer.Option(min=1, help="turns each side takes; the fastest counts")] = 2,
     no_hf: Annotated[bool, typer.Option("--no-hf", help="time the engine only")] = False,
-    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report here")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="also write the report here")] = None,
 ) -> None:
     """Tokens per second of the engine (continuous batching) against Hugging Face `generate` on the same requests."""
     from tropical.engine.bench import run_engine_benchmark
@@ -148,7 +150,7 @@ def bench_engine(
     if "hf_tok_s" in report:
         typer.echo(f"hf:   {report['hf_tok_s']:.1f} tok/s\nspeedup: {report['speedup']:.2f}x")
     if json_path:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        _write_json(json_path, report)
 
 
 @app.command("bench-router")
@@ -158,17 +160,12 @@ def bench_router(
     queue: Annotated[int, typer.Option(min=1, help="requests waiting at the router in every timed state")] = 1000,
     decisions: Annotated[int, typer.Option(min=1, help="timed decisions per policy and size")] = 200,
     seed: Annotated[int, typer.Option(help="seed of the simulated runs the states come from")] = 0,
-    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report here")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="also write the report here")] = None,
 ) -> None:
     """Time router decisions on loaded clusters: on a 1,000-prompt burst, and per event (an arrival, a status change) in steady state."""
     from tropical.core.bench_router import RouterTiming, cluster_roles, run_router_benchmark
-    from tropical.policies import POLICY_NAMES
 
-    names = [name.strip() for name in policies.split(",") if name.strip()]
-    unknown = [name for name in names if name not in POLICY_NAMES]
-    if not names or unknown:
-        given = f"unknown policy {', '.join(unknown)!r}" if unknown else "no policy given"
-        raise typer.BadParameter(f"{given}; known: {', '.join(POLICY_NAMES)}", param_hint="--policies")
+    names = _policy_names(policies)
     try:
         sizes = [int(size) for size in workers.split(",")]
     except ValueError:
@@ -203,7 +200,7 @@ def bench_router(
     if json_path:
         busy = {"load_average_before": [round(x, 2) for x in load], "load_average_after": [round(x, 2) for x in os.getloadavg()]}
         record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": _machine(), **busy, "decisions": decisions, **report}
-        json_path.write_text(json.dumps(record, indent=2) + "\n")
+        _write_json(json_path, record)
 
 
 @app.command("profile")
@@ -214,7 +211,7 @@ def profile(
     max_len: Annotated[int | None, typer.Option(min=1, help="profile sequences up to this many tokens (default: the engine's limit)")] = None,
     reduce: Annotated[str, typer.Option(help="fit each point's median, its fastest step (min: for a shared machine), or all steps")] = "median",
     device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: CUDA when available)")] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="write the model (a LatencyModelSpec) and a report here")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="write the model (a LatencyModelSpec) and a report here")] = None,
 ) -> None:
     """Time prefills, decode steps and mixed steps of an engine and fit its latency model."""
     from dataclasses import replace
@@ -255,7 +252,7 @@ def profile(
         busy = {"load_average_before": [round(x, 2) for x in load], "cpu_stalled": (_cpu_stall_seconds() - stalled) / found.wall_s}
         machine = {**_profile_machine(engine.runner.device), **busy}
         report = {**found.report(), "machine": machine, "date": datetime.now(UTC).isoformat(timespec="seconds")}
-        json_path.write_text(json.dumps(profile_record(spec, report), indent=2) + "\n")
+        _write_json(json_path, profile_record(spec, report))
 
 
 def _profiled_engine(source: str, device: str | None) -> Engine:
@@ -301,9 +298,56 @@ def _machine() -> str:
 
 SettingOption = Annotated[str, typer.Option("--setting", help="preset: longbench-70b, long-66b or chat-13b")]
 TraceOption = Annotated[Path | None, typer.Option("--trace", help="trace or length table (default: the setting's)")]
-TtftMsOption = Annotated[float | None, typer.Option("--ttft-slo-ms", help="fixed TTFT SLO for every request (ms)")]
-TtftScaleOption = Annotated[float | None, typer.Option("--ttft-slo-scale", help="TTFT SLO as a multiple of the request's isolated prefill time")]
-TpotMsOption = Annotated[float | None, typer.Option("--tpot-slo-ms", help="TPOT SLO (ms)")]
+def _positive(value: float | None) -> float | None:
+    """An SLO or a scale: a positive finite number (None: the setting's own)."""
+    if value is not None and not (math.isfinite(value) and value > 0.0):
+        raise typer.BadParameter(f"must be a positive number, got {value:g}")
+    return value
+
+
+TtftMsOption = Annotated[float | None, typer.Option("--ttft-slo-ms", callback=_positive, help="fixed TTFT SLO for every request (ms)")]
+TtftScaleOption = Annotated[
+    float | None, typer.Option("--ttft-slo-scale", callback=_positive, help="TTFT SLO as a multiple of the request's isolated prefill time")
+]
+TpotMsOption = Annotated[float | None, typer.Option("--tpot-slo-ms", callback=_positive, help="TPOT SLO (ms)")]
+
+
+def _json_file(path: Path | None) -> Path | None:
+    """Where `--json` writes: not a folder (checked before the run, not after it). A missing folder is made then."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a folder; give a file's path")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise typer.BadParameter(f"{parent} is a file, not a folder to write {path.name} into")
+    return path
+
+
+def _replayed(trace: Path, requests: Sequence[SimRequest], rate: float | None) -> str:
+    """What a simulation replayed: the trace, how many of its requests, and at what rate."""
+    span = requests[-1].arrival - requests[0].arrival if len(requests) > 1 else 0.0
+    pace = f"at {rate:g} req/s" if rate is not None else "at the trace's own times" + (f" ({(len(requests) - 1) / span:.3g} req/s)" if span > 0 else "")
+    return f"{trace.name}: {len(requests)} requests {pace}"
+
+
+def _write_json(path: Path, content: Any) -> None:
+    """A command's `--json`, its folder made if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def _policy_names(policies: str) -> list[str]:
+    """The comma-separated policy names of `--policies`: at least one, each known, none twice."""
+    from tropical.policies import POLICY_NAMES
+
+    names = [name.strip() for name in policies.split(",") if name.strip()]
+    unknown = [name for name in names if name not in POLICY_NAMES]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if not names or unknown or repeated:
+        given = f"unknown policy {', '.join(unknown)!r}" if unknown else f"{', '.join(repeated)} given twice" if repeated else "no policy given"
+        raise typer.BadParameter(f"{given}; known: {', '.join(POLICY_NAMES)}", param_hint="--policies")
+    return names
 
 
 class ArrivalProcess(enum.StrEnum):
@@ -621,7 +665,7 @@ def sim(
     ttft_slo_ms: TtftMsOption = None,
     ttft_slo_scale: TtftScaleOption = None,
     tpot_slo_ms: TpotMsOption = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="also write the summary here")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="also write the summary here")] = None,
 ) -> None:
     """Simulate one policy at one rate and print a `vllm bench serve`-style summary."""
     import time
@@ -632,6 +676,8 @@ def sim(
     from tropical.policies import make_policy
 
     setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
+    if prefill_workers is not None and not make_policy(policy, setting.latency_model()).disaggregated:
+        raise typer.BadParameter(f"{policy} runs prompts and decodes on every worker: it has no prefill workers", param_hint="--prefill-workers")
     trace = trace or setting.trace
     replay = _replay(requests, start_s, duration_s, arrival, cv)
     started = time.perf_counter()
@@ -662,6 +708,7 @@ def sim(
     lines = [
         f"{' Simulated Serving Result ':=^60}",
         f"{'Setting:':<40}{setting.name} ({setting.slo.describe()})",
+        f"{'Replayed:':<40}{_replayed(trace, load.requests, rate)}",
         f"{'Policy:':<40}{policy}",
         f"{'Workers:':<40}{workers}",
         f"{'Successful requests:':<40}{summary.finished}",
@@ -678,7 +725,7 @@ def sim(
     ]
     typer.echo("\n".join(lines))
     if json_path:
-        json_path.write_text(json.dumps(record, indent=2) + "\n")
+        _write_json(json_path, record)
 
 
 @app.command("goodput")
@@ -686,7 +733,7 @@ def goodput(
     setting_name: SettingOption,
     policies: Annotated[str, typer.Option(help="comma-separated policy names")] = "vllm,sarathi,distserve,tropical,kairos,unified",
     trace: TraceOption = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="write the results here")] = None,
     requests: NumRequestsOption = None,
     start_s: StartOption = None,
     duration_s: DurationOption = None,
@@ -704,7 +751,7 @@ def goodput(
     from tropical.experiments import PolicyGoodput, SearchSettings, goodput_report
 
     setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
-    names = [name.strip() for name in policies.split(",") if name.strip()]
+    names = _policy_names(policies)
     search = SearchSettings(replay=_replay(requests, start_s, duration_s, arrival, cv), rel_tolerance=rel_tolerance, seed=seed, noise=noise)
 
     def progress(found: PolicyGoodput) -> None:
@@ -722,7 +769,7 @@ def goodput(
 
         report["figures"] = sweep_and_plot(setting, trace or setting.trace, report, plot, search)
     if json_path:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        _write_json(json_path, report)
 
 
 @app.command("slo-sweep")
@@ -742,18 +789,20 @@ def slo_sweep(
     ttft_slo_ms: TtftMsOption = None,
     ttft_slo_scale: TtftScaleOption = None,
     tpot_slo_ms: TpotMsOption = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="write the results here")] = None,
     plot: Annotated[Path | None, typer.Option(help="also draw attainment against the scale into this PNG")] = None,
 ) -> None:
     """Joint SLO attainment of each policy at one rate as both SLOs are scaled (tightest scale attaining 90 %)."""
     from tropical.experiments import PolicySloSweep, SearchSettings, slo_sweep_report
 
     setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
-    names = [name.strip() for name in policies.split(",") if name.strip()]
+    names = _policy_names(policies)
     try:
         factors = [float(x) for x in scales.split(",") if x.strip()]
     except ValueError:
         raise typer.BadParameter(f"--scales must be comma-separated numbers, got {scales!r}") from None
+    if not factors or not all(math.isfinite(x) and x > 0.0 for x in factors):
+        raise typer.BadParameter(f"--scales must be positive numbers, got {scales!r}")
     search = SearchSettings(replay=_replay(requests, start_s, duration_s, arrival, cv), seed=seed, noise=noise)
 
     def progress(found: PolicySloSweep) -> None:
@@ -770,14 +819,14 @@ def slo_sweep(
 
         report["figure"] = plot_slo_sweep(setting, report, plot)
     if json_path:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        _write_json(json_path, report)
 
 
 @app.command("ablate")
 def ablate(
     setting_name: SettingOption,
     trace: TraceOption = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="write the results here")] = None,
     requests: NumRequestsOption = None,
     start_s: StartOption = None,
     duration_s: DurationOption = None,
@@ -800,7 +849,7 @@ def ablate(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if json_path:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        _write_json(json_path, report)
 
 
 # --- live benchmark -----------------------------------------------------------------------------
@@ -866,7 +915,7 @@ def bench(
     result_dir: Annotated[Path | None, typer.Option(help="where --save-result and a sweep's curves go (default: here, or beside --json)")] = None,
     result_filename: Annotated[str | None, typer.Option(help="--save-result's file name (default: {backend}-{rate}qps-{model}-{date}.json)")] = None,
     disable_tqdm: Annotated[bool, typer.Option("--disable-tqdm", help="no progress bar (there is none when stderr is not a terminal)")] = False,
-    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report here (a sweep: every run's)")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="also write the report here (a sweep: every run's)")] = None,
 ) -> None:
     """Replay a trace or synthetic load onto a deployment or an OpenAI-compatible server; print `vllm bench serve`'s summary."""
     import time
@@ -1059,8 +1108,7 @@ def _bench_write(records: list[dict[str, Any]], *, json_path: Path | None, save_
         typer.echo(f"\nsweep curves: {figure}")
     if json_path is not None:
         content: Any = {"runs": records, "figure": figure} if sweep else records[0]
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(content, indent=2) + "\n")
+        _write_json(json_path, content)
 
 
 def _model_word(record: dict[str, Any]) -> str:
@@ -1164,7 +1212,7 @@ def _shown(value: Any, spec: str = "") -> str:
 def chaos(
     ctx: typer.Context,
     scenario: Annotated[str | None, typer.Option(help="kill-worker, restart-broker, restart-redis, kill-router, kv-fault or overload")] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="write the report here")] = None,
     policy: Annotated[str | None, typer.Option(help="default: the scenario's (tropical; kv-fault distserve; overload unified)")] = None,
     workers: Annotated[int | None, typer.Option(help="workers to spawn (default: the scenario's, 2 or 3)")] = None,
     request_rate: Annotated[
@@ -1226,8 +1274,7 @@ def chaos(
     except (ServerMissing, RuntimeError, OSError) as exc:  # a server missing, a process that would not start
         raise _bench_failure(str(exc)) from None
     record = {**result.as_json(), "goodput_rps": goodput, "date": datetime.now().strftime("%Y%m%d-%H%M%S"), "machine": _machine()}
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    _write_json(json_path, record)
     typer.echo("\n".join(_chaos_lines(record)))
     raise typer.Exit(0 if result.accounts.clean else 1)
 
