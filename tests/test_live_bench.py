@@ -166,3 +166,19 @@ async def assert_no_queues(settings: Settings, names: list[str]) -> None:
 def test_spawn_needs_a_real_broker(tmp_path: Path) -> None:
     code, output, report = bench(tmp_path, "--spawn", "--request-rate", "5", "--num-prompts", "2")
     assert code == 2 and "--spawn needs a real broker" in output and report is None
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (RABBITMQ_URL.replace("guest:guest@", "guest:not-the-password@"), "refused the login: check the user and password"),
+        ("amqp://guest:guest@127.0.0.1:1/", "cannot reach the broker at amqp://guest:***@127.0.0.1:1/"),
+    ],
+)
+def test_a_wrong_broker_password_or_address_is_one_line_and_exit_2(url: str, problem: str) -> None:
+    result = CliRunner().invoke(app, ["--broker-url", url, "bench", "--num-prompts", "2"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and problem in errors[0] and "Traceback" not in result.output
+    assert "not-the-password" not in result.output  # the password is masked

@@ -39,13 +39,20 @@ app = typer.Typer(
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop where it is installed: it is the faster loop for a bus-bound service."""
+    """Run on uvloop where it is installed: it is the faster loop for a bus-bound service. A broker that cannot be
+    reached or refuses the login ends the command with one line and exit 2."""
+    from tropical.bus import BrokerUnavailable
+
     try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(main)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    except BrokerUnavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.callback()
@@ -1001,6 +1008,8 @@ def bench(
 
     try:
         backend, model_id, results = run_async(run())
+    except typer.Exit:
+        raise  # run_async said why already
     except RuntimeError as exc:  # a spawned process that would not start, a server that would not answer
         raise _bench_failure(str(exc)) from None
     date = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -1271,6 +1280,8 @@ def chaos(
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
         result = run_async(run_chaos(plan, settings))
+    except typer.Exit:
+        raise  # run_async said why already
     except (ServerMissing, RuntimeError, OSError) as exc:  # a server missing, a process that would not start
         raise _bench_failure(str(exc)) from None
     record = {**result.as_json(), "goodput_rps": goodput, "date": datetime.now().strftime("%Y%m%d-%H%M%S"), "machine": _machine()}

@@ -91,12 +91,13 @@ class Settings(BaseSettings):
         """The settings with passwords in URLs masked, for logs and `tropical settings`."""
         values = self.model_dump()
         for key in ("broker_url", "redis_url"):
-            values[key] = _mask_password(values[key])
+            values[key] = mask_password(values[key])
         values["api_keys"] = f"{len(self.api_key_set())} key(s)"
         return values
 
 
-def _mask_password(url: str) -> str:
+def mask_password(url: str) -> str:
+    """The URL with its password, if any, as `***`: fit for a log line or an error message."""
     scheme, sep, rest = url.partition("://")
     credentials, at, host = rest.rpartition("@")
     if not at or ":" not in credentials:

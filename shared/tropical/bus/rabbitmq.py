@@ -44,6 +44,7 @@ from tropical.bus.base import (
     dead_letter_queue,
     run_handler,
 )
+from tropical.settings import mask_password
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,13 @@ class RabbitBus(Bus):
         Later disconnects are healed in the background, trying every
         `reconnect_interval` seconds; operations wait up to `connect_timeout` for that.
         """
-        connection = await aio_pika.connect_robust(url, timeout=connect_timeout, reconnect_interval=reconnect_interval)
+        try:
+            connection = await aio_pika.connect_robust(url, timeout=connect_timeout, reconnect_interval=reconnect_interval)
+        except aiormq.exceptions.ProbableAuthenticationError:
+            raise BrokerUnavailable(f"the broker at {mask_password(url)} refused the login: check the user and password") from None
+        except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+            reason = next((a for a in reversed(exc.args) if isinstance(a, str)), None) or str(exc) or type(exc).__name__
+            raise BrokerUnavailable(f"cannot reach the broker at {mask_password(url)}: {reason}") from None
         try:
             publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
         except BaseException:
