@@ -279,3 +279,19 @@ def test_make_policy_layouts_and_options() -> None:
         make_policy("orca", MODEL)
     with pytest.raises(ValueError, match="no option"):
         make_policy("vllm", MODEL, warp_speed=9)
+    with pytest.raises(ValueError, match="no option 'router.token_budget'"):
+        make_policy("vllm", MODEL, **{"router.token_budget": 9})
+
+
+def test_an_option_reaches_only_the_part_it_names() -> None:
+    """The router's queue order and the prefill workers' are two options: naming one leaves the other."""
+    base = make_policy("unified", MODEL)
+    fcfs_router = make_policy("unified", MODEL, **{"router.order": PrefillOrder.FCFS})
+    assert fcfs_router.router.order is PrefillOrder.FCFS and fcfs_router.prefill == base.prefill
+    fcfs_workers = make_policy("unified", MODEL, **{"prefill.order": PrefillOrder.FCFS})
+    assert fcfs_workers.prefill.order is PrefillOrder.FCFS and fcfs_workers.router == base.router
+    with pytest.raises(ValueError, match="give router.order or prefill.order"):
+        make_policy("unified", MODEL, order=PrefillOrder.FCFS)  # two parts have it: which one is meant is not guessed
+    assert make_policy("unified", MODEL, drop_hopeless=False).router.drop_hopeless is False  # one part has it: no name needed
+    kept = make_policy("unified", MODEL, **{"batcher.min_chunk": 96, "router.min_chunk": 32})  # a copy named itself stays its own
+    assert (kept.batcher.min_chunk, kept.router.min_chunk) == (96, 32)

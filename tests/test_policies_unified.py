@@ -356,8 +356,8 @@ def test_the_router_looks_ahead_with_the_batcher_the_workers_run() -> None:
 
     policy = make_policy("unified", MODEL)
     assert policy.router.lookahead is policy.batcher
-    tuned = make_policy("unified", MODEL, min_chunk=128)  # a batcher (and router) option: the look-ahead follows it
-    assert tuned.router.lookahead is tuned.batcher and tuned.batcher.min_chunk == 128
+    tuned = make_policy("unified", MODEL, **{"batcher.min_chunk": 128})  # the look-ahead, and the router's copy, follow it
+    assert tuned.router.lookahead is tuned.batcher and tuned.batcher.min_chunk == tuned.router.min_chunk == 128
     assert make_policy("unified", MODEL, lookahead=None).router.lookahead is None  # the closed form alone
 
 

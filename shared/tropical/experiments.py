@@ -541,14 +541,15 @@ def unified_ablations(model: LatencyModel) -> dict[str, dict[str, Any]]:
         "unified (all ideas)": {},
         "- refusing predicted TTFT misses (they wait for spare capacity)": {"drop_hopeless": False},
         "- every refusal (serve all, late ones on spare capacity)": {
-            "drop_hopeless": False, "reject_unattainable": False, "abandon_hopeless": False, "abandon_after": None,
+            "drop_hopeless": False, "reject_unattainable": False, "prefill.abandon_hopeless": False, "batcher.abandon_hopeless": False,
+            "abandon_after": None,
         },
-        "- abandoning queued prompts that can no longer meet their TTFT": {"abandon_hopeless": False},
+        "- abandoning queued prompts that can no longer meet their TTFT": {"prefill.abandon_hopeless": False, "batcher.abandon_hopeless": False},
         "- banked slack (per-step TPOT instead)": {"allowed_step": AllowedStep.TPOT},
         "- ignoring decodes that missed TTFT": {"protect_late": True},
         "- abandoning starved decodes (they wait until the batch drains)": {"abandon_after": None},
         "- SLO-sized chunks (fixed 512-token budget)": {"slo_chunks": False, "token_budget": 512},
-        "- urgency order (FCFS router queue)": {"order": PrefillOrder.FCFS},
+        "- urgency order (FCFS router queue)": {"router.order": PrefillOrder.FCFS},  # the router's queue only, not the prefill workers'
         "- predicted placement (Tropical's toggle, urgency order)": {"router": MultiplexingToggle(model, order=PrefillOrder.URGENCY), "min_prefill_workers": 1},
         "- keeping prompts off workers whose waiting decodes are behind": {"protect_waiting": False},
         "- multiplexing (prefill workers only)": {"multiplexing": False, "min_prefill_workers": 1},

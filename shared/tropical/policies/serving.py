@@ -96,7 +96,8 @@ UNIFIED_ABANDON_AFTER = 60.0  # seconds a decode may fall behind its TPOT budget
 
 
 def make_policy(name: str, model: LatencyModel, **options: Any) -> ServingPolicy:
-    """The named policy over `model`. `options` override fields of the batcher, planner or router by name."""
+    """The named policy over `model`. `options` override fields of the policy or of one of its parts: `router.order`,
+    `prefill.order`, `batcher.min_chunk`, or a bare name that only one part has (`_with_options`)."""
     builders = {
         "vllm": _vllm,
         "sarathi": _sarathi,
@@ -188,20 +189,42 @@ def _unified(model: LatencyModel) -> ServingPolicy:
     )
 
 
+PARTS = ("router", "prefill", "batcher")
+MIRRORED = ("min_chunk", "reserve_tpots", "bank_steps", "repay_steps", "kv_watermark")  # a looking-ahead router's copies of its batcher's
+
+
 def _with_options(policy: ServingPolicy, options: dict[str, Any]) -> ServingPolicy:
-    """Apply each option to whichever part has a field of that name (policy first, then its parts)."""
-    parts: dict[str, Any] = {"router": policy.router, "prefill": policy.prefill, "batcher": policy.batcher}
-    changes: dict[str, dict[str, Any]] = {key: {} for key in parts}
+    """Apply each option to the one part it names: `router.order`, `batcher.min_chunk`; a bare name for a field of the
+    policy itself or of exactly one part.
+
+    A router that looks ahead with the batcher keeps looking ahead with the
+    batcher as changed, and its copies of the batcher's step rules follow the
+    batcher's unless named themselves.
+    """
+    parts: dict[str, Any] = {part: getattr(policy, part) for part in PARTS}
+    changes: dict[str, dict[str, Any]] = {part: {} for part in PARTS}
     own: dict[str, Any] = {}
     for key, value in options.items():
+        part, dot, field = key.rpartition(".")
+        if dot:
+            if part not in parts or field not in getattr(parts[part], "__dataclass_fields__", {}):
+                raise ValueError(f"{policy.name} has no option {key!r}")
+            changes[part][field] = value
+            continue
         if key in ServingPolicy.__dataclass_fields__:
             own[key] = value
             continue
         owners = [part for part, obj in parts.items() if key in getattr(obj, "__dataclass_fields__", {})]
         if not owners:
             raise ValueError(f"{policy.name} has no option {key!r}")
-        for part in owners:
-            changes[part][key] = value
+        if len(owners) > 1:
+            raise ValueError(f"{key!r} is an option of {policy.name}'s {' and '.join(owners)}: give {' or '.join(f'{o}.{key}' for o in owners)}")
+        changes[owners[0]][key] = value
+    router_changes, batcher_changes = changes["router"], changes["batcher"]
+    if getattr(parts["router"], "lookahead", None) is not None and "lookahead" not in router_changes:
+        for field in MIRRORED:
+            if field in batcher_changes and field not in router_changes and field in parts["router"].__dataclass_fields__:
+                router_changes[field] = batcher_changes[field]
     updated: dict[str, Any] = {part: replace(parts[part], **fields) for part, fields in changes.items() if fields}
     router = updated.get("router", policy.router)
     if getattr(router, "lookahead", None) is not None and "batcher" in updated:  # the router predicts with the batcher the workers run
