@@ -172,10 +172,19 @@ def test_high_that_passes_is_expanded() -> None:
     assert [rate for rate, _ in result.evaluations[:6]] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
 
 
-def test_low_that_fails_means_zero_goodput() -> None:
+def test_low_that_fails_is_halved_toward_zero() -> None:
+    """A bursty trace may attain only well below a preset's lower rate: the search looks there before it says 0."""
+    result = find_goodput(lambda rate: 1.0 if rate <= 0.14 else 0.5, low=1.0, high=4.0)
+    assert result.converged and 0.14 * (1 - 0.02) <= result.rate <= 0.14
+    assert [rate for rate, _ in result.evaluations[:4]] == [1.0, 0.5, 0.25, 0.125]
+
+
+def test_nothing_attaining_down_to_the_floor_means_zero_goodput() -> None:
     result = find_goodput(lambda rate: 0.5, low=1.0, high=4.0)
-    assert result.rate == 0.0 and result.converged
-    assert result.evaluations == ((1.0, 0.5),)
+    assert result.rate == 0.0 and result.converged and result.upper == 1.0 / 2**10
+    assert len(result.evaluations) == 11
+    out_of_budget = find_goodput(lambda rate: 0.5, low=1.0, high=4.0, max_evaluations=5)
+    assert out_of_budget.rate == 0.0 and not out_of_budget.converged  # it did not look far enough down to say 0
 
 
 def test_evaluation_budget_is_respected() -> None:

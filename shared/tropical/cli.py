@@ -763,8 +763,9 @@ def goodput(
 
     def progress(found: PolicyGoodput) -> None:
         split = "" if found.prefill_workers is None else f" at {found.prefill_workers} prefill worker(s)"
+        unsettled = "" if found.converged else "  (not converged: the evaluation budget ran out; the goodput is at least this)"
         typer.echo(
-            f"{found.policy:>10}: {found.goodput_rps:.4g} req/s ({found.per_gpu:.4g} per GPU){split}  [{found.seconds:.1f} s]"
+            f"{found.policy:>10}: {found.goodput_rps:.4g} req/s ({found.per_gpu:.4g} per GPU){split}  [{found.seconds:.1f} s]{unsettled}"
         )
 
     try:

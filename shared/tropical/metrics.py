@@ -258,7 +258,7 @@ def _percentile(values: np.ndarray, q: float) -> float:
 class GoodputResult:
     """The highest rate found to attain `target`, and every evaluation on the way.
 
-    `rate` is 0 when even the lowest rate fails. `converged` is False when the
+    `rate` is 0 when no rate down to the search's floor attains. `converged` is False when the
     evaluation budget ran out before the bracket [rate, upper] shrank to the
     tolerance (or before any failing rate was found, in which case `upper` is
     None and the goodput is at least `rate`).
@@ -269,6 +269,9 @@ class GoodputResult:
     upper: float | None
     converged: bool
     evaluations: tuple[tuple[float, float], ...]  # (rate, attainment) in evaluation order
+
+
+ZERO_HALVINGS = 10  # a search whose lowest rate fails halves it this many times before it calls the goodput 0
 
 
 def find_goodput(
@@ -283,8 +286,11 @@ def find_goodput(
     """Bisect for the highest rate whose attainment is at least `target`.
 
     Assumes attainment falls as the rate rises. If `high` still passes, the
-    bracket doubles upward until a rate fails; if `low` fails, the goodput is
-    0. Bisection stops once (upper − lower) ≤ rel_tolerance · lower.
+    bracket doubles upward until a rate fails; if `low` fails, it halves
+    downward until a rate passes, and the goodput is 0 only when nothing down
+    to `low` / 2^ZERO_HALVINGS does (a bursty trace can attain well below a
+    preset's usual range). Bisection stops once (upper − lower) ≤
+    rel_tolerance · lower.
     """
     if not 0.0 < low < high:
         raise ValueError(f"need 0 < low < high, got low={low}, high={high}")
@@ -300,12 +306,21 @@ def find_goodput(
     def result(rate: float, upper: float | None, converged: bool) -> GoodputResult:
         return GoodputResult(rate, target, upper, converged, tuple(evaluations))
 
-    if not passes(low):
-        return result(0.0, low, True)
-    while passes(high):
-        if len(evaluations) >= max_evaluations:
-            return result(high, None, False)
-        low, high = high, high * 2.0
+    if passes(low):
+        while passes(high):
+            if len(evaluations) >= max_evaluations:
+                return result(high, None, False)
+            low, high = high, high * 2.0
+    else:
+        floor = low / 2.0**ZERO_HALVINGS
+        while True:
+            if len(evaluations) >= max_evaluations:
+                return result(0.0, low, False)
+            low, high = low / 2.0, low
+            if low < floor:
+                return result(0.0, high, True)  # nothing attains down to the floor: no goodput
+            if passes(low):
+                break
     while high - low > rel_tolerance * low:
         if len(evaluations) >= max_evaluations:
             return result(low, high, False)
