@@ -67,6 +67,20 @@ def test_mooncake_buckets_are_spread_evenly(tmp_path: Path) -> None:
     assert [r.prompt_tokens for r in requests] == [10, 11, 12, 13, 14, 15]
 
 
+def test_only_stamps_on_the_bucket_grid_are_spread(tmp_path: Path) -> None:
+    """A trace in Mooncake's format with real times keeps them: only stamps on the 3-second grid are bucket starts."""
+    lines = [
+        '{"timestamp": 1234, "input_length": 10, "output_length": 1}',
+        '{"timestamp": 1234, "input_length": 11, "output_length": 1}',
+        '{"timestamp": 4500, "input_length": 12, "output_length": 1}',
+        '{"timestamp": 6000, "input_length": 13, "output_length": 1}',
+        '{"timestamp": 6000, "input_length": 14, "output_length": 1}',
+    ]
+    requests = load_trace(write(tmp_path, "real.jsonl", "\n".join(lines) + "\n"))
+    # 1.234 s twice and 4.5 s are real times (kept, less the first); the two at 6 s share a bucket: 6 and 7.5 s
+    assert arrivals(requests) == pytest.approx([0.0, 0.0, 3.266, 4.766, 6.266])
+
+
 def test_distserve_csv_and_integral_floats(tmp_path: Path) -> None:
     text = "req_id,arrival_s,prompt_len,output_len\n0,0.0,55,4\n1,1.25,829.0,170\n2,3.0,12,1\n"
     requests = load_trace(write(tmp_path, "d.csv", text))

@@ -42,6 +42,7 @@ from tropical.data import data_file
 
 GZIP_MAGIC = b"\x1f\x8b"
 MOONCAKE_BUCKET_S = 3.0  # the Mooncake conversation trace stamps arrivals in 3-second buckets
+MOONCAKE_GRID_TOLERANCE_S = 0.01  # its bucket stamps sit within 3 ms of multiples of 3 s; a stamp farther off is a real time
 
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 DISTSERVE_COLUMNS = ("arrival_s", "prompt_len", "output_len")
@@ -294,9 +295,10 @@ def _read_jsonl(path: Path, text: str) -> _Rows:
         prompts.append(_length(path, line, "input_length", record["input_length"]))
         outputs.append(_length(path, line, "output_length", record["output_length"]))
     seconds = np.array(stamps, dtype=float) / 1000.0
+    on_grid = np.abs(seconds - MOONCAKE_BUCKET_S * np.round(seconds / MOONCAKE_BUCKET_S)) <= MOONCAKE_GRID_TOLERANCE_S  # bucket starts
     if len(seconds):
         seconds -= seconds.min()
-    return _Rows(_spread_buckets(seconds), np.array(prompts, dtype=np.int64), np.array(outputs, dtype=np.int64))
+    return _Rows(_spread_buckets(seconds, on_grid), np.array(prompts, dtype=np.int64), np.array(outputs, dtype=np.int64))
 
 
 def _json_lines(path: Path, text: str) -> Iterator[tuple[int, dict]]:
@@ -312,15 +314,23 @@ def _json_lines(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         yield line, record
 
 
-def _spread_buckets(seconds: np.ndarray) -> np.ndarray:
-    """Spread the k requests stamped t evenly over [t, t + bucket): t + i·bucket/k.
+def _spread_buckets(seconds: np.ndarray, on_grid: np.ndarray) -> np.ndarray:
+    """Spread the k requests stamped t on the bucket grid evenly over [t, t + bucket): t + i·bucket/k.
 
     Mooncake quantises arrivals to 3-second buckets; replaying them as
     simultaneous bursts would invent a burstiness the service never saw. Even
-    spacing is deterministic, so runs are repeatable without a seed.
+    spacing is deterministic, so runs are repeatable without a seed. A stamp
+    off that grid (`on_grid` False: a trace in the same format with real
+    times) is a real arrival time and is kept.
     """
-    if len(seconds) == 0:
+    if not on_grid.any():
         return seconds
+    spread = seconds.copy()
+    spread[on_grid] = _spread_all(seconds[on_grid])
+    return spread
+
+
+def _spread_all(seconds: np.ndarray) -> np.ndarray:
     order = np.argsort(seconds, kind="stable")
     ordered = seconds[order]
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
