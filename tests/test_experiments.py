@@ -301,3 +301,10 @@ def test_slo_sweep_command_writes_json_and_a_plot(lengths: Path, tmp_path: Path)
     assert png.read_bytes().startswith(b"\x89PNG")
     bad = CliRunner().invoke(app, ["slo-sweep", "--setting", "longbench-70b", "--rate", "1", "--scales", "1,x"], env={"COLUMNS": "300"})
     assert bad.exit_code == 2 and "comma-separated numbers" in bad.output
+
+
+def test_a_goodput_search_reports_each_point_as_it_goes(lengths: Path) -> None:
+    points: list[tuple[str, int | None, float, float]] = []
+    found = policy_goodput(SETTINGS["chat-13b"], lengths, "vllm", SearchSettings(replay=Replay(requests=30)), evaluated=lambda *p: points.append(p))
+    assert points and {p[0] for p in points} == {"vllm"} and all(p[1] is None for p in points)
+    assert [(rate, value) for _, _, rate, value in points] == list(found.attainment_at.items())

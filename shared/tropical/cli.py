@@ -768,8 +768,13 @@ def goodput(
             f"{found.policy:>10}: {found.goodput_rps:.4g} req/s ({found.per_gpu:.4g} per GPU){split}  [{found.seconds:.1f} s]{unsettled}"
         )
 
+    def evaluated(policy: str, split: int | None, rate: float, value: float) -> None:
+        layout = "" if split is None else f" with {split} prefill worker(s)"
+        typer.echo(f"  {policy} at {rate:.4g} req/s{layout}: {100 * value:.1f} % attain both SLOs", err=True)
+
     try:
-        report = goodput_report(setting, trace or setting.trace, names, search, progress=progress)
+        report = goodput_report(setting, trace or setting.trace, names, search, progress=progress,
+                                evaluated=evaluated if sys.stderr.isatty() else None)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if plot:

@@ -349,6 +349,7 @@ def policy_goodput(
     *,
     options: dict[str, Any] | None = None,
     splits: Sequence[int | None] | None = None,
+    evaluated: Callable[[str, int | None, float, float], None] | None = None,
 ) -> PolicyGoodput:
     """Goodput of one policy, at its best prefill:decode split when the setting has a choice.
 
@@ -373,6 +374,8 @@ def policy_goodput(
             value, summary = attainment(setting, trace, policy, rate, split, search, options)
             per_split[split][rate] = value
             summaries[(split, rate)] = summary
+            if evaluated:
+                evaluated(policy, split, rate, value)  # a search takes minutes: each point as it comes
             best = max(best, value)
             if value >= search.target:
                 passing.append(split)
@@ -428,10 +431,11 @@ def goodput_report(
     search: SearchSettings = SearchSettings(),
     *,
     progress: Callable[[PolicyGoodput], None] | None = None,
+    evaluated: Callable[[str, int | None, float, float], None] | None = None,
 ) -> dict[str, Any]:
-    """The `tropical goodput` JSON: every policy's goodput on one setting and trace."""
+    """The `tropical goodput` JSON: every policy's goodput on one setting and trace (`evaluated`: each point searched)."""
     started = time.perf_counter()
-    results = _each_policy(policies, lambda name: policy_goodput(setting, trace, name, search), progress)
+    results = _each_policy(policies, lambda name: policy_goodput(setting, trace, name, search, evaluated=evaluated), progress)
     return {
         "setting": setting.name,
         "trace": str(trace),
