@@ -21,6 +21,7 @@ import typer
 from pydantic import ValidationError
 
 from tropical.latency.profiling import hardware_name
+from tropical.policies.admission_rule import AdmissionRule
 from tropical.settings import MEMORY_URL, Settings
 
 if TYPE_CHECKING:
@@ -317,6 +318,10 @@ TtftScaleOption = Annotated[
     float | None, typer.Option("--ttft-slo-scale", callback=_positive, help="TTFT SLO as a multiple of the request's isolated prefill time")
 ]
 TpotMsOption = Annotated[float | None, typer.Option("--tpot-slo-ms", callback=_positive, help="TPOT SLO (ms)")]
+AdmissionOption = Annotated[
+    AdmissionRule,
+    typer.Option("--admission", help="own: each policy's own refusals; none: nobody refuses or abandons; hopeless: every policy by one shared rule"),
+]
 
 
 def _json_file(path: Path | None) -> Path | None:
@@ -673,6 +678,7 @@ def sim(
     ttft_slo_scale: TtftScaleOption = None,
     tpot_slo_ms: TpotMsOption = None,
     json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="also write the summary here")] = None,
+    admission: AdmissionOption = AdmissionRule.OWN,
 ) -> None:
     """Simulate one policy at one rate and print a `vllm bench serve`-style summary."""
     import time
@@ -690,7 +696,7 @@ def sim(
     started = time.perf_counter()
     try:
         load = workload(setting, trace, rate, replay=replay, seed=seed)
-        result = run_policy(setting, policy, load, prefill_workers=prefill_workers, seed=seed, noise=noise)
+        result = run_policy(setting, policy, load, prefill_workers=prefill_workers, seed=seed, noise=noise, admission=admission)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     wall = time.perf_counter() - started
@@ -703,6 +709,7 @@ def sim(
         "policy": policy,
         "rate": rate,
         "prefill_workers": prefill_workers,
+        "admission": admission.value,
         "workers": dict(roles),
         "slo": setting.slo.describe(),
         "replay": replay.describe(setting),
@@ -716,7 +723,7 @@ def sim(
         f"{' Simulated Serving Result ':=^60}",
         f"{'Setting:':<40}{setting.name} ({setting.slo.describe()})",
         f"{'Replayed:':<40}{_replayed(trace, load.requests, rate)}",
-        f"{'Policy:':<40}{policy}",
+        f"{'Policy:':<40}{policy}" + ("" if admission is AdmissionRule.OWN else f" (admission: {admission.value})"),
         f"{'Workers:':<40}{workers}",
         f"{'Successful requests:':<40}{summary.finished}",
         f"{'Infeasible requests (counted as misses):':<40}{summary.infeasible}",
@@ -753,13 +760,15 @@ def goodput(
     ttft_slo_scale: TtftScaleOption = None,
     tpot_slo_ms: TpotMsOption = None,
     plot: Annotated[Path | None, typer.Option(help="also sweep rates and write PNG curves with this path prefix")] = None,
+    admission: AdmissionOption = AdmissionRule.OWN,
 ) -> None:
     """Find each policy's goodput (highest rate with >= 90 % joint SLO attainment) by bisection."""
     from tropical.experiments import PolicyGoodput, SearchSettings, goodput_report
 
     setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
     names = _policy_names(policies)
-    search = SearchSettings(replay=_replay(requests, start_s, duration_s, arrival, cv), rel_tolerance=rel_tolerance, seed=seed, noise=noise)
+    search = SearchSettings(replay=_replay(requests, start_s, duration_s, arrival, cv), rel_tolerance=rel_tolerance, seed=seed, noise=noise,
+                            admission=admission)
 
     def progress(found: PolicyGoodput) -> None:
         split = "" if found.prefill_workers is None else f" at {found.prefill_workers} prefill worker(s)"
@@ -804,6 +813,7 @@ def slo_sweep(
     tpot_slo_ms: TpotMsOption = None,
     json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="write the results here")] = None,
     plot: Annotated[Path | None, typer.Option(help="also draw attainment against the scale into this PNG")] = None,
+    admission: AdmissionOption = AdmissionRule.OWN,
 ) -> None:
     """Joint SLO attainment of each policy at one rate as both SLOs are scaled (tightest scale attaining 90 %)."""
     from tropical.experiments import PolicySloSweep, SearchSettings, slo_sweep_report
@@ -816,7 +826,7 @@ def slo_sweep(
         raise typer.BadParameter(f"--scales must be comma-separated numbers, got {scales!r}") from None
     if not factors or not all(math.isfinite(x) and x > 0.0 for x in factors):
         raise typer.BadParameter(f"--scales must be positive numbers, got {scales!r}")
-    search = SearchSettings(replay=_replay(requests, start_s, duration_s, arrival, cv), seed=seed, noise=noise)
+    search = SearchSettings(replay=_replay(requests, start_s, duration_s, arrival, cv), seed=seed, noise=noise, admission=admission)
 
     def progress(found: PolicySloSweep) -> None:
         points = "  ".join(f"{scale:g}:{100 * value:.1f}%" for scale, value in found.sweep.points)
@@ -847,12 +857,13 @@ def ablate(
     cv: CvOption = None,
     rel_tolerance: Annotated[float, typer.Option(min=1e-6, help="bisection stops when the bracket is this fraction of the rate")] = 0.02,
     seed: Annotated[int, typer.Option(help="arrival and noise seed")] = 0,
+    admission: AdmissionOption = AdmissionRule.OWN,
 ) -> None:
     """Goodput of `unified` with each of its ideas taken out in turn."""
     from tropical.experiments import PolicyGoodput, SearchSettings, ablation_report
 
     setting = _setting(setting_name, None, None, None)
-    search = SearchSettings(replay=_replay(requests, start_s, duration_s, arrival, cv), rel_tolerance=rel_tolerance, seed=seed)
+    search = SearchSettings(replay=_replay(requests, start_s, duration_s, arrival, cv), rel_tolerance=rel_tolerance, seed=seed, admission=admission)
 
     def progress(label: str, found: PolicyGoodput) -> None:
         typer.echo(f"{label:<64} {found.goodput_rps:.4g} req/s  [{found.seconds:.1f} s]")

@@ -33,7 +33,7 @@ from tropical.metrics import (
     slo_scale_sweep,
     summarize,
 )
-from tropical.policies import POLICY_NAMES, ServingPolicy, make_policy
+from tropical.policies import POLICY_NAMES, AdmissionRule, ServingPolicy, make_policy, under_admission
 from tropical.simulator import ClusterSpec, SimRequest, SimulationResult, simulate
 from tropical.traces import TraceRequest, load_trace
 
@@ -288,8 +288,9 @@ def run_policy(
     seed: int = 0,
     noise: bool = False,
     options: dict[str, Any] | None = None,
+    admission: AdmissionRule = AdmissionRule.OWN,
 ) -> SimulationResult:
-    policy = make_policy(policy_name, setting.latency_model(), **(options or {}))
+    policy = under_admission(make_policy(policy_name, setting.latency_model(), **(options or {})), admission)
     result = simulate(load.requests, setting.cluster(policy, prefill_workers), policy, seed=seed, noise=noise)
     if result.unfinished:
         raise RuntimeError(f"{policy_name} left {result.unfinished} requests unfinished on {setting.name} at {load.rate} req/s")
@@ -332,11 +333,13 @@ class SearchSettings:
     seed: int = 0
     noise: bool = False
     max_evaluations: int = 30
+    admission: AdmissionRule = AdmissionRule.OWN  # which refusals every policy makes (tropical.policies.admission_rule)
 
 
 def attainment(setting: Setting, trace: Path, policy: str, rate: float, split: int | None, search: SearchSettings, options: dict[str, Any] | None = None) -> tuple[float, Summary]:
     load = workload(setting, trace, rate, replay=search.replay, seed=search.seed)
-    result = run_policy(setting, policy, load, prefill_workers=split, seed=search.seed, noise=search.noise, options=options)
+    result = run_policy(setting, policy, load, prefill_workers=split, seed=search.seed, noise=search.noise, options=options,
+                        admission=search.admission)
     summary = summarize(result.outcomes())
     return summary.attainment, summary
 
@@ -450,6 +453,7 @@ def goodput_report(
         "rel_tolerance": search.rel_tolerance,
         "target_attainment": search.target,
         "seed": search.seed,
+        "admission": search.admission.value,
         "search_seconds": round(time.perf_counter() - started, 2),
         "policies": {name: found.as_json() for name, found in results.items()},
     }
@@ -529,6 +533,7 @@ def slo_sweep_report(
         "target_attainment": search.target,
         "replay": search.replay.describe(setting),
         "seed": search.seed,
+        "admission": search.admission.value,
         "seconds": round(time.perf_counter() - started, 2),
         "policies": {name: found.as_json() for name, found in results.items()},
     }
@@ -577,6 +582,7 @@ def ablation_report(setting: Setting, trace: Path, search: SearchSettings = Sear
         "requests_per_rate": search.replay.count(setting),
         "replay": search.replay.describe(setting),
         "rel_tolerance": search.rel_tolerance,
+        "admission": search.admission.value,
         "variants": {
             label: {"goodput_rps": found.goodput_rps, "vs_unified": found.goodput_rps / base if base else None, "prefill_workers": found.prefill_workers}
             for label, found in rows.items()

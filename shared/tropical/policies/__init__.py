@@ -1,5 +1,6 @@
 """Scheduling policies: pure decisions over plain records, shared by the live services and the simulator."""
 
+from tropical.policies.admission_rule import AdmissionRule, under_admission
 from tropical.policies.batching import (
     Admission,
     AllowedStep,
@@ -37,6 +38,7 @@ __all__ = [
     "IDLE",
     "POLICY_NAMES",
     "Admission",
+    "AdmissionRule",
     "AllowedStep",
     "BatchSummary",
     "DecodeBatcher",
@@ -59,5 +61,6 @@ __all__ = [
     "make_policy",
     "max_chunk",
     "moore_hodgson",
+    "under_admission",
     "urgency_order",
 ]

@@ -97,7 +97,7 @@ UNIFIED_ABANDON_AFTER = 60.0  # seconds a decode may fall behind its TPOT budget
 
 def make_policy(name: str, model: LatencyModel, **options: Any) -> ServingPolicy:
     """The named policy over `model`. `options` override fields of the policy or of one of its parts: `router.order`,
-    `prefill.order`, `batcher.min_chunk`, or a bare name that only one part has (`_with_options`)."""
+    `prefill.order`, `batcher.min_chunk`, or a bare name that only one part has (`with_options`)."""
     builders = {
         "vllm": _vllm,
         "sarathi": _sarathi,
@@ -109,7 +109,7 @@ def make_policy(name: str, model: LatencyModel, **options: Any) -> ServingPolicy
     if name not in builders:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}")
     policy = builders[name](model)
-    return _with_options(policy, options) if options else policy
+    return with_options(policy, options) if options else policy
 
 
 def _vllm(model: LatencyModel) -> ServingPolicy:
@@ -193,7 +193,7 @@ PARTS = ("router", "prefill", "batcher")
 MIRRORED = ("min_chunk", "reserve_tpots", "bank_steps", "repay_steps", "kv_watermark")  # a looking-ahead router's copies of its batcher's
 
 
-def _with_options(policy: ServingPolicy, options: dict[str, Any]) -> ServingPolicy:
+def with_options(policy: ServingPolicy, options: dict[str, Any]) -> ServingPolicy:
     """Apply each option to the one part it names: `router.order`, `batcher.min_chunk`; a bare name for a field of the
     policy itself or of exactly one part.
 
