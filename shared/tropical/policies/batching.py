@@ -223,7 +223,7 @@ class DecodeBatcher:
         """Stall-free: prompt chunks after the decodes, within the token budget (or the allowed step).
 
         A router's look-ahead calls this for every step it predicts, so the
-        loop reads each request's fields once and the model's coefficients as locals.
+        loop reads the batcher's fields and the model's coefficients once.
         """
         model = self.model
         c0, c1 = model.c0, model.c1
@@ -243,15 +243,14 @@ class DecodeBatcher:
             if budget <= 0 or room <= 0.0:
                 break
             prefilled = r.prefilled
-            total = r.prompt_tokens + r.generated  # r.prefill_tokens
-            kv = total if prefilled == 0 else 0
+            kv = r.prefill_tokens if prefilled == 0 else 0
             if (kv and kv > free) or (prefilled == 0 and seqs + len(chunks) >= max_seqs):
                 if skip_blocked:
                     continue  # a started prompt further down holds KV already: let it finish
                 break
-            remaining = total - prefilled
+            remaining = r.remaining_prefill
             tokens = min(remaining, budget)
-            if room != math.inf:
+            if math.isfinite(room):
                 fits = max_chunk(model, prefilled, room)
                 if fits <= 0 and chunks:
                     break
@@ -262,7 +261,7 @@ class DecodeBatcher:
             room -= cost
             end += cost
             if finish_on_time and tokens == remaining:
-                deadline = r.arrival + r.ttft_slo - finish_margin  # r.ttft_deadline, less the margin
+                deadline = r.ttft_deadline - finish_margin
                 if end <= deadline:
                     room = min(room, deadline - end)  # its first token comes out when the step ends: keep that on time
             chunks.append((r.id, tokens))

@@ -119,14 +119,7 @@ def urgent_first(requests: Sequence[RequestView], model: LatencyModel, now: floa
     """
     recomputes = [r for r in requests if r.generated > 0]
     prompts = [r for r in requests if r.generated == 0]
-    if len(prompts) < 2:
-        return recomputes + prompts
-    head, hopeless = _urgency_split(prompts, model, now, now, 1)
-    ordered = recomputes + [prompts[i] for i in head]
-    if hopeless:
-        tail = sorted((prompts[i].remaining_prefill, prompts[i].arrival, i) for i in hopeless)  # as iter_urgency
-        ordered += [prompts[i] for _, _, i in tail]
-    return ordered
+    return recomputes + (prompts if len(prompts) < 2 else urgency_order(prompts, model, now))
 
 
 def without_hopeless(model: LatencyModel, worker: WorkerView, now: float) -> tuple[WorkerView, tuple[RequestId, ...]]:
@@ -137,10 +130,8 @@ def without_hopeless(model: LatencyModel, worker: WorkerView, now: float) -> tup
     now, it ends with an error instead of taking steps from prompts that can
     still make it.
     """
-    chunk_time = model.chunk_time
     hopeless = tuple(
-        r.id for r in worker.prefills
-        if r.generated == 0 and now + chunk_time((r.prefilled, r.prompt_tokens)) > r.arrival + r.ttft_slo  # (prefilled, prefill_tokens), ttft_deadline
+        r.id for r in worker.prefills if r.generated == 0 and now + model.chunk_time((r.prefilled, r.prefill_tokens)) > r.ttft_deadline
     )
     if not hopeless:
         return worker, ()

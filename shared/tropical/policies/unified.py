@@ -243,12 +243,10 @@ class _Board:
                 bound += d0 + d1 * batch.size + d2 * batch.context_tokens
             floor = 0.0
             if w.prefills and bounded:
-                begun = _begun(w) if w.in_step else None
+                begun = _begun(w) if w.in_step else {}
                 for q in w.prefills:
                     if q.generated > 0 or q.arrival + q.ttft_slo <= earliest_due:
-                        end = q.prompt_tokens + q.generated  # q.prefill_tokens
-                        start = q.prefilled + begun.get(q.id, 0) if begun else q.prefilled
-                        floor += c0 * (end * end - start * start) + c1 * (end - start)  # _unstarted_work
+                        floor += _unstarted_work(c0, c1, q, begun)
             decoding.append((bound + floor, i, w, floor))
         if bounded:
             decoding.sort()  # by (bound, position): positions differ, so the views are never compared
