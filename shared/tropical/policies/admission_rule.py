@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from tropical.latency.model import LatencyModel
+from tropical.policies.prefill_queue import unattainable
 from tropical.policies.records import RequestView, RouterDecision, WorkerView
 
 if TYPE_CHECKING:
@@ -44,8 +45,7 @@ class RefusingHopeless:
     model: LatencyModel
 
     def place(self, queue: Sequence[RequestView], workers: Sequence[WorkerView], now: float) -> RouterDecision:
-        prefill_time = self.model.prefill_time
-        refused = [r.id for r in queue if now + prefill_time(r.remaining_prefill) > r.ttft_deadline]
+        refused = unattainable(queue, self.model, now)
         if not refused:
             return self.router.place(queue, workers, now)
         gone = set(refused)

@@ -122,6 +122,12 @@ def urgent_first(requests: Sequence[RequestView], model: LatencyModel, now: floa
     return recomputes + (prompts if len(prompts) < 2 else urgency_order(prompts, model, now))
 
 
+def unattainable(queue: Sequence[RequestView], model: LatencyModel, now: float) -> list[RequestId]:
+    """Prompts waiting at a router that no schedule could save: now + their isolated prefill > their TTFT deadline."""
+    prefill_time = model.prefill_time
+    return [r.id for r in queue if now + prefill_time(r.remaining_prefill) > r.ttft_deadline]
+
+
 def without_hopeless(model: LatencyModel, worker: WorkerView, now: float) -> tuple[WorkerView, tuple[RequestId, ...]]:
     """The worker without its hopeless prompts, and their ids.
 

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from tropical.latency.model import LatencyModel
 from tropical.policies.lookahead import first_tokens
-from tropical.policies.prefill_queue import Job, PrefillOrder, moore_hodgson, order_prefills, urgency_order
+from tropical.policies.prefill_queue import Job, PrefillOrder, moore_hodgson, order_prefills, unattainable, urgency_order
 from tropical.policies.records import (
     Placement,
     RequestId,
@@ -95,8 +95,7 @@ class SlackAwareRouter:
         placements: list[Placement] = []
         drops: list[int] = []
         if self.reject_unattainable:
-            prefill_time = self.model.prefill_time
-            drops.extend(r.id for r in queue if now + prefill_time(r.remaining_prefill) > r.ttft_deadline)
+            drops.extend(unattainable(queue, self.model, now))
             if drops:
                 refused = set(drops)
                 queue = [r for r in queue if r.id not in refused]
