@@ -233,6 +233,7 @@ def test_sim_command_names_bad_replay_options(lengths: Path, extra: list[str], p
         (["sim", "--policy", "vllm", "--rate", "2", "--tpot-slo-ms", "nan"], "'--tpot-slo-ms': must be a positive number, got nan"),
         (["sim", "--policy", "vllm", "--rate", "2", "--ttft-slo-scale", "-1"], "'--ttft-slo-scale': must be a positive number, got -1"),
         (["sim", "--policy", "sarathi", "--rate", "2", "--prefill-workers", "2"], "sarathi runs prompts and decodes on every worker"),
+        (["sim", "--policy", "orca", "--rate", "2"], "unknown policy 'orca'"),
         (["sim", "--policy", "vllm", "--rate", "2", "--json", "."], "is a folder; give a file's path"),
         (["goodput", "--policies", ""], "no policy given"),
         (["goodput", "--policies", " , "], "no policy given"),

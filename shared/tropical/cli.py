@@ -689,7 +689,8 @@ def sim(
     from tropical.policies import make_policy
 
     setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
-    if prefill_workers is not None and not make_policy(policy, setting.latency_model()).disaggregated:
+    served = make_policy(_policy_checked(policy), setting.latency_model())
+    if prefill_workers is not None and not served.disaggregated:
         raise typer.BadParameter(f"{policy} runs prompts and decodes on every worker: it has no prefill workers", param_hint="--prefill-workers")
     trace = trace or setting.trace
     replay = _replay(requests, start_s, duration_s, arrival, cv)
@@ -700,7 +701,7 @@ def sim(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     wall = time.perf_counter() - started
-    roles = Counter(role.value for role in make_policy(policy, setting.latency_model()).roles(setting.workers, prefill_workers))
+    roles = Counter(role.value for role in served.roles(setting.workers, prefill_workers))
     workers = " + ".join(f"{count} {role}" for role, count in roles.items())
     summary = summarize(result.outcomes())
     record = {

@@ -344,14 +344,17 @@ class RouterService:
     async def _send_again(self, request: GenerateRequest, record: RequestRecord, status: WorkerStatus) -> None:
         """The dispatch an earlier router recorded, sent again to the same worker (`resent`) and followed from here."""
         checked = self._checked(request)
-        ttft, _ = self._slo_s(checked)
         dispatched = record.timings.dispatched if record.timings.dispatched is not None else self.clock()
-        message = Dispatch(
-            request=checked, prefill_worker=status.worker_id, decode_worker=status.worker_id, ttft_deadline=checked.arrival_time + ttft,
-            dispatched_at=dispatched, routed_at=record.timings.routed, resent=True,
-        )
+        message = self._dispatch_message(checked, status.worker_id, dispatched, record.timings.routed, resent=True)
         self.placements.dispatched(checked, status.worker_id)
         await send(self.bus, worker_queue(self.settings, status.worker_id), message)
+
+    def _dispatch_message(self, request: GenerateRequest, worker: str, dispatched_at: float, routed_at: float | None, *,
+                          resent: bool = False) -> Dispatch:
+        """The placement of `request` on `worker` (it prefills and decodes there, or hands on what it prefilled)."""
+        ttft, _ = self._slo_s(request)
+        return Dispatch(request=request, prefill_worker=worker, decode_worker=worker, ttft_deadline=request.arrival_time + ttft,
+                        dispatched_at=dispatched_at, routed_at=routed_at, resent=resent)
 
     def _record(
         self, request: GenerateRequest, state: RecordState, *, worker: str | None = None, error: ErrorCode | None = None,
@@ -547,14 +550,7 @@ class RouterService:
             if job.id not in self._requests:
                 return False
             request, routed_at = self._dequeued(job.id)
-            message = Dispatch(
-                request=request,
-                prefill_worker=status.worker_id,
-                decode_worker=status.worker_id,
-                ttft_deadline=request.arrival_time + job.ttft_slo,
-                dispatched_at=now,
-                routed_at=routed_at,
-            )
+            message = self._dispatch_message(request, status.worker_id, now, routed_at)
             self.ledger.dispatched(status.worker_id, job.view, now)
             self.placements.dispatched(request, status.worker_id)
             # Recorded before it is sent: a router that dies in between leaves a record naming the worker, and the
