@@ -270,6 +270,27 @@ async def test_a_router_that_cannot_renew_its_lease_stops_taking_requests_before
     await bus.close()
 
 
+@asynccontextmanager
+async def frozen_after_recording(broker: MemoryBroker, store: Store, placed: GenerateRequest) -> AsyncIterator[tuple[Bus, str, Bus]]:
+    """A router that takes the lease and `placed`, records its dispatch, and freezes before sending it or acking it.
+
+    Yields a client's bus, the requests queue and the frozen router's own bus (closing it is the router's death).
+    """
+    freezing = Freezing(store)
+    doomed_bus = broker.connect()
+    doomed_task = asyncio.create_task(router(doomed_bus, cast(Store, freezing), "doomed").run())
+    bus = broker.connect()
+    try:
+        queue = await declare_requests_queue(bus, SETTINGS)
+        await send(bus, queue, placed)
+        await asyncio.wait_for(freezing.frozen.wait(), WAIT)  # recorded; never sent, never acked
+        yield bus, queue, doomed_bus
+    finally:
+        doomed_task.cancel()
+        await asyncio.gather(doomed_task, return_exceptions=True)
+        await bus.close()
+
+
 async def test_a_request_a_router_recorded_as_dispatched_before_it_died_goes_once_to_the_worker_the_record_names(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -279,17 +300,8 @@ async def test_a_request_a_router_recorded_as_dispatched_before_it_died_goes_onc
     worker = StandInWorker(broker.connect(), store)
     await worker.start()
     await worker.report()
-    freezing = Freezing(store)
-    doomed_bus = broker.connect()
-    doomed = router(doomed_bus, cast(Store, freezing), "doomed")
-    doomed_task = asyncio.create_task(doomed.run())
-    bus = broker.connect()
-    try:
-        queue = await declare_requests_queue(bus, SETTINGS)
-        await eventually(lambda: doomed.leading, WAIT, what="the first router taking the lease")
-        placed = request("placed")
-        await send(bus, queue, placed)
-        await asyncio.wait_for(freezing.frozen.wait(), WAIT)  # recorded; never sent, never acked
+    placed = request("placed")
+    async with frozen_after_recording(broker, store, placed) as (bus, queue, doomed_bus):
         assert worker.dispatches() == Counter()
         await doomed_bus.close()  # the broker loses the dead router's connection: its unacked message is redelivered
 
@@ -309,10 +321,6 @@ async def test_a_request_a_router_recorded_as_dispatched_before_it_died_goes_onc
             assert [(m.request.arrival_time, m.resent) for m in worker.received if isinstance(m, Dispatch) and m.request.request_id == "placed"] == [
                 (placed.arrival_time, True), (resumed.arrival_time, False)
             ]
-    finally:
-        doomed_task.cancel()
-        await asyncio.gather(doomed_task, return_exceptions=True)
-        await bus.close()
 
 
 async def test_a_request_recorded_as_dispatched_to_a_worker_that_died_since_is_placed_anew() -> None:
@@ -320,16 +328,7 @@ async def test_a_request_recorded_as_dispatched_to_a_worker_that_died_since_is_p
     gone, other = StandInWorker(broker.connect(), store), StandInWorker(broker.connect(), store, name="v")
     await gone.start()
     await gone.report()
-    freezing = Freezing(store)
-    doomed_bus = broker.connect()
-    doomed = router(doomed_bus, cast(Store, freezing), "doomed")
-    doomed_task = asyncio.create_task(doomed.run())
-    bus = broker.connect()
-    try:
-        queue = await declare_requests_queue(bus, SETTINGS)
-        await eventually(lambda: doomed.leading, WAIT, what="the first router taking the lease")
-        await send(bus, queue, request("placed"))
-        await asyncio.wait_for(freezing.frozen.wait(), WAIT)  # recorded as dispatched to w; never sent, never acked
+    async with frozen_after_recording(broker, store, request("placed")) as (_, _, doomed_bus):
         await store.remove_worker_status("w")  # and w died too
         await other.start()
         await other.report()
@@ -338,10 +337,6 @@ async def test_a_request_recorded_as_dispatched_to_a_worker_that_died_since_is_p
         async with running(successor):
             await eventually(lambda: other.dispatches()["placed"] == 1, WAIT, what="the request placed on the living worker")
         assert gone.dispatches() == Counter() and [m.resent for m in other.received if isinstance(m, Dispatch)] == [False]
-    finally:
-        doomed_task.cancel()
-        await asyncio.gather(doomed_task, return_exceptions=True)
-        await bus.close()
 
 
 async def test_a_cancel_for_a_request_an_earlier_router_placed_goes_to_the_worker_its_record_names() -> None:
