@@ -13,7 +13,7 @@ policy here, so its look-ahead plans what the workers will do.
 from __future__ import annotations
 
 from tropical.latency.model import LatencyModel
-from tropical.policies.serving import ServingPolicy, make_policy
+from tropical.policies.serving import ServingPolicy, make_policy, with_options
 from tropical.settings import Settings
 
 
@@ -23,5 +23,5 @@ def live_policy(name: str, model: LatencyModel, settings: Settings) -> ServingPo
     fields = getattr(policy.router, "__dataclass_fields__", {})
     if "headroom" in fields and "dispatch_lead" in fields and (settings.admission_headroom_ms or settings.dispatch_lead_ms):
         headroom = settings.admission_headroom_ms / 1000.0
-        policy = make_policy(name, model, headroom=headroom, dispatch_lead=settings.dispatch_lead_ms / 1000.0, finish_margin=headroom)
+        policy = with_options(policy, {"headroom": headroom, "dispatch_lead": settings.dispatch_lead_ms / 1000.0, "finish_margin": headroom})
     return policy
