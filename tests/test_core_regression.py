@@ -12,6 +12,7 @@ import hashlib
 import pytest
 
 from tropical.experiments import SETTINGS, Replay, run_policy, workload
+from tropical.policies import AllowedStep, PlacementRule
 
 PINS = {
     "vllm": ("36031d6c1efe039a4efe", [(0, 0.057213965, 0.977383554, 0, 0), (150, 15.270317952, 22.237335402, 3, 3), (299, 25.025036933, 30.792546934, 1, 1)]),
@@ -23,13 +24,20 @@ PINS = {
     "unified": ("158412f947939381f1b9", [(0, 0.057213965, 0.980426093, 0, 2), (150, 15.073718437, 22.220358064, 7, 7), (299, 25.005361749, 31.441452757, 0, 5)]),
 }
 SPLITS = {"vllm": None, "sarathi": None, "distserve": 4, "tropical": 4, "kairos": 4, "unified": 2}
+# the configurations the pins were taken with, since the baselines' defaults moved to their faithful tunings
+# (tropical.policies.tuning) and the colocated ones behind a load-aware router
+BEFORE_TUNING = {
+    "vllm": {"router.rule": PlacementRule.INFAAS},
+    "sarathi": {"router.rule": PlacementRule.INFAAS, "token_budget": 512},
+    "kairos": {"router.max_batch": 256, "prefill.max_batch": 256, "allowed_step": AllowedStep.TPOT},
+}
 
 
 @pytest.mark.parametrize("policy", list(PINS))
 def test_seeded_timelines_are_those_pinned(policy: str) -> None:
     setting = SETTINGS["chat-13b"]
     load = workload(setting, setting.trace, 12.0, replay=Replay(requests=300), seed=1)
-    result = run_policy(setting, policy, load, prefill_workers=SPLITS[policy], seed=1, noise=True)
+    result = run_policy(setting, policy, load, prefill_workers=SPLITS[policy], seed=1, noise=True, options=BEFORE_TUNING.get(policy))
     rows = [
         (t.id, round(t.first_token or -1, 9), round(t.finish or -1, 9), t.prefill_worker, t.decode_worker, t.dropped)
         for t in result.timelines

@@ -305,7 +305,8 @@ def test_slo_sweep_command_writes_json_and_a_plot(lengths: Path, tmp_path: Path)
 
 
 def test_a_goodput_search_reports_each_point_as_it_goes(lengths: Path) -> None:
-    points: list[tuple[str, int | None, float, float]] = []
+    points: list[tuple[str, int | None, float, float, str]] = []
     found = policy_goodput(SETTINGS["chat-13b"], lengths, "vllm", SearchSettings(replay=Replay(requests=30)), evaluated=lambda *p: points.append(p))
     assert points and {p[0] for p in points} == {"vllm"} and all(p[1] is None for p in points)
-    assert [(rate, value) for _, _, rate, value in points] == list(found.attainment_at.items())
+    assert {p[4] for p in points} == set(found.by_tuning)  # every tuning searched says which it is
+    assert [(rate, value) for _, _, rate, value, tuning in points if tuning == found.tuning] == list(found.attainment_at.items())

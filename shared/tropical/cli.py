@@ -324,6 +324,33 @@ AdmissionOption = Annotated[
 ]
 
 
+OptionsOption = Annotated[
+    list[str] | None,
+    typer.Option("--option", help="KEY=VALUE, repeatable: a policy option, e.g. router.rule=infaas (the colocated baselines' INFaaS placement)"),
+]
+TuneOption = Annotated[bool, typer.Option("--tune/--no-tune", help="search each baseline's faithful tunings and keep the best / run its default")]
+
+
+def _policy_options(policies: Sequence[str], setting: Setting, given: list[str] | None) -> dict[str, Any]:
+    """`--option KEY=VALUE`s, typed as the field each names, checked against every named policy."""
+    from tropical.policies import make_policy
+    from tropical.policies.serving import option_from_text
+
+    options: dict[str, Any] = {}
+    for item in given or []:
+        key, equals, text = item.partition("=")
+        if not equals or not key.strip():
+            raise typer.BadParameter(f"give KEY=VALUE, got {item!r}", param_hint="--option")
+        values = []
+        for name in policies:
+            try:
+                values.append(option_from_text(make_policy(name, setting.latency_model()), key.strip(), text))
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--option") from None
+        options[key.strip()] = values[0]
+    return options
+
+
 def _json_file(path: Path | None) -> Path | None:
     """Where `--json` writes: not a folder (checked before the run, not after it). A missing folder is made then."""
     if path is None:
@@ -341,6 +368,11 @@ def _replayed(trace: Path, requests: Sequence[SimRequest], rate: float | None) -
     span = requests[-1].arrival - requests[0].arrival if len(requests) > 1 else 0.0
     pace = f"at {rate:g} req/s" if rate is not None else "at the trace's own times" + (f" ({(len(requests) - 1) / span:.3g} req/s)" if span > 0 else "")
     return f"{trace.name}: {len(requests)} requests {pace}"
+
+
+def _plain(value: Any) -> Any:
+    """An option's value as JSON holds it: an enum by its value."""
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def _write_json(path: Path, content: Any) -> None:
@@ -679,17 +711,19 @@ def sim(
     tpot_slo_ms: TpotMsOption = None,
     json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="also write the summary here")] = None,
     admission: AdmissionOption = AdmissionRule.OWN,
+    option: OptionsOption = None,
 ) -> None:
     """Simulate one policy at one rate and print a `vllm bench serve`-style summary."""
     import time
     from collections import Counter
 
-    from tropical.experiments import run_policy, workload
+    from tropical.experiments import run_policy, tuned, workload
     from tropical.metrics import summarize
     from tropical.policies import make_policy
 
     setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
-    served = make_policy(_policy_checked(policy), setting.latency_model())
+    options = _policy_options([_policy_checked(policy)], setting, option)
+    served = make_policy(policy, setting.latency_model(), **tuned(setting, policy, options))
     if prefill_workers is not None and not served.disaggregated:
         raise typer.BadParameter(f"{policy} runs prompts and decodes on every worker: it has no prefill workers", param_hint="--prefill-workers")
     trace = trace or setting.trace
@@ -697,7 +731,7 @@ def sim(
     started = time.perf_counter()
     try:
         load = workload(setting, trace, rate, replay=replay, seed=seed)
-        result = run_policy(setting, policy, load, prefill_workers=prefill_workers, seed=seed, noise=noise, admission=admission)
+        result = run_policy(setting, policy, load, prefill_workers=prefill_workers, seed=seed, noise=noise, admission=admission, options=options)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     wall = time.perf_counter() - started
@@ -711,6 +745,7 @@ def sim(
         "rate": rate,
         "prefill_workers": prefill_workers,
         "admission": admission.value,
+        "options": {key: _plain(value) for key, value in options.items()},
         "workers": dict(roles),
         "slo": setting.slo.describe(),
         "replay": replay.describe(setting),
@@ -762,29 +797,37 @@ def goodput(
     tpot_slo_ms: TpotMsOption = None,
     plot: Annotated[Path | None, typer.Option(help="also sweep rates and write PNG curves with this path prefix")] = None,
     admission: AdmissionOption = AdmissionRule.OWN,
+    option: OptionsOption = None,
+    tune: TuneOption = True,
 ) -> None:
     """Find each policy's goodput (highest rate with >= 90 % joint SLO attainment) by bisection."""
     from tropical.experiments import PolicyGoodput, SearchSettings, goodput_report
+    from tropical.policies.tuning import DEFAULT
 
     setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
     names = _policy_names(policies)
+    options = _policy_options(names, setting, option)
     search = SearchSettings(replay=_replay(requests, start_s, duration_s, arrival, cv), rel_tolerance=rel_tolerance, seed=seed, noise=noise,
-                            admission=admission)
+                            admission=admission, tune=tune)
 
     def progress(found: PolicyGoodput) -> None:
         split = "" if found.prefill_workers is None else f" at {found.prefill_workers} prefill worker(s)"
+        if found.by_tuning:
+            split += f", {found.tuning}"
         unsettled = "" if found.converged else "  (not converged: the evaluation budget ran out; the goodput is at least this)"
         typer.echo(
             f"{found.policy:>10}: {found.goodput_rps:.4g} req/s ({found.per_gpu:.4g} per GPU){split}  [{found.seconds:.1f} s]{unsettled}"
         )
 
-    def evaluated(policy: str, split: int | None, rate: float, value: float) -> None:
+    def evaluated(policy: str, split: int | None, rate: float, value: float, tuning: str) -> None:
         layout = "" if split is None else f" with {split} prefill worker(s)"
+        if tuning != DEFAULT.label:
+            layout += f", {tuning}"
         typer.echo(f"  {policy} at {rate:.4g} req/s{layout}: {100 * value:.1f} % attain both SLOs", err=True)
 
     try:
         report = goodput_report(setting, trace or setting.trace, names, search, progress=progress,
-                                evaluated=evaluated if sys.stderr.isatty() else None)
+                                evaluated=evaluated if sys.stderr.isatty() else None, options=options)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if plot:

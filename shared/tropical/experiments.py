@@ -5,7 +5,8 @@ KV link) and the SLO rule; the trace and the policies vary. Every policy in a
 setting runs on the same GPUs: colocated policies use every worker the same
 way, disaggregated ones split them into prefill and decoding workers. With
 more than two workers the split is searched per policy and each policy is
-reported at its best split, as DistServe reports its placements.
+reported at its best split, as DistServe reports its placements; likewise
+each baseline at its best faithful tuning (`tropical.policies.tuning`).
 
 Goodput is the highest request rate at which at least 90 % of requests meet
 both SLOs, found by bisection over the rate at which the first `requests`
@@ -15,9 +16,10 @@ own arrival pattern, rescaled; Poisson or Gamma arrivals for length tables.
 
 from __future__ import annotations
 
+import enum
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +36,7 @@ from tropical.metrics import (
     summarize,
 )
 from tropical.policies import POLICY_NAMES, AdmissionRule, ServingPolicy, make_policy, under_admission
+from tropical.policies.tuning import Tuning, tunings
 from tropical.simulator import ClusterSpec, SimRequest, SimulationResult, simulate
 from tropical.traces import TraceRequest, load_trace
 
@@ -290,11 +293,16 @@ def run_policy(
     options: dict[str, Any] | None = None,
     admission: AdmissionRule = AdmissionRule.OWN,
 ) -> SimulationResult:
-    policy = under_admission(make_policy(policy_name, setting.latency_model(), **(options or {})), admission)
+    policy = under_admission(make_policy(policy_name, setting.latency_model(), **tuned(setting, policy_name, options)), admission)
     result = simulate(load.requests, setting.cluster(policy, prefill_workers), policy, seed=seed, noise=noise)
     if result.unfinished:
         raise RuntimeError(f"{policy_name} left {result.unfinished} requests unfinished on {setting.name} at {load.rate} req/s")
     return result
+
+
+def tuned(setting: Setting, policy: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`options` over the policy's default tuning on this setting (`tropical.policies.tuning`)."""
+    return {**tunings(policy, setting.latency_model(), setting.slo.tpot)[0].options, **(options or {})}
 
 
 # --- goodput -----------------------------------------------------------------------------
@@ -307,19 +315,23 @@ class PolicyGoodput:
     per_gpu: float
     prefill_workers: int | None  # the split it was measured at (None: colocated)
     converged: bool
-    attainment_at: dict[float, float]  # every evaluated rate at the chosen split
+    attainment_at: dict[float, float]  # every evaluated rate at the chosen split and tuning
     splits: dict[int, float] = field(default_factory=dict)  # highest rate each split passed: its goodput for the best, a lower bound for splits dropped early
     infeasible: int = 0  # requests refused as unservable within SLO even on an idle cluster (at the goodput rate)
     seconds: float = 0.0
+    tuning: str = "as built"  # the policy's configuration it was measured at (tropical.policies.tuning)
+    by_tuning: dict[str, float] = field(default_factory=dict)  # highest rate each tuning passed, as `splits`
 
     def as_json(self) -> dict[str, Any]:
         return {
             "goodput_rps": self.goodput_rps,
             "goodput_per_gpu": self.per_gpu,
             "prefill_workers": self.prefill_workers,
+            "tuning": self.tuning,
             "converged": self.converged,
             "attainment_at": {f"{rate:.4f}": att for rate, att in sorted(self.attainment_at.items())},
             "goodput_by_prefill_workers": {str(k): v for k, v in sorted(self.splits.items())},
+            "goodput_by_tuning": dict(self.by_tuning),
             "infeasible_requests": self.infeasible,
             "search_seconds": round(self.seconds, 2),
         }
@@ -334,6 +346,7 @@ class SearchSettings:
     noise: bool = False
     max_evaluations: int = 30
     admission: AdmissionRule = AdmissionRule.OWN  # which refusals every policy makes (tropical.policies.admission_rule)
+    tune: bool = True  # search every faithful tuning of a baseline; False: its default only
 
 
 def attainment(setting: Setting, trace: Path, policy: str, rate: float, split: int | None, search: SearchSettings, options: dict[str, Any] | None = None) -> tuple[float, Summary]:
@@ -344,6 +357,9 @@ def attainment(setting: Setting, trace: Path, policy: str, rate: float, split: i
     return summary.attainment, summary
 
 
+Candidate = tuple[int, "int | None"]  # (index of a tuning, prefill workers)
+
+
 def policy_goodput(
     setting: Setting,
     trace: Path,
@@ -352,55 +368,73 @@ def policy_goodput(
     *,
     options: dict[str, Any] | None = None,
     splits: Sequence[int | None] | None = None,
-    evaluated: Callable[[str, int | None, float, float], None] | None = None,
+    evaluated: Callable[[str, int | None, float, float, str], None] | None = None,
 ) -> PolicyGoodput:
-    """Goodput of one policy, at its best prefill:decode split when the setting has a choice.
+    """Goodput of one policy, at its best tuning and prefill:decode split when the setting has a choice.
 
-    With several splits, one bisection runs over the rate with, at each rate,
-    the best attainment over the splits still in contention (a split passes a
-    rate if any evaluation there reaches the target): the highest rate some
-    split sustains is the best split's goodput. Splits that fail a rate that
-    another passes are dropped from later evaluations at higher rates.
+    With several candidates (tunings × splits), one bisection runs over the
+    rate with, at each rate, the best attainment over the candidates still in
+    contention (a candidate passes a rate if any evaluation there reaches the
+    target): the highest rate some candidate sustains is the best one's
+    goodput. Candidates that fail a rate that another passes are dropped from
+    later evaluations at higher rates. `options` apply over every tuning.
     """
     started = time.perf_counter()
     model = setting.latency_model()
-    candidates = list(splits) if splits is not None else setting.splits(make_policy(policy, model, **(options or {})))
-    per_split: dict[int | None, dict[float, float]] = {s: {} for s in candidates}
+    choices: tuple[Tuning, ...] = tunings(policy, model, setting.slo.tpot)
+    if not search.tune:
+        choices = choices[:1]
+    variants = [{**choice.options, **(options or {})} for choice in choices]
+    candidates: list[Candidate] = [
+        (t, split)
+        for t, variant in enumerate(variants)
+        for split in (list(splits) if splits is not None else setting.splits(make_policy(policy, model, **variant)))
+    ]
+    points: dict[Candidate, dict[float, float]] = {c: {} for c in candidates}
     alive = list(candidates)
-    summaries: dict[tuple[int | None, float], Summary] = {}
+    summaries: dict[tuple[Candidate, float], Summary] = {}
 
     def best_at(rate: float) -> float:
         nonlocal alive
         best = -1.0
         passing = []
-        for split in alive:
-            value, summary = attainment(setting, trace, policy, rate, split, search, options)
-            per_split[split][rate] = value
-            summaries[(split, rate)] = summary
+        for candidate in alive:
+            t, split = candidate
+            value, summary = attainment(setting, trace, policy, rate, split, search, variants[t])
+            points[candidate][rate] = value
+            summaries[(candidate, rate)] = summary
             if evaluated:
-                evaluated(policy, split, rate, value)  # a search takes minutes: each point as it comes
+                evaluated(policy, split, rate, value, choices[t].label)  # a search takes minutes: each point as it comes
             best = max(best, value)
             if value >= search.target:
-                passing.append(split)
+                passing.append(candidate)
         if passing:
-            alive = passing  # a split failing where another passes cannot have the higher goodput
+            alive = passing  # a candidate failing where another passes cannot have the higher goodput
         return best
 
     low, high = setting.rate_bounds
     result = find_goodput(best_at, target=search.target, low=low, high=high, rel_tolerance=search.rel_tolerance, max_evaluations=search.max_evaluations)
-    best_split = max(candidates, key=lambda s: (_split_goodput(per_split[s], search.target), -_none_last(s)))
-    by_split = {s: _split_goodput(per_split[s], search.target) for s in candidates if s is not None}
-    summary = summaries.get((best_split, result.rate))
+    passed = {c: _split_goodput(points[c], search.target) for c in candidates}
+    best = max(candidates, key=lambda c: (passed[c], -c[0], -_none_last(c[1])))
+    by_split: dict[int, float] = {}
+    by_tuning: dict[str, float] = {}
+    for (t, split), rate in passed.items():
+        if split is not None:
+            by_split[split] = max(by_split.get(split, 0.0), rate)
+        by_tuning[choices[t].label] = max(by_tuning.get(choices[t].label, 0.0), rate)
+    summary = summaries.get((best, result.rate))
     return PolicyGoodput(
         policy=policy,
         goodput_rps=result.rate,
         per_gpu=result.rate / setting.gpus,
-        prefill_workers=best_split,
+        prefill_workers=best[1],
         converged=result.converged,
-        attainment_at=dict(per_split[best_split]),
+        attainment_at=dict(points[best]),
         splits=by_split,
         infeasible=summary.infeasible if summary else 0,
         seconds=time.perf_counter() - started,
+        tuning=choices[best[0]].label,
+        by_tuning=by_tuning if len(choices) > 1 else {},
     )
 
 
@@ -434,11 +468,13 @@ def goodput_report(
     search: SearchSettings = SearchSettings(),
     *,
     progress: Callable[[PolicyGoodput], None] | None = None,
-    evaluated: Callable[[str, int | None, float, float], None] | None = None,
+    evaluated: Callable[[str, int | None, float, float, str], None] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The `tropical goodput` JSON: every policy's goodput on one setting and trace (`evaluated`: each point searched)."""
+    """The `tropical goodput` JSON: every policy's goodput on one setting and trace (`evaluated`: each point searched;
+    `options`: applied to every policy, over each of its tunings)."""
     started = time.perf_counter()
-    results = _each_policy(policies, lambda name: policy_goodput(setting, trace, name, search, evaluated=evaluated), progress)
+    results = _each_policy(policies, lambda name: policy_goodput(setting, trace, name, search, evaluated=evaluated, options=options), progress)
     return {
         "setting": setting.name,
         "trace": str(trace),
@@ -454,6 +490,8 @@ def goodput_report(
         "target_attainment": search.target,
         "seed": search.seed,
         "admission": search.admission.value,
+        "tuned": search.tune,
+        "options": {key: value.value if isinstance(value, enum.Enum) else value for key, value in (options or {}).items()},
         "search_seconds": round(time.perf_counter() - started, 2),
         "policies": {name: found.as_json() for name, found in results.items()},
     }
@@ -466,10 +504,22 @@ def rate_sweep(
     rates: Sequence[float],
     *,
     prefill_workers: int | None = None,
+    tuning: str | None = None,
     search: SearchSettings = SearchSettings(),
 ) -> list[tuple[float, Summary]]:
-    """Summaries of one policy at each rate (for the attainment and latency curves)."""
-    return [(rate, attainment(setting, trace, policy, rate, prefill_workers, search)[1]) for rate in rates]
+    """Summaries of one policy at each rate (for the attainment and latency curves), at the tuning of that label."""
+    options = _tuning_options(setting, policy, tuning)
+    return [(rate, attainment(setting, trace, policy, rate, prefill_workers, search, options)[1]) for rate in rates]
+
+
+def _tuning_options(setting: Setting, policy: str, label: str | None) -> dict[str, Any]:
+    choices = tunings(policy, setting.latency_model(), setting.slo.tpot)
+    if label is None:
+        return dict(choices[0].options)
+    for choice in choices:
+        if choice.label == label:
+            return dict(choice.options)
+    raise ValueError(f"{policy} has no tuning {label!r} on {setting.name}; known: {', '.join(c.label for c in choices)}")
 
 
 # --- SLO scale --------------------------------------------------------------------------------
@@ -495,15 +545,19 @@ def policy_slo_sweep(
     """Joint attainment at one rate with both SLOs multiplied by each scale (DistServe's SLO-scale curves).
 
     How tight an SLO a policy sustains at a given load is the other half of
-    goodput; each scale takes the policy's best split there, as the goodput
-    search does.
+    goodput; each scale takes the policy's best tuning and split there, as the
+    goodput search does (Sarathi's budget follows the scaled TPOT).
     """
     splits = setting.splits(make_policy(policy, setting.latency_model()))
     chosen: dict[float, int | None] = {}
 
     def attainment_at(scale: float) -> float:
         scaled = replace(setting, slo=setting.slo.scaled(scale))
-        value, split = max(((attainment(scaled, trace, policy, rate, split, search)[0], split) for split in splits), key=lambda pair: pair[0])
+        choices = tunings(policy, scaled.latency_model(), scaled.slo.tpot)[: None if search.tune else 1]
+        value, split = max(
+            ((attainment(scaled, trace, policy, rate, split, search, dict(choice.options))[0], split) for choice in choices for split in splits),
+            key=lambda pair: pair[0],
+        )
         chosen[scale] = split
         return value
 

@@ -26,7 +26,8 @@ def sweep_and_plot(setting: Setting, trace: Path, report: dict[str, Any], prefix
     rates = sweep_rates(report)
     curves: dict[str, list[dict[str, float]]] = {}
     for name, found in report["policies"].items():
-        points = rate_sweep(setting, trace, name, rates, prefill_workers=found["prefill_workers"], search=search)
+        points = rate_sweep(setting, trace, name, rates, prefill_workers=found["prefill_workers"], tuning=found.get("tuning"),
+                            search=search)
         curves[name] = [
             {
                 "rate": rate,

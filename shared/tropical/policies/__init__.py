@@ -29,6 +29,7 @@ from tropical.policies.records import (
 from tropical.policies.routing import (
     LeastLoadedRouter,
     MultiplexingToggle,
+    PlacementRule,
     UrgencyRouter,
     least_decode_load,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "LeastLoadedRouter",
     "MultiplexingToggle",
     "Placement",
+    "PlacementRule",
     "PrefillMode",
     "PrefillOrder",
     "PrefillPlanner",

@@ -1,8 +1,11 @@
 """The router's decisions: where each waiting prompt is prefilled, and where a prefilled request decodes.
 
-- `LeastLoadedRouter`: every request goes at once to the worker holding the
-  fewest unfinished tokens (INFaaS-style, as both Tropical's baselines and
-  DistServe's prefill dispatcher do); the worker queues it.
+- `LeastLoadedRouter`: every request goes at once to a worker, which queues
+  it: by default the one with the fewest queued prefill tokens, then the
+  earliest end of its step in progress (what a load-aware router such as
+  llm-d's scorers does in front of vLLM); or, as `PlacementRule.INFAAS`, the
+  one holding the fewest unfinished tokens (as Tropical's baselines and
+  DistServe's prefill dispatcher do).
 - `MultiplexingToggle`: Tropical's dispatcher as its released code runs it
   (papers.md §1.4 d): the head of a shortest-first global queue goes inline to
   a multiplexing worker if that worker's running decodes can absorb the stall,
@@ -13,6 +16,7 @@
 
 from __future__ import annotations
 
+import enum
 import heapq
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
@@ -38,25 +42,42 @@ def least_decode_load(request: RequestView, workers: Sequence[WorkerView], now: 
     return None if best is None else best.id
 
 
+class PlacementRule(enum.StrEnum):
+    LOAD_AWARE = "load-aware"  # fewest queued prefill tokens, then the step in progress that ends first
+    INFAAS = "infaas"  # fewest unfinished tokens, prompt and decode (blind to which worker is about to be free)
+
+
 @dataclass(frozen=True)
 class LeastLoadedRouter:
-    """Place every waiting request at once on the `role` worker with the fewest unfinished tokens."""
+    """Place every waiting request at once on the least loaded `role` worker, by `rule`.
+
+    INFaaS's rule counts a worker's unfinished decode tokens too, so a worker
+    about to finish its step waits behind one with less decode work but a long
+    queue of prompts; the load-aware rule asks who starts the prompt first.
+    """
 
     role: Role = Role.PREFILL
+    rule: PlacementRule = PlacementRule.LOAD_AWARE
 
     def place(self, queue: Sequence[RequestView], workers: Sequence[WorkerView], now: float) -> RouterDecision:
         targets = [w for w in workers if w.role is self.role]
         if not targets or not queue:
             return RouterDecision()
-        # a heap of (load, position, worker): its top is the least loaded, the first in worker order among equals
-        heap = [(w.prefill_load + (w.decode_load if self.role.decodes else 0), i, w.id) for i, w in enumerate(targets)]
+        # a heap of (load, free at, position, worker): its top is the least loaded, the first in worker order among equals
+        heap = [(*self._key(w, now), i, w.id) for i, w in enumerate(targets)]
         heapq.heapify(heap)
         placements = []
         for r in queue:
-            load, i, worker_id = heap[0]
-            heapq.heapreplace(heap, (load + r.prompt_tokens, i, worker_id))
+            load, free_at, i, worker_id = heap[0]
+            heapq.heapreplace(heap, (load + r.prompt_tokens, free_at, i, worker_id))
             placements.append(Placement(r.id, worker_id))
         return RouterDecision(tuple(placements))
+
+    def _key(self, w: WorkerView, now: float) -> tuple[int, float]:
+        """(load, when the worker can start a prompt): lower is better."""
+        if self.rule is PlacementRule.INFAAS:
+            return w.prefill_load + (w.decode_load if self.role.decodes else 0), 0.0
+        return w.prefill_load, w.step_end if w.busy else now
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@ Every named policy is a configuration of the same few pieces, never a copy.
 
 from __future__ import annotations
 
+import enum
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -201,32 +204,68 @@ def with_options(policy: ServingPolicy, options: dict[str, Any]) -> ServingPolic
     batcher as changed, and its copies of the batcher's step rules follow the
     batcher's unless named themselves.
     """
-    parts: dict[str, Any] = {part: getattr(policy, part) for part in PARTS}
     changes: dict[str, dict[str, Any]] = {part: {} for part in PARTS}
     own: dict[str, Any] = {}
     for key, value in options.items():
-        part, dot, field = key.rpartition(".")
-        if dot:
-            if part not in parts or field not in getattr(parts[part], "__dataclass_fields__", {}):
-                raise ValueError(f"{policy.name} has no option {key!r}")
-            changes[part][field] = value
-            continue
-        if key in ServingPolicy.__dataclass_fields__:
-            own[key] = value
-            continue
-        owners = [part for part, obj in parts.items() if key in getattr(obj, "__dataclass_fields__", {})]
-        if not owners:
-            raise ValueError(f"{policy.name} has no option {key!r}")
-        if len(owners) > 1:
-            raise ValueError(f"{key!r} is an option of {policy.name}'s {' and '.join(owners)}: give {' or '.join(f'{o}.{key}' for o in owners)}")
-        changes[owners[0]][key] = value
+        part, field = option_owner(policy, key)
+        (own if part is None else changes[part])[field] = value
     router_changes, batcher_changes = changes["router"], changes["batcher"]
-    if getattr(parts["router"], "lookahead", None) is not None and "lookahead" not in router_changes:
+    if getattr(policy.router, "lookahead", None) is not None and "lookahead" not in router_changes:
         for field in MIRRORED:
-            if field in batcher_changes and field not in router_changes and field in parts["router"].__dataclass_fields__:
+            if field in batcher_changes and field not in router_changes and field in _fields(policy.router):
                 router_changes[field] = batcher_changes[field]
-    updated: dict[str, Any] = {part: replace(parts[part], **fields) for part, fields in changes.items() if fields}
+    updated: dict[str, Any] = {part: replace(getattr(policy, part), **fields) for part, fields in changes.items() if fields}
     router = updated.get("router", policy.router)
     if getattr(router, "lookahead", None) is not None and "batcher" in updated:  # the router predicts with the batcher the workers run
         updated["router"] = replace(router, lookahead=updated["batcher"])
     return replace(policy, **updated, **own)
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return getattr(obj, "__dataclass_fields__", {})
+
+
+def option_owner(policy: ServingPolicy, key: str) -> tuple[str | None, str]:
+    """(part, field) an option names: `router.order` → ("router", "order"); a bare name → the policy's own field
+    (part None) or the one part that has it."""
+    part, dot, field = key.rpartition(".")
+    if dot:
+        if part not in PARTS or field not in _fields(getattr(policy, part)):
+            raise ValueError(f"{policy.name} has no option {key!r}")
+        return part, field
+    if key in ServingPolicy.__dataclass_fields__:
+        return None, key
+    owners = [part for part in PARTS if key in _fields(getattr(policy, part))]
+    if not owners:
+        raise ValueError(f"{policy.name} has no option {key!r}")
+    if len(owners) > 1:
+        raise ValueError(f"{key!r} is an option of {policy.name}'s {' and '.join(owners)}: give {' or '.join(f'{o}.{key}' for o in owners)}")
+    return owners[0], key
+
+
+def option_from_text(policy: ServingPolicy, key: str, text: str) -> Any:
+    """The value of option `key` written as text (`router.rule=infaas`, `token_budget=4096`), typed as its field is.
+
+    Numbers, booleans, enums by value, and `none` for an optional field; an
+    option whose field holds anything else (a router, a model) has no text form.
+    """
+    part, field = option_owner(policy, key)
+    owner = policy if part is None else getattr(policy, part)
+    hint = typing.get_type_hints(type(owner))[field]
+    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    if optional and text.strip().lower() == "none":
+        return None
+    for kind in kinds:
+        if kind is bool:
+            if text.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+                return text.strip().lower() in ("true", "1", "yes")
+            continue
+        if isinstance(kind, type) and issubclass(kind, enum.Enum | int | float):
+            try:
+                return kind(text.strip())
+            except ValueError:
+                continue
+    known = ", ".join(str(m.value) for kind in kinds if isinstance(kind, type) and issubclass(kind, enum.Enum) for m in kind)
+    expected = f"one of {known}" if known else " or ".join(getattr(k, "__name__", str(k)) for k in kinds) + (" or none" if optional else "")
+    raise ValueError(f"{policy.name}'s option {key!r} takes {expected}, got {text!r}")
