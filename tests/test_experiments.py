@@ -17,7 +17,6 @@ from tropical.experiments import (
     Replay,
     SearchSettings,
     SloRule,
-    capacity_bound,
     policy_goodput,
     run_policy,
     setting_named,
@@ -143,30 +142,15 @@ def test_goodput_command_writes_the_agreed_json(lengths: Path, tmp_path: Path) -
     assert report["slo"] == "TTFT 5x isolated prefill, TPOT 150 ms"
     for found in report["policies"].values():
         assert found["goodput_rps"] >= 0.0 and found["attainment_at"]
+    bound = report["capacity_bound_rps"]
+    assert 0.0 < bound["non_clairvoyant"] <= bound["clairvoyant"]  # tropical.capacity, on the requests searched
+    for found in report["policies"].values():
+        assert found["share_of_bound"] == pytest.approx(found["goodput_rps"] / bound["non_clairvoyant"]) and found["share_of_bound"] <= 1.0
 
 
 def test_goodput_command_rejects_unknown_policies(lengths: Path) -> None:
     result = CliRunner().invoke(app, ["goodput", "--setting", "chat-13b", "--trace", str(lengths), "--policies", "orca"])
     assert result.exit_code != 0
-
-
-def test_capacity_bound_matches_the_work_arithmetic(tmp_path: Path) -> None:
-    # one colocated worker, every request 1000 prompt + 101 output tokens:
-    # 10 decode steps a second pay d0 each; the rest covers λ·(101·(d1 + d2·1050.5) + prompt work)
-    path = tmp_path / "uniform.csv"
-    path.write_text("num_prefill_tokens,num_decode_tokens\n" + "1000,101\n" * 50)
-    setting = replace(setting_named("chat-13b"), workers=1, requests=50)
-    m = setting.latency_model()
-    expected = (1 - 10 * m.d0) / (101 * (m.d1 + m.d2 * 1050.5) + m.prefill_time(1000) - m.c2)
-    assert capacity_bound(setting, path).rate == pytest.approx(expected, rel=1e-6)
-
-
-def test_capacity_bounds_grow_with_what_a_policy_may_refuse(lengths: Path) -> None:
-    setting = replace(setting_named("longbench-70b"), requests=200)
-    everyone = capacity_bound(setting, lengths).rate
-    by_prompt = capacity_bound(setting, lengths, attainment=0.9, refuse_by="prompt").rate
-    clairvoyant = capacity_bound(setting, lengths, attainment=0.9, refuse_by="work").rate
-    assert everyone < by_prompt <= clairvoyant
 
 
 def test_a_window_replays_every_request_in_it_unless_capped(timed: Path) -> None:

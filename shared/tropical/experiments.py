@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tropical.capacity import CapacityBound, capacity_bound  # the bound on any policy's goodput, next to the searches
 from tropical.data import data_dir, data_file
 from tropical.latency.model import LatencyModel
 from tropical.latency.profiles import load_profile
@@ -475,6 +476,10 @@ def goodput_report(
     `options`: applied to every policy, over each of its tunings)."""
     started = time.perf_counter()
     results = _each_policy(policies, lambda name: policy_goodput(setting, trace, name, search, evaluated=evaluated, options=options), progress)
+    blind, seeing = (
+        capacity_bound(setting, trace, attainment=search.target, clairvoyant=clairvoyant, seed=search.seed, replay=search.replay).rate
+        for clairvoyant in (False, True)
+    )
     return {
         "setting": setting.name,
         "trace": str(trace),
@@ -493,8 +498,17 @@ def goodput_report(
         "tuned": search.tune,
         "options": {key: value.value if isinstance(value, enum.Enum) else value for key, value in (options or {}).items()},
         "search_seconds": round(time.perf_counter() - started, 2),
-        "policies": {name: found.as_json() for name, found in results.items()},
+        "capacity_bound_rps": {"non_clairvoyant": _finite(blind), "clairvoyant": _finite(seeing)},  # tropical.capacity
+        "policies": {
+            name: {**found.as_json(), "share_of_bound": found.goodput_rps / blind if math.isfinite(blind) and blind > 0 else None}
+            for name, found in results.items()
+        },
     }
+
+
+def _finite(value: float) -> float | None:
+    """A rate as JSON holds it: None for no bound at all (a trace too small to load the cluster)."""
+    return value if math.isfinite(value) else None
 
 
 def rate_sweep(
@@ -642,77 +656,3 @@ def ablation_report(setting: Setting, trace: Path, search: SearchSettings = Sear
             for label, found in rows.items()
         },
     }
-
-
-# --- how much any policy could get -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CapacityBound:
-    """An upper bound on the goodput any policy could reach, from work alone (no queueing, perfect packing)."""
-
-    rate: float  # req/s, the best layout
-    decoding_workers: int  # in that layout; the rest prefill whole prompts
-    by_layout: dict[int, float]
-
-
-def capacity_bound(
-    setting: Setting, trace: Path, *, requests: int | None = None, attainment: float = 1.0, refuse_by: str = "prompt"
-) -> CapacityBound:
-    """Highest offered rate at which the cluster's time covers the work of the requests it must serve.
-
-    To reach `attainment`, a policy must serve that fraction of all requests
-    offered (infeasible ones included); it may refuse the rest. The bound lets
-    it refuse the most expensive ones: by prompt work (`refuse_by="prompt"`,
-    all a router can see) or by total work, prompt and decode (`"work"`,
-    clairvoyant about output lengths). `attainment=1` serves every feasible one.
-
-    With k decoding workers (prompts that the W − k prefill workers cannot
-    absorb ride as chunks on decode steps, paying no per-step cost of their
-    own), each decoding worker runs n steps a second, n ≥ 1/TPOT (a decode
-    step may not exceed one TPOT on average) and n ≥ the steps needed to hold
-    its share of decodes in KV; time: n·d0 + (λ/k)·O·(d1 + d2·C) + (λ_inline/k)·W ≤ 1,
-    where λ is the served rate, O the mean output, C the output-weighted mean
-    context and W the mean prompt work of the served requests. Queueing,
-    bursts, TTFT and the KV of prompts are ignored: no policy can exceed it.
-    """
-    offered = _trace_rows(str(trace), 1.0, Replay(), requests or setting.requests, 0)
-    model = setting.latency_model()
-    kv, tpot = setting.kv_capacity, setting.slo.tpot
-    feasible = [r for r in offered if r.prompt_tokens + r.output_tokens <= kv]
-    keep = len(feasible) if attainment >= 1.0 else math.ceil(attainment * len(offered))
-    if keep > len(feasible) or keep == 0:
-        return CapacityBound(0.0, 1, {})
-
-    def cost(r: TraceRequest) -> float:
-        prompt = model.prefill_time(r.prompt_tokens)
-        if refuse_by == "prompt":
-            return prompt
-        return prompt + r.output_tokens * (model.d1 + model.d2 * (r.prompt_tokens + r.output_tokens / 2))
-
-    rows = sorted(feasible, key=cost)[:keep]
-    served = keep / len(offered) if attainment < 1.0 else 1.0
-    count = len(rows)
-    output = sum(r.output_tokens for r in rows) / count
-    context = sum((r.prompt_tokens + r.output_tokens / 2) * r.output_tokens for r in rows) / (output * count)
-    prefill = sum(model.prefill_time(r.prompt_tokens) for r in rows) / count
-    work = prefill - model.c2
-    per_token = model.d1 + model.d2 * context
-
-    def fits(rate: float, k: int) -> bool:
-        rate *= served
-        inline = max(0.0, rate - (setting.workers - k) / prefill)
-        steps = max(1.0 / tpot, rate * output * context / (k * kv))
-        return steps * model.d0 + (rate / k) * output * per_token + (inline / k) * work <= 1.0
-
-    by_layout = {}
-    for k in range(1, setting.workers + 1):
-        low, high = 0.0, 1.0
-        while fits(high, k):
-            high *= 2.0
-        for _ in range(60):
-            middle = (low + high) / 2.0
-            low, high = (middle, high) if fits(middle, k) else (low, middle)
-        by_layout[k] = low
-    best = max(by_layout, key=by_layout.__getitem__)
-    return CapacityBound(by_layout[best], best, by_layout)
