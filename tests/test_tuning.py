@@ -83,6 +83,17 @@ def test_every_tuning_is_a_valid_policy_and_sets_the_same_options(name: str) -> 
         make_policy(name, MODEL, **choice.options)
 
 
+def test_tunings_are_every_combination_of_the_knobs_less_those_the_caller_fixes() -> None:
+    vllm = tunings("vllm", MODEL, 0.3)
+    assert len(vllm) == 4 * 2 and vllm[0].label == "max_num_batched_tokens 8192, load-aware placement"
+    assert dict(vllm[1].options) == {"token_budget": 8192, "router.rule": PlacementRule.INFAAS}
+    fixed = tunings("vllm", MODEL, 0.3, fixed={"router.rule": PlacementRule.INFAAS})
+    assert [t.label for t in fixed] == [f"max_num_batched_tokens {n}" for n in (8192, 2048, 4096, 16384)]
+    assert tunings("vllm", MODEL, 0.3, fixed={"router.rule", "token_budget"}) == (tunings("tropical", MODEL, 0.3)[0],)
+    kairos = [t.label for t in tunings("kairos", MODEL, 0.3)]
+    assert kairos[0] == "one prompt per prefill step, banked TPOT budget" and len(kairos) == 4
+
+
 def test_kairos_defaults_to_one_prompt_per_step_with_the_banked_budget() -> None:
     policy = make_policy("kairos", MODEL, **tunings("kairos", MODEL, 0.1)[0].options)
     assert policy.router.max_batch == policy.prefill.max_batch == 1
@@ -134,10 +145,13 @@ def test_sim_and_goodput_take_options_and_report_them(lengths: Path, tmp_path: P
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["options"] == {"router.rule": "infaas"}
     out = tmp_path / "goodput.json"
-    result = CliRunner().invoke(app, ["goodput", "--policies", "vllm,sarathi", "--rel-tolerance", "0.2", "--no-tune", *args, "--json", str(out)])
+    result = CliRunner().invoke(app, ["goodput", "--policies", "vllm,sarathi", "--rel-tolerance", "0.2", "--no-tune", *args, "--json", str(out),
+                                      "--plot", str(tmp_path / "curves")])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["options"] == {"router.rule": "infaas"} and report["tuned"] is False
+    assert report["figures"] and len(report["sweep"]["vllm"]) > 1  # the curves run at the tuning found, option included
+    # the placement the option fixes is neither searched nor named
     assert {found["tuning"] for found in report["policies"].values()} == {"max_num_batched_tokens 8192", "token budget 640 (from the TPOT SLO)"}
 
 

@@ -833,7 +833,7 @@ def goodput(
     if plot:
         from tropical.plots import sweep_and_plot
 
-        report["figures"] = sweep_and_plot(setting, trace or setting.trace, report, plot, search)
+        report["figures"] = sweep_and_plot(setting, trace or setting.trace, report, plot, search, options)
     if json_path:
         _write_json(json_path, report)
 

@@ -382,7 +382,7 @@ def policy_goodput(
     """
     started = time.perf_counter()
     model = setting.latency_model()
-    choices: tuple[Tuning, ...] = tunings(policy, model, setting.slo.tpot)
+    choices: tuple[Tuning, ...] = tunings(policy, model, setting.slo.tpot, fixed=options or {})
     if not search.tune:
         choices = choices[:1]
     variants = [{**choice.options, **(options or {})} for choice in choices]
@@ -520,14 +520,16 @@ def rate_sweep(
     prefill_workers: int | None = None,
     tuning: str | None = None,
     search: SearchSettings = SearchSettings(),
+    options: dict[str, Any] | None = None,
 ) -> list[tuple[float, Summary]]:
-    """Summaries of one policy at each rate (for the attainment and latency curves), at the tuning of that label."""
-    options = _tuning_options(setting, policy, tuning)
-    return [(rate, attainment(setting, trace, policy, rate, prefill_workers, search, options)[1]) for rate in rates]
+    """Summaries of one policy at each rate (for the attainment and latency curves), at the tuning of that label
+    (as `policy_goodput` names it with the same `options`)."""
+    chosen = {**_tuning_options(setting, policy, tuning, options or {}), **(options or {})}
+    return [(rate, attainment(setting, trace, policy, rate, prefill_workers, search, chosen)[1]) for rate in rates]
 
 
-def _tuning_options(setting: Setting, policy: str, label: str | None) -> dict[str, Any]:
-    choices = tunings(policy, setting.latency_model(), setting.slo.tpot)
+def _tuning_options(setting: Setting, policy: str, label: str | None, fixed: Mapping[str, Any]) -> dict[str, Any]:
+    choices = tunings(policy, setting.latency_model(), setting.slo.tpot, fixed=fixed)
     if label is None:
         return dict(choices[0].options)
     for choice in choices:

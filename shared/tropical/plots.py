@@ -21,13 +21,15 @@ def sweep_rates(report: dict[str, Any], points: int = SWEEP_POINTS) -> list[floa
     return [top * (0.2 + 1.3 * i / (points - 1)) for i in range(points)]
 
 
-def sweep_and_plot(setting: Setting, trace: Path, report: dict[str, Any], prefix: Path, search: SearchSettings) -> list[str]:
-    """Sweep every policy of `report` at its best split, store the curves in it, and draw them."""
+def sweep_and_plot(setting: Setting, trace: Path, report: dict[str, Any], prefix: Path, search: SearchSettings,
+                   options: dict[str, Any] | None = None) -> list[str]:
+    """Sweep every policy of `report` at its best split and tuning (with the search's `options`), store the curves
+    in it, and draw them."""
     rates = sweep_rates(report)
     curves: dict[str, list[dict[str, float]]] = {}
     for name, found in report["policies"].items():
         points = rate_sweep(setting, trace, name, rates, prefill_workers=found["prefill_workers"], tuning=found.get("tuning"),
-                            search=search)
+                            search=search, options=options)
         curves[name] = [
             {
                 "rate": rate,

@@ -7,10 +7,14 @@ run (`tropical sim`) uses. Every tuning of a policy sets the same options, so
 none leaks into another.
 
 - vLLM (v0, prefill-first): `max_num_batched_tokens`, the prompt tokens one
-  prefill step may batch: its default 8192, and 2048 to 16384.
+  prefill step may batch: its default 8192, and 2048 to 16384; and where the
+  router places prompts: by queued prefill tokens, then the earliest end of
+  the step in progress (a load-aware router), or by fewest unfinished tokens
+  (INFaaS, as Tropical's paper ran its baselines). Neither wins everywhere.
 - Sarathi-Serve: the token budget of a stall-free step. The paper derives it
   from the TPOT SLO (the largest budget whose step fits one TPOT); a searched
-  budget is the check that the derivation does not leave goodput behind.
+  budget is the check that the derivation does not leave goodput behind;
+  placement as for vLLM.
 - Kairos: prefill batches of one prompt (urgency order then decides every
   start) or up to 4096 tokens, and a decode step allowed one TPOT or the banked
   budget (papers.md §2.4).
@@ -20,12 +24,14 @@ none leaks into another.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from tropical.latency.model import LatencyModel
 from tropical.policies.batching import AllowedStep
+from tropical.policies.routing import PlacementRule
 from tropical.policies.serving import DISAGGREGATED_PREFILL_BATCH, SARATHI_TOKEN_BUDGET, VLLM_TOKEN_BUDGET
 
 BUDGET_GRANULE = 128  # token budgets are whole tiles of this many tokens (Sarathi-Serve's are multiples of 128)
@@ -41,6 +47,8 @@ class Tuning:
 
 DEFAULT = Tuning("as built")
 
+Axis = tuple[Tuning, ...]  # the values of one knob, the default first; every value sets the same options
+
 
 def sarathi_token_budget(model: LatencyModel, tpot_slo: float) -> int:
     """The largest budget whose step, one decode plus a prompt chunk of the rest, fits one TPOT (Sarathi-Serve §4.3).
@@ -55,19 +63,38 @@ def sarathi_token_budget(model: LatencyModel, tpot_slo: float) -> int:
     return budget
 
 
-def tunings(name: str, model: LatencyModel, tpot_slo: float) -> tuple[Tuning, ...]:
-    """The configurations of policy `name` a deployment at this TPOT SLO would try, the default first."""
+PLACEMENT: Axis = tuple(
+    Tuning(f"{rule.value} placement", {"router.rule": rule}) for rule in (PlacementRule.LOAD_AWARE, PlacementRule.INFAAS)
+)
+
+
+def axes(name: str, model: LatencyModel, tpot_slo: float) -> tuple[Axis, ...]:
+    """The knobs of policy `name` a deployment at this TPOT SLO would tune, each with the values it would try."""
     if name == "vllm":
-        return tuple(Tuning(f"max_num_batched_tokens {n}", {"token_budget": n}) for n in VLLM_BATCHED_TOKENS)
+        return tuple(Tuning(f"max_num_batched_tokens {n}", {"token_budget": n}) for n in VLLM_BATCHED_TOKENS), PLACEMENT
     if name == "sarathi":
         derived = sarathi_token_budget(model, tpot_slo)
         searched = tuple(n for n in SARATHI_SEARCHED_BUDGETS if n != derived)
-        return (Tuning(f"token budget {derived} (from the TPOT SLO)", {"token_budget": derived}),
-                *(Tuning(f"token budget {n} (searched)", {"token_budget": n}) for n in searched))
+        budgets = (Tuning(f"token budget {derived} (from the TPOT SLO)", {"token_budget": derived}),
+                   *(Tuning(f"token budget {n} (searched)", {"token_budget": n}) for n in searched))
+        return budgets, PLACEMENT
     if name == "kairos":
-        return tuple(
-            Tuning(f"{batch_label}, {step_label}", {"router.max_batch": batch, "prefill.max_batch": batch, "allowed_step": step})
-            for batch, batch_label in ((1, "one prompt per prefill step"), (256, f"{DISAGGREGATED_PREFILL_BATCH}-token prefill batches"))
-            for step, step_label in ((AllowedStep.BANKED, "banked TPOT budget"), (AllowedStep.TPOT, "per-step TPOT"))
+        batches = tuple(
+            Tuning(label, {"router.max_batch": batch, "prefill.max_batch": batch})
+            for batch, label in ((1, "one prompt per prefill step"), (256, f"{DISAGGREGATED_PREFILL_BATCH}-token prefill batches"))
         )
-    return (DEFAULT,)
+        steps = (Tuning("banked TPOT budget", {"allowed_step": AllowedStep.BANKED}), Tuning("per-step TPOT", {"allowed_step": AllowedStep.TPOT}))
+        return batches, steps
+    return ()
+
+
+def tunings(name: str, model: LatencyModel, tpot_slo: float, fixed: Collection[str] = ()) -> tuple[Tuning, ...]:
+    """Every combination of policy `name`'s knobs, the default first; a knob whose options are all `fixed` (given by
+    the caller) is left out, so the caller's value is not searched over nor named."""
+    free = [axis for axis in axes(name, model, tpot_slo) if not set(axis[0].options) <= set(fixed)]
+    if not free:
+        return (DEFAULT,)
+    return tuple(
+        Tuning(", ".join(value.label for value in combination), {key: v for value in combination for key, v in value.options.items()})
+        for combination in itertools.product(*free)
+    )
