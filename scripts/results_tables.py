@@ -102,7 +102,7 @@ def tuning_table(found: Found) -> str:
 
 
 def placement_table(found: Found, infaas: Found) -> str:
-    rows = ["| setting | admission | policy | load-aware | INFaaS | load-aware ÷ INFaaS |", "|---|---|---|---|---|---|"]
+    rows = ["| setting | admission | policy | placement searched | INFaaS only | searched ÷ INFaaS |", "|---|---|---|---|---|---|"]
     for key, seeds in sorted(infaas.items()):
         for policy in BASELINES:
             theirs = goodputs(seeds, policy)
@@ -159,7 +159,7 @@ def main(folder: Path) -> None:
     print("\n### Tunings and layouts chosen by the searches\n")
     print(tuning_table(found))
     if infaas:
-        print("\n### Placement: load-aware (default) against INFaaS (req/s)\n")
+        print("\n### Placement searched (vLLM, Sarathi; DistServe load-aware) against INFaaS only (req/s)\n")
         print(placement_table(found, infaas))
 
 

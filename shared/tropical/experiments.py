@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tropical.capacity import CapacityBound, capacity_bound  # the bound on any policy's goodput, next to the searches
+from tropical.capacity import capacity_bound  # the bound on any policy's goodput, next to the searches
 from tropical.data import data_dir, data_file
 from tropical.latency.model import LatencyModel
 from tropical.latency.profiles import load_profile
