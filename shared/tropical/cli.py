@@ -370,11 +370,6 @@ def _replayed(trace: Path, requests: Sequence[SimRequest], rate: float | None) -
     return f"{trace.name}: {len(requests)} requests {pace}"
 
 
-def _plain(value: Any) -> Any:
-    """An option's value as JSON holds it: an enum by its value."""
-    return value.value if isinstance(value, enum.Enum) else value
-
-
 def _write_json(path: Path, content: Any) -> None:
     """A command's `--json`, its folder made if missing."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -717,7 +712,7 @@ def sim(
     import time
     from collections import Counter
 
-    from tropical.experiments import run_policy, tuned, workload
+    from tropical.experiments import options_as_json, run_policy, tuned, workload
     from tropical.metrics import summarize
     from tropical.policies import make_policy
 
@@ -745,7 +740,7 @@ def sim(
         "rate": rate,
         "prefill_workers": prefill_workers,
         "admission": admission.value,
-        "options": {key: _plain(value) for key, value in options.items()},
+        "options": options_as_json(options),
         "workers": dict(roles),
         "slo": setting.slo.describe(),
         "replay": replay.describe(setting),

@@ -496,7 +496,7 @@ def goodput_report(
         "seed": search.seed,
         "admission": search.admission.value,
         "tuned": search.tune,
-        "options": {key: value.value if isinstance(value, enum.Enum) else value for key, value in (options or {}).items()},
+        "options": options_as_json(options or {}),
         "search_seconds": round(time.perf_counter() - started, 2),
         "capacity_bound_rps": {"non_clairvoyant": _finite(blind), "clairvoyant": _finite(seeing)},  # tropical.capacity
         "policies": {
@@ -504,6 +504,11 @@ def goodput_report(
             for name, found in results.items()
         },
     }
+
+
+def options_as_json(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Policy options as a report records them: an enum by its value, as `--option` takes it."""
+    return {key: value.value if isinstance(value, enum.Enum) else value for key, value in options.items()}
 
 
 def _finite(value: float) -> float | None:

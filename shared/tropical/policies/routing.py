@@ -51,9 +51,10 @@ class PlacementRule(enum.StrEnum):
 class LeastLoadedRouter:
     """Place every waiting request at once on the least loaded `role` worker, by `rule`.
 
-    INFaaS's rule counts a worker's unfinished decode tokens too, so a worker
-    about to finish its step waits behind one with less decode work but a long
-    queue of prompts; the load-aware rule asks who starts the prompt first.
+    INFaaS's rule counts a worker's unfinished decode tokens too, so a prompt
+    can go to a worker with little decode work but a long step in progress
+    while another is about to be free; the load-aware rule asks which worker
+    starts the prompt first. Neither wins everywhere (docs/results.md).
     """
 
     role: Role = Role.PREFILL
