@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -15,3 +17,13 @@ async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
     harness = Broker(request.param)
     yield harness
     await harness.cleanup()
+
+
+@pytest.fixture
+def lengths(tmp_path: Path) -> Path:
+    """A small length table: 200 chat-like prompts and outputs, for the simulator's commands and searches."""
+    rng = random.Random(11)
+    path = tmp_path / "lengths.csv"
+    rows = ["num_prefill_tokens,num_decode_tokens"] + [f"{rng.randint(50, 1500)},{rng.randint(5, 150)}" for _ in range(200)]
+    path.write_text("\n".join(rows) + "\n")
+    return path

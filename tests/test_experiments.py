@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,16 +35,6 @@ def timed(tmp_path: Path) -> Path:
     rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"] + [
         f"2023-11-16 18:{int(t // 60):02d}:{t % 60:09.6f},{200 + 7 * i},{10 + i % 30}" for i, t in enumerate(sorted(times))
     ]
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
-@pytest.fixture
-def lengths(tmp_path: Path) -> Path:
-    """A small length table: chat-like prompts and outputs."""
-    rng = random.Random(11)
-    path = tmp_path / "lengths.csv"
-    rows = ["num_prefill_tokens,num_decode_tokens"] + [f"{rng.randint(50, 1500)},{rng.randint(5, 150)}" for _ in range(200)]
     path.write_text("\n".join(rows) + "\n")
     return path
 

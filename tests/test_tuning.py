@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -99,15 +98,6 @@ def test_kairos_defaults_to_one_prompt_per_step_with_the_banked_budget() -> None
     assert policy.router.max_batch == policy.prefill.max_batch == 1
     assert policy.batcher.allowed_step is AllowedStep.BANKED
     assert tuned(setting_named("chat-13b"), "kairos", {"allowed_step": AllowedStep.TPOT})["allowed_step"] is AllowedStep.TPOT
-
-
-@pytest.fixture
-def lengths(tmp_path: Path) -> Path:
-    rng = random.Random(5)
-    path = tmp_path / "lengths.csv"
-    rows = ["num_prefill_tokens,num_decode_tokens"] + [f"{rng.randint(50, 1500)},{rng.randint(5, 150)}" for _ in range(200)]
-    path.write_text("\n".join(rows) + "\n")
-    return path
 
 
 def test_the_goodput_search_keeps_the_best_tuning(lengths: Path) -> None:
