@@ -301,9 +301,14 @@ def run_policy(
     return result
 
 
-def tuned(setting: Setting, policy: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """`options` over the policy's default tuning on this setting (`tropical.policies.tuning`)."""
-    return {**tunings(policy, setting.latency_model(), setting.slo.tpot)[0].options, **(options or {})}
+def tuned(setting: Setting, policy: str, options: Mapping[str, Any] | None = None, label: str | None = None) -> dict[str, Any]:
+    """`options` over the policy's tuning of that label on this setting, as `policy_goodput` names it with the same
+    `options` (`tropical.policies.tuning`; no label: the default)."""
+    choices = tunings(policy, setting.latency_model(), setting.slo.tpot, fixed=options or {})
+    chosen = next((choice for choice in choices if choice.label == label), None) if label is not None else choices[0]
+    if chosen is None:
+        raise ValueError(f"{policy} has no tuning {label!r} on {setting.name}; known: {', '.join(c.label for c in choices)}")
+    return {**chosen.options, **(options or {})}
 
 
 # --- goodput -----------------------------------------------------------------------------
@@ -529,18 +534,8 @@ def rate_sweep(
 ) -> list[tuple[float, Summary]]:
     """Summaries of one policy at each rate (for the attainment and latency curves), at the tuning of that label
     (as `policy_goodput` names it with the same `options`)."""
-    chosen = {**_tuning_options(setting, policy, tuning, options or {}), **(options or {})}
+    chosen = tuned(setting, policy, options, tuning)
     return [(rate, attainment(setting, trace, policy, rate, prefill_workers, search, chosen)[1]) for rate in rates]
-
-
-def _tuning_options(setting: Setting, policy: str, label: str | None, fixed: Mapping[str, Any]) -> dict[str, Any]:
-    choices = tunings(policy, setting.latency_model(), setting.slo.tpot, fixed=fixed)
-    if label is None:
-        return dict(choices[0].options)
-    for choice in choices:
-        if choice.label == label:
-            return dict(choice.options)
-    raise ValueError(f"{policy} has no tuning {label!r} on {setting.name}; known: {', '.join(c.label for c in choices)}")
 
 
 # --- SLO scale --------------------------------------------------------------------------------
