@@ -243,6 +243,9 @@ def option_owner(policy: ServingPolicy, key: str) -> tuple[str | None, str]:
     return owners[0], key
 
 
+BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
 def option_from_text(policy: ServingPolicy, key: str, text: str) -> Any:
     """The value of option `key` written as text (`router.rule=infaas`, `token_budget=4096`), typed as its field is.
 
@@ -252,18 +255,18 @@ def option_from_text(policy: ServingPolicy, key: str, text: str) -> Any:
     part, field = option_owner(policy, key)
     owner = policy if part is None else getattr(policy, part)
     hint = typing.get_type_hints(type(owner))[field]
-    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)] if isinstance(hint, types.UnionType) else [hint]
-    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
-    if optional and text.strip().lower() == "none":
+    kinds = list(typing.get_args(hint)) if isinstance(hint, types.UnionType) else [hint]
+    optional = type(None) in kinds
+    kinds = [kind for kind in kinds if kind is not type(None)]
+    word = text.strip()
+    if optional and word.lower() == "none":
         return None
     for kind in kinds:
-        if kind is bool:
-            if text.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-                return text.strip().lower() in ("true", "1", "yes")
-            continue
-        if isinstance(kind, type) and issubclass(kind, enum.Enum | int | float):
+        if kind is bool and word.lower() in BOOLEANS:
+            return BOOLEANS[word.lower()]
+        if kind is not bool and isinstance(kind, type) and issubclass(kind, enum.Enum | int | float):
             try:
-                return kind(text.strip())
+                return kind(word)
             except ValueError:
                 continue
     known = ", ".join(str(m.value) for kind in kinds if isinstance(kind, type) and issubclass(kind, enum.Enum) for m in kind)
