@@ -106,6 +106,10 @@ def test_sim_command_prints_a_summary_and_writes_json(lengths: Path, tmp_path: P
     assert record["policy"] == "distserve" and record["simulated_requests"] == 50
     assert 0.0 <= record["slo_attainment"] <= 1.0 and "p99_tpot_ms" in record
     assert record["refused_requests"] == record["abandoned_requests"] == 0  # distserve serves every request
+    usage = record["worker_usage"]  # where the time went while requests arrived
+    assert [u["role"] for u in usage] == ["prefill"] * 3 + ["decode"] * 5
+    assert all(0.0 < u["busy_share"] <= 1.0 for u in usage[:3]) and all(u["decode_tokens_per_s"] == 0 for u in usage[:3])
+    assert sum(u["decode_tokens_per_s"] for u in usage[3:]) > 0 and "Busy share while arriving (per worker):" in result.output
 
 
 def test_refused_and_abandoned_requests_are_told_apart(lengths: Path) -> None:

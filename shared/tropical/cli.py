@@ -11,7 +11,7 @@ import os
 import platform
 import sys
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +27,9 @@ from tropical.settings import MEMORY_URL, Settings
 if TYPE_CHECKING:
     from tropical.engine import Engine
     from tropical.experiments import Replay, Setting
+    from tropical.policies.records import Role
     from tropical.simulator import SimRequest
+    from tropical.simulator.usage import WorkerUsage
 
 T = TypeVar("T")
 
@@ -715,6 +717,7 @@ def sim(
     from tropical.experiments import options_as_json, run_policy, tuned, workload
     from tropical.metrics import summarize
     from tropical.policies import make_policy
+    from tropical.simulator.usage import usage_by_role, worker_usage
 
     setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
     options = _policy_options([_policy_checked(policy)], setting, option)
@@ -726,13 +729,19 @@ def sim(
     started = time.perf_counter()
     try:
         load = workload(setting, trace, rate, replay=replay, seed=seed)
-        result = run_policy(setting, policy, load, prefill_workers=prefill_workers, seed=seed, noise=noise, admission=admission, options=options)
+        result = run_policy(
+            setting, policy, load, prefill_workers=prefill_workers, seed=seed, noise=noise, admission=admission, options=options, record_steps=True
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     wall = time.perf_counter() - started
-    roles = Counter(role.value for role in served.roles(setting.workers, prefill_workers))
+    layout = served.roles(setting.workers, prefill_workers)
+    roles = Counter(role.value for role in layout)
     workers = " + ".join(f"{count} {role}" for role, count in roles.items())
     summary = summarize(result.outcomes())
+    window = (load.requests[0].arrival, load.requests[-1].arrival)
+    usage = worker_usage(result.step_log, layout, *window) if window[1] > window[0] else ()
+    pooled = usage_by_role(usage)
     record = {
         "setting": setting.name,
         "trace": str(trace),
@@ -749,6 +758,8 @@ def sim(
         "refused_requests": result.refused,
         "abandoned_requests": result.abandoned,
         **summary.as_vllm_json(),
+        "usage_window_s": list(window),
+        "worker_usage": [u.as_json() for u in usage],
     }
     lines = [
         f"{' Simulated Serving Result ':=^60}",
@@ -765,12 +776,25 @@ def sim(
         f"{'SLO attainment (both / TTFT / TPOT):':<40}{summary.attainment:.3f} / {summary.ttft_attainment:.3f} / {summary.tpot_attainment:.3f}",
         f"{'Mean / P90 / P99 TTFT (ms):':<40}{summary.mean_ttft_ms:.1f} / {summary.p90_ttft_ms:.1f} / {summary.p99_ttft_ms:.1f}",
         f"{'Mean / P90 / P99 TPOT (ms):':<40}{summary.mean_tpot_ms:.1f} / {summary.p90_tpot_ms:.1f} / {summary.p99_tpot_ms:.1f}",
+        *_usage_lines(pooled),
         f"{'Simulated in (s):':<40}{wall:.2f}",
         "=" * 60,
     ]
     typer.echo("\n".join(lines))
     if json_path:
         _write_json(json_path, record)
+
+
+def _usage_lines(pooled: Mapping[Role, WorkerUsage]) -> list[str]:
+    """Per role, while requests arrive: the mean worker's busy share, and the decode tokens made per second and per step."""
+    if not pooled:
+        return []
+    busy = ", ".join(f"{role.value} {u.busy:.3f}" for role, u in pooled.items())
+    decoding = ", ".join(f"{role.value} {u.decode_tokens_per_s:.0f} / {u.mean_decode_batch:.1f}" for role, u in pooled.items() if u.decode_steps)
+    lines = [f"{'Busy share while arriving (per worker):':<40}{busy}"]
+    if decoding:
+        lines.append(f"{'Decode tok/s / mean batch (same span):':<40}{decoding}")
+    return lines
 
 
 @app.command("goodput")

@@ -293,9 +293,10 @@ def run_policy(
     noise: bool = False,
     options: dict[str, Any] | None = None,
     admission: AdmissionRule = AdmissionRule.OWN,
+    record_steps: bool = False,
 ) -> SimulationResult:
     policy = under_admission(make_policy(policy_name, setting.latency_model(), **tuned(setting, policy_name, options)), admission)
-    result = simulate(load.requests, setting.cluster(policy, prefill_workers), policy, seed=seed, noise=noise)
+    result = simulate(load.requests, setting.cluster(policy, prefill_workers), policy, seed=seed, noise=noise, record_steps=record_steps)
     if result.unfinished:
         raise RuntimeError(f"{policy_name} left {result.unfinished} requests unfinished on {setting.name} at {load.rate} req/s")
     return result
