@@ -378,6 +378,12 @@ def _write_json(path: Path, content: Any) -> None:
     path.write_text(json.dumps(content, indent=2) + "\n")
 
 
+def _write_json_lines(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    """One JSON object per line, its folder made if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
 def _policy_names(policies: str) -> list[str]:
     """The comma-separated policy names of `--policies`: at least one, each known, none twice."""
     from tropical.policies import POLICY_NAMES
@@ -709,13 +715,16 @@ def sim(
     json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="also write the summary here")] = None,
     admission: AdmissionOption = AdmissionRule.OWN,
     option: OptionsOption = None,
+    requests_out: Annotated[
+        Path | None, typer.Option("--requests-out", callback=_json_file, help="also write one JSON line per request here (FILE.jsonl)")
+    ] = None,
 ) -> None:
     """Simulate one policy at one rate and print a `vllm bench serve`-style summary."""
     import time
     from collections import Counter
 
     from tropical.experiments import options_as_json, run_policy, tuned, workload
-    from tropical.metrics import summarize
+    from tropical.metrics import request_record, summarize
     from tropical.policies import make_policy
     from tropical.simulator.usage import usage_by_role, worker_usage
 
@@ -783,6 +792,8 @@ def sim(
     typer.echo("\n".join(lines))
     if json_path:
         _write_json(json_path, record)
+    if requests_out:
+        _write_json_lines(requests_out, [request_record(o) for o in result.outcomes()])
 
 
 def _usage_lines(pooled: Mapping[Role, WorkerUsage]) -> list[str]:
@@ -904,6 +915,47 @@ def slo_sweep(
         from tropical.plots import plot_slo_sweep
 
         report["figure"] = plot_slo_sweep(setting, report, plot)
+    if json_path:
+        _write_json(json_path, report)
+
+
+@app.command("validate")
+def validate(
+    folder: Annotated[
+        Path | None, typer.Argument(help="a validation set's folder (runs.json and its traces); default: the shipped DistServe OPT-13B set")
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="also write every run's figures here")] = None,
+) -> None:
+    """Replay each real run of a validation set on its deployment and print our figures beside the real ones."""
+    from tropical.validation import ATTAINMENT_KEYS, ValidationError, validate as run_validation
+
+    try:
+        report = run_validation(folder)
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc), param_hint="FOLDER") from None
+    short = {"joint_attainment_pct": "joint", "ttft_attainment_pct": "TTFT", "tpot_attainment_pct": "TPOT"}
+    lines = [
+        f"{report['model']} on {report['hardware']}, SLO TTFT {report['slo_ms']['ttft']:g} ms / TPOT {report['slo_ms']['tpot']:g} ms: "
+        "attainment % (joint / TTFT / TPOT) and P90 TTFT / TPOT ms, real → ours",
+        f"{'run':<28}{'real':>20}{'ours':>20}{'P90 TTFT':>22}{'P90 TPOT':>18}",
+    ]
+    for run in report["runs"]:
+        real, ours = run["real"], run["ours"]
+        lines.append(
+            f"{run['name']:<28}"
+            f"{' / '.join(f'{real[k]:.1f}' for k in ATTAINMENT_KEYS):>20}{' / '.join(f'{ours[k]:.1f}' for k in ATTAINMENT_KEYS):>20}"
+            f"{real['p90_ttft_ms']:>11.0f} → {ours['p90_ttft_ms']:<7.0f}{real['p90_tpot_ms']:>9.0f} → {ours['p90_tpot_ms']:<6.0f}"
+        )
+    reference = next(key for key in report if key.endswith("_mean_abs_diff") and key != "mean_abs_diff")
+    lines.append(f"mean absolute difference, points ({short['joint_attainment_pct']} / TTFT / TPOT); {reference.removesuffix('_mean_abs_diff')} in brackets:")
+    for subset, diffs in report["mean_abs_diff"].items():
+        theirs = report[reference].get(subset, {})
+        ours_text = " / ".join(f"{diffs[k]:.1f}" for k in ATTAINMENT_KEYS)
+        theirs_text = " / ".join(f"{theirs[k]:.1f}" for k in ATTAINMENT_KEYS if k in theirs)
+        lines.append(f"  {subset:<12}{diffs['runs']:>3} runs  {ours_text}" + (f"  ({theirs_text})" if theirs_text else ""))
+    for name, ratio in report["overload_p90_ttft_ratio"].items():
+        lines.append(f"  overload run {name}: our P90 TTFT is {ratio:.2f}x the real one")
+    typer.echo("\n".join(lines))
     if json_path:
         _write_json(json_path, report)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -83,6 +83,22 @@ class RequestOutcome:
     @property
     def _countable(self) -> bool:
         return self.finished and not self.infeasible
+
+
+def request_record(outcome: RequestOutcome) -> dict[str, Any]:
+    """One request as a line of `sim --requests-out`, for scoring outside: seconds from the replay's start,
+    milliseconds for TTFT and TPOT ((last − first) / (n − 1), 0 for one token), None where it never got there."""
+    ttft, tpot = outcome.ttft, outcome.tpot
+    return {
+        "arrival_s": outcome.arrival,
+        "prompt_tokens": outcome.prompt_tokens,
+        "output_tokens": outcome.output_tokens,
+        "first_token_s": outcome.first_token,
+        "finish_s": outcome.finish,
+        "ttft_ms": None if ttft is None else ttft * 1000.0,
+        "tpot_ms": None if tpot is None else tpot * 1000.0,
+        "dropped": outcome.dropped,
+    }
 
 
 def phase_seconds(timings: Timings) -> dict[str, float | None]:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from tropical.core.actions import Action
 from tropical.core.request import RequestState
-from tropical.core.router import RouterState, feasible
+from tropical.core.router import RouterState, feasible_on
 from tropical.core.worker import Perturb, WorkerState, no_perturbation
 from tropical.latency.model import LatencyModel
 from tropical.policies.records import Role, WorkerView
@@ -26,24 +26,34 @@ SETTLE_ROUNDS = 1000
 
 
 class ClusterCore:
-    """One policy over a set of workers sharing one latency model and one KV capacity per worker."""
+    """One policy over a set of workers, each with its latency model and KV capacity (one for all, or one per worker)."""
 
     def __init__(
         self,
         policy: ServingPolicy,
         roles: Sequence[Role],
-        kv_capacity: int,
-        model: LatencyModel,
+        kv_capacity: int | Sequence[int],
+        model: LatencyModel | Sequence[LatencyModel],
         *,
         perturb: Perturb = no_perturbation,
         spans: bool = True,
+        refuse_infeasible: bool = True,
     ) -> None:
-        """`spans=False` runs every decode step on its own, as live workers do (the simulator batches them)."""
+        """`spans=False` runs every decode step on its own, as live workers do (the simulator batches them).
+        `refuse_infeasible=False` serves even requests no idle worker could serve in SLO, as a real engine does
+        (they miss either way; a replay held against real runs must carry their load too)."""
         self.policy = policy
-        self.model = model
-        self.kv_capacity = kv_capacity
+        capacities = [kv_capacity] * len(roles) if isinstance(kv_capacity, int) else list(kv_capacity)
+        models = [model] * len(roles) if isinstance(model, LatencyModel) else list(model)
+        if len(capacities) != len(roles) or len(models) != len(roles):
+            raise ValueError(f"{len(roles)} workers need as many KV capacities and models, got {len(capacities)} and {len(models)}")
+        self.kinds = list(dict.fromkeys(zip(roles, models, capacities, strict=True)))  # distinct workers, for feasibility
+        self.refuse_infeasible = refuse_infeasible
         self.out: list[Action] = []
-        self.workers = [WorkerState(i, role, kv_capacity, model, self.out, perturb, spans=spans) for i, role in enumerate(roles)]
+        self.workers = [
+            WorkerState(i, role, capacity, worker_model, self.out, perturb, spans=spans)
+            for i, (role, worker_model, capacity) in enumerate(zip(roles, models, capacities, strict=True))
+        ]
         self.router = RouterState(policy, self.out)
         self.stranded: list[tuple[RequestState, WorkerState]] = []  # prefilled, no decoding worker chosen yet
         self._tokens = itertools.count(1)
@@ -58,7 +68,7 @@ class ClusterCore:
 
     def arrive(self, job: RequestState) -> bool:
         """A request arrives; False when no idle cluster could serve it in SLO (it is refused)."""
-        if not feasible(job, self.model, self.kv_capacity):
+        if self.refuse_infeasible and not feasible_on(job, self.kinds):
             job.infeasible = job.dropped = True
             return False
         self.router.enqueue(job)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from tropical.core.actions import Action, RouterWake
 from tropical.core.request import RequestState
 from tropical.latency.model import LatencyModel
-from tropical.policies.records import RequestId, RequestView, RouterDecision, WorkerView
+from tropical.policies.records import RequestId, RequestView, Role, RouterDecision, WorkerView
 from tropical.policies.serving import ServingPolicy
 
 PlacePrompt = Callable[[RequestState, int, float], None]  # (request, worker, now): apply one placement
@@ -30,6 +30,26 @@ def feasible(job: RequestState, model: LatencyModel, kv_capacity: int) -> bool:
     if model.prefill_time(job.prompt) > job.ttft_slo:
         return False
     return job.output <= 1 or model.decode_time(1, job.prompt + job.output // 2) <= job.tpot_slo
+
+
+WorkerKind = tuple[Role, LatencyModel, int]  # what feasibility depends on: role, step times, KV capacity
+
+
+def feasible_on(job: RequestState, kinds: Sequence[WorkerKind]) -> bool:
+    """`feasible` on a cluster of different workers: some worker taking prompts could prefill it in time, and some
+    decoding worker could hold it and decode it within its TPOT (the same worker on a colocated or multiplexing one)."""
+    if len(kinds) == 1 and kinds[0][0] is not Role.PREFILL:
+        _, model, capacity = kinds[0]
+        return feasible(job, model, capacity)
+    whole = job.prompt + job.output
+    prompt_ok = any(
+        role.takes_prompts and model.prefill_time(job.prompt) <= job.ttft_slo and (job.prompt if role is Role.PREFILL else whole) <= capacity
+        for role, model, capacity in kinds
+    )
+    return prompt_ok and any(
+        role.decodes and whole <= capacity and (job.output <= 1 or model.decode_time(1, job.prompt + job.output // 2) <= job.tpot_slo)
+        for role, model, capacity in kinds
+    )
 
 
 class RouterState:

@@ -137,11 +137,13 @@ def _distserve_profiles(engine: str) -> dict[str, dict[int, dict]]:
     return {canonical_model(model): {int(tp): coefficients for tp, coefficients in by_tp.items()} for model, by_tp in raw.items()}
 
 
-def _distserve_capacity(model: str, tensor_parallel: int) -> int:
+def distserve_kv_capacity(model: str, tensor_parallel: int, pipeline_parallel: int = 1) -> int:
+    """KV tokens one A100-80GB instance of `model` holds at this parallelism, from DistServe's own table."""
+    model = canonical_model(model)
     for row in _csv_rows("distserve/max_num_tokens.csv"):
-        if canonical_model(row["model"]) == model and int(row["tp"]) == tensor_parallel and int(row["pp"]) == 1:
+        if canonical_model(row["model"]) == model and int(row["tp"]) == tensor_parallel and int(row["pp"]) == pipeline_parallel:
             return int(row["max_num_tokens"])
-    raise ValueError(f"no KV capacity recorded for {model} tp{tensor_parallel}")
+    raise ValueError(f"no KV capacity recorded for {model} at tp{tensor_parallel} pp{pipeline_parallel}")
 
 
 def distserve_fit(model: str, tensor_parallel: int, *, engine: str = "distserve") -> ProfileFit:
@@ -167,7 +169,7 @@ def distserve_fit(model: str, tensor_parallel: int, *, engine: str = "distserve"
     prefill = [(length, (a + b * length + c * length * length) * MS) for length in DISTSERVE_PREFILL_LENGTHS]
 
     threshold = int(coefficients["decoding_large_small_bs_threshold"])
-    capacity = _distserve_capacity(model, tensor_parallel)
+    capacity = distserve_kv_capacity(model, tensor_parallel)
     decode = []
     for batch in DISTSERVE_BATCHES:
         a, b, c = coefficients["decoding_smallbs" if batch < threshold else "decoding_largebs"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tropical.latency.model import LatencyModel
@@ -10,8 +11,29 @@ from tropical.policies.records import Role
 
 
 @dataclass(frozen=True)
+class WorkerGroup:
+    """Workers alike in role, model profile, parallelism and KV capacity: one line of a deployment."""
+
+    role: Role
+    count: int
+    model: LatencyModel
+    kv_capacity: int  # KV tokens one worker of the group holds
+    tensor_parallel: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.kv_capacity <= 0 or self.tensor_parallel < 1:
+            raise ValueError(f"a {self.role} group needs at least one worker, a positive KV capacity and TP degree")
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
-    """Workers of one model on one GPU type: roles, KV capacity and the link between them.
+    """Workers of one model: roles, step times, KV capacity and the link between them.
+
+    One latency model and KV capacity for every worker, or, from worker groups
+    (`of_groups`), one per worker: a DistServe deployment of prefill at TP 2
+    and decode at TP 1 prefills with the TP-2 times and decodes with the TP-1
+    ones, each with its own KV. `model` is then the first group's: the one a
+    policy predicts with.
 
     `kv_bytes_per_token` is the whole model's (every layer, K and V, all TP
     shards); `link_bandwidth` is what one worker-to-worker KV transfer gets
@@ -20,17 +42,28 @@ class ClusterSpec:
 
     roles: tuple[Role, ...]
     model: LatencyModel
-    kv_capacity: int  # KV tokens one worker holds
+    kv_capacity: int  # KV tokens one worker holds (the first group's, with groups)
     kv_bytes_per_token: int
     link_bandwidth: float  # bytes/s
     link_latency: float = 0.001  # s, per transfer
-    tensor_parallel: int = 1  # GPUs per worker
+    tensor_parallel: int = 1  # GPUs per worker (the first group's, with groups)
+    groups: tuple[WorkerGroup, ...] = ()  # when given, what each worker is; `roles` lists them in order
+
+    @classmethod
+    def of_groups(cls, groups: Sequence[WorkerGroup], *, kv_bytes_per_token: int, link_bandwidth: float, link_latency: float = 0.001) -> ClusterSpec:
+        if not groups:
+            raise ValueError("a cluster needs at least one worker group")
+        roles = tuple(group.role for group in groups for _ in range(group.count))
+        first = groups[0]
+        return cls(roles, first.model, first.kv_capacity, kv_bytes_per_token, link_bandwidth, link_latency, first.tensor_parallel, tuple(groups))
 
     def __post_init__(self) -> None:
         if not self.roles:
             raise ValueError("a cluster needs at least one worker")
         if self.kv_capacity <= 0 or self.link_bandwidth <= 0:
             raise ValueError("KV capacity and link bandwidth must be positive")
+        if self.groups and tuple(g.role for g in self.groups for _ in range(g.count)) != self.roles:
+            raise ValueError("the worker groups do not add up to the roles listed")
         kinds = set(self.roles)
         if Role.COLOCATED in kinds and len(kinds) > 1:
             raise ValueError("colocated workers do not mix with prefill/decode roles")
@@ -40,8 +73,23 @@ class ClusterSpec:
             raise ValueError("prefill workers need a decoding worker to hand their requests to")
 
     @property
+    def models(self) -> tuple[LatencyModel, ...]:
+        """Each worker's step times."""
+        if not self.groups:
+            return (self.model,) * len(self.roles)
+        return tuple(g.model for g in self.groups for _ in range(g.count))
+
+    @property
+    def kv_capacities(self) -> tuple[int, ...]:
+        if not self.groups:
+            return (self.kv_capacity,) * len(self.roles)
+        return tuple(g.kv_capacity for g in self.groups for _ in range(g.count))
+
+    @property
     def gpus(self) -> int:
-        return len(self.roles) * self.tensor_parallel
+        if not self.groups:
+            return len(self.roles) * self.tensor_parallel
+        return sum(g.count * g.tensor_parallel for g in self.groups)
 
     def transfer_time(self, tokens: int) -> float:
         return self.link_latency + tokens * self.kv_bytes_per_token / self.link_bandwidth

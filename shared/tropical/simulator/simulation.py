@@ -103,9 +103,11 @@ class Simulation:
         record_steps: bool = False,
         observe: Callable[[float, ClusterCore], None] | None = None,
         spans: bool = True,
+        refuse_infeasible: bool = True,
     ) -> None:
         """`observe(now, core)` sees the cluster each time it has settled (for tests and tracing);
-        `spans=False` steps every decode on its own instead of in closed-form spans."""
+        `spans=False` steps every decode on its own instead of in closed-form spans; `refuse_infeasible=False`
+        serves every request, as a real engine does (`ClusterCore`)."""
         self.cluster = cluster
         self.observe = observe
         self.policy = policy
@@ -113,7 +115,9 @@ class Simulation:
         self.noise = noise
         self.random = random.Random(seed)
         self.record_steps = record_steps
-        self.core = ClusterCore(policy, cluster.roles, cluster.kv_capacity, cluster.model, perturb=self._noise, spans=spans)
+        self.core = ClusterCore(
+            policy, cluster.roles, cluster.kv_capacities, cluster.models, perturb=self._noise, spans=spans, refuse_infeasible=refuse_infeasible
+        )
         self.events: list[tuple[float, int, int, object, int]] = []
         self.sequence = 0
         self.event_count = self.span_count = self.step_count = 0
@@ -216,6 +220,7 @@ def simulate(
     seed: int = 0,
     noise: bool = False,
     record_steps: bool = False,
+    refuse_infeasible: bool = True,
 ) -> SimulationResult:
     """Run `policy` on `cluster` over `requests`; the same inputs and seed give the same result."""
-    return Simulation(cluster, policy, seed=seed, noise=noise, record_steps=record_steps).run(requests)
+    return Simulation(cluster, policy, seed=seed, noise=noise, record_steps=record_steps, refuse_infeasible=refuse_infeasible).run(requests)
