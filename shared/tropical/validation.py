@@ -211,7 +211,7 @@ def validate(folder: str | Path | None = None) -> dict[str, Any]:
         subsets.setdefault(run["system"], []).append(run)
     overload = [r for r in runs if r["real"]["joint_attainment_pct"] < OVERLOAD_JOINT_PCT]
     return {
-        "set": str(vset.folder),
+        "set": SHIPPED_SET if folder is None else str(folder),
         "model": vset.model,
         "hardware": vset.hardware,
         "slo_ms": {"ttft": vset.ttft_slo * 1000.0, "tpot": vset.tpot_slo * 1000.0},
