@@ -176,12 +176,7 @@ def bench_router(
     from tropical.core.bench_router import RouterTiming, cluster_roles, run_router_benchmark
 
     names = _policy_names(policies)
-    try:
-        sizes = [int(size) for size in workers.split(",")]
-    except ValueError:
-        raise typer.BadParameter(f"not a list of whole numbers: {workers!r}", param_hint="--workers") from None
-    if any(size < 1 for size in sizes):
-        raise typer.BadParameter("cluster sizes must be at least 1", param_hint="--workers")
+    sizes = _cluster_sizes(workers)
     for name in names:
         for size in sizes:
             try:
@@ -211,6 +206,63 @@ def bench_router(
         busy = {"load_average_before": [round(x, 2) for x in load], "load_average_after": [round(x, 2) for x in os.getloadavg()]}
         record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": _machine(), **busy, "decisions": decisions, **report}
         _write_json(json_path, record)
+
+
+@app.command("bench-scale")
+def bench_scale(
+    policies: Annotated[str, typer.Option(help="comma-separated policy names")] = "vllm,sarathi,distserve,tropical,kairos,unified",
+    workers: Annotated[str, typer.Option(help="comma-separated cluster sizes")] = "8,32,128,512",
+    per_worker_rps: Annotated[float, typer.Option(min=1e-6, help="offered load per worker (req/s)")] = 1.75,
+    requests_per_worker: Annotated[int, typer.Option(min=1, help="requests replayed per worker")] = 125,
+    arrival: Annotated[str, typer.Option(help="poisson: the trace's lengths at Poisson arrivals, the same load at every size; trace: its own times, rescaled")] = "poisson",
+    seed: Annotated[int, typer.Option(help="seed of the replayed requests")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="also write the figures here")] = None,
+) -> None:
+    """Simulate each policy on `chat-13b` grown at constant load per worker: attainment must not fall, cost per request stay flat."""
+    from tropical.core.bench_router import cluster_roles
+    from tropical.simulator.bench_scale import ARRIVALS, ScalePoint, attainment_drops, scale_benchmark
+
+    names = _policy_names(policies)
+    sizes = _cluster_sizes(workers)
+    if arrival not in ARRIVALS:
+        raise typer.BadParameter(f"one of {', '.join(ARRIVALS)}, not {arrival!r}", param_hint="--arrival")
+    for name in names:
+        for size in sizes:
+            try:
+                cluster_roles(name, size)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--workers") from None
+
+    def progress(p: ScalePoint) -> None:
+        split = "" if p.prefill_workers is None else f" ({p.prefill_workers} prefill)"
+        typer.echo(
+            f"{p.policy:>10} {p.workers:>4} workers{split:<14} {p.requests:>6} requests: attainment {p.attainment:.4f}"
+            f" (TTFT {p.ttft_attainment:.4f}, TPOT {p.tpot_attainment:.4f})  {p.wall_s:7.2f} s, {p.us_per_request:6.0f} µs a request"
+        )
+
+    points = scale_benchmark(names, sizes, per_worker_rps=per_worker_rps, requests_per_worker=requests_per_worker, arrival=arrival, seed=seed,
+                             progress=progress)
+    drops = attainment_drops(points)
+    for name, small, large, drop in drops:
+        typer.echo(f"{name}: attainment falls by {drop:.4f} from {small} to {large} workers")
+    if not drops:
+        typer.echo("no policy loses attainment as its cluster grows")
+    if json_path:
+        record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": _machine(), "per_worker_rps": per_worker_rps,
+                  "requests_per_worker": requests_per_worker, "arrival": arrival, "seed": seed, "points": [p.as_json() for p in points],
+                  "attainment_drops": [{"policy": n, "from": a, "to": b, "drop": d} for n, a, b, d in drops]}
+        _write_json(json_path, record)
+
+
+def _cluster_sizes(workers: str) -> list[int]:
+    """`--workers`: comma-separated whole numbers, each at least 1."""
+    try:
+        sizes = [int(size) for size in workers.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"not a list of whole numbers: {workers!r}", param_hint="--workers") from None
+    if any(size < 1 for size in sizes):
+        raise typer.BadParameter("cluster sizes must be at least 1", param_hint="--workers")
+    return sizes
 
 
 @app.command("profile")

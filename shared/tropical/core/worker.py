@@ -94,6 +94,7 @@ class WorkerState:
         self.version = 0
         self._view: WorkerView | None = None
         self._view_steps = -1
+        self._view_from = self._view_until = 0.0  # while nothing changes, the view holds for `now` in [from, until)
 
     # --- running batch in closed form ----------------------------------------------------
 
@@ -194,13 +195,19 @@ class WorkerState:
         self._view = None
 
     def view(self, now: float) -> WorkerView:
-        steps = self.current_steps(now)
         view = self._view
+        if view is not None and self._view_from <= now < self._view_until:
+            return view  # a router asks every worker on every event: most have not moved since
+        steps = self.current_steps(now)
         if view is not None and self._view_steps == steps:
             return view
+        valid_from, valid_until = -math.inf, math.inf  # until something changes
         if self.busy and self.span_n > 1:
             done = steps - self.steps if self.span_decode else 0
             begin, end = self.span_time(done), self.span_time(min(done + 1, self.span_n))
+            if self.span_decode:  # the view moves on at each step boundary of the span
+                valid_from = begin if done > 0 else -math.inf
+                valid_until = math.inf if done >= self.span_n else (self.span_end if done + 1 == self.span_n else end)
         elif self.busy:
             begin, end = self.span_start, self.span_end
         else:
@@ -229,6 +236,7 @@ class WorkerState:
             in_step=tuple((job.id, tokens) for job, tokens in self.span_chunks) if self.busy else (),
         )
         self._view, self._view_steps = view, steps
+        self._view_from, self._view_until = valid_from, valid_until
         return view
 
     # --- what arrives at the worker ---------------------------------------------------------
