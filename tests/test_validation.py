@@ -71,7 +71,7 @@ def test_every_request_is_served_as_a_real_engine_would(tmp_path: Path) -> None:
         (lambda f: (f / "run.csv").unlink(), "no trace file run.csv"),
         (lambda f: (f / "runs.json").write_text("{}"), "missing 'model'"),
         (lambda f: write_set(f, system="orca"), "unknown system 'orca'"),
-        (lambda f: write_set(f, pipeline=2), "pipeline parallelism (2 stages) is not simulated yet"),
+        (lambda f: write_set(f, pipeline=2), "pipeline parallelism is not simulated yet"),
     ],
 )
 def test_a_bad_set_gets_one_clear_line_and_exit_2(tmp_path: Path, change, problem: str) -> None:

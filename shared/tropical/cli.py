@@ -770,6 +770,9 @@ def sim(
     requests_out: Annotated[
         Path | None, typer.Option("--requests-out", callback=_json_file, help="also write one JSON line per request here (FILE.jsonl)")
     ] = None,
+    cluster_file: Annotated[
+        Path | None, typer.Option("--cluster", help="a deployment file (TOML: worker groups with role, count, TP, profile, KV) instead of the setting's workers")
+    ] = None,
 ) -> None:
     """Simulate one policy at one rate and print a `vllm bench serve`-style summary."""
     import time
@@ -778,6 +781,7 @@ def sim(
     from tropical.experiments import options_as_json, run_policy, tuned, workload
     from tropical.metrics import request_record, summarize
     from tropical.policies import make_policy
+    from tropical.simulator.deployment import DeploymentError, load_deployment
     from tropical.simulator.usage import usage_by_role, worker_usage
 
     setting = _setting(setting_name, ttft_slo_ms, ttft_slo_scale, tpot_slo_ms)
@@ -785,18 +789,28 @@ def sim(
     served = make_policy(policy, setting.latency_model(), **tuned(setting, policy, options))
     if prefill_workers is not None and not served.disaggregated:
         raise typer.BadParameter(f"{policy} runs prompts and decodes on every worker: it has no prefill workers", param_hint="--prefill-workers")
+    deployment = None
+    if cluster_file is not None:
+        if prefill_workers is not None:
+            raise typer.BadParameter("a deployment file sets the prefill workers itself", param_hint="--prefill-workers")
+        try:
+            deployment = load_deployment(cluster_file)
+            served.check_roles(deployment.roles)
+        except (DeploymentError, ValueError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--cluster") from None
     trace = trace or setting.trace
     replay = _replay(requests, start_s, duration_s, arrival, cv)
     started = time.perf_counter()
     try:
-        load = workload(setting, trace, rate, replay=replay, seed=seed)
+        load = workload(setting, trace, rate, replay=replay, seed=seed, model=None if deployment is None else deployment.model)
         result = run_policy(
-            setting, policy, load, prefill_workers=prefill_workers, seed=seed, noise=noise, admission=admission, options=options, record_steps=True
+            setting, policy, load, prefill_workers=prefill_workers, seed=seed, noise=noise, admission=admission, options=options, record_steps=True,
+            cluster=deployment,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     wall = time.perf_counter() - started
-    layout = served.roles(setting.workers, prefill_workers)
+    layout = served.roles(setting.workers, prefill_workers) if deployment is None else deployment.roles
     roles = Counter(role.value for role in layout)
     workers = " + ".join(f"{count} {role}" for role, count in roles.items())
     summary = summarize(result.outcomes())
@@ -809,6 +823,7 @@ def sim(
         "policy": policy,
         "rate": rate,
         "prefill_workers": prefill_workers,
+        "cluster_file": None if cluster_file is None else str(cluster_file),
         "admission": admission.value,
         "options": options_as_json(options),
         "workers": dict(roles),

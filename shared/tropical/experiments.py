@@ -247,12 +247,15 @@ class Workload:
 
 
 def workload(
-    setting: Setting, trace: Path, rate: float | None, *, replay: Replay = Replay(), seed: int = 0, slo: SloRule | None = None
+    setting: Setting, trace: Path, rate: float | None, *, replay: Replay = Replay(), seed: int = 0, slo: SloRule | None = None,
+    model: LatencyModel | None = None,
 ) -> Workload:
+    """The requests to replay with their SLOs; a TTFT relative to the isolated prefill is taken on `model` (default: the
+    setting's), as on the cluster that serves them."""
     rows = _trace_rows(str(trace), rate, replay, replay.count(setting), seed)
     if not rows:
         raise ValueError(f"no request of {trace} is left to replay: the window {_window(replay)} holds none")
-    model = setting.latency_model()
+    model = model or setting.latency_model()
     rule = slo or setting.slo
     return Workload(trace, rate, tuple(_with_slo(r, rule, model) for r in rows))
 
@@ -294,9 +297,17 @@ def run_policy(
     options: dict[str, Any] | None = None,
     admission: AdmissionRule = AdmissionRule.OWN,
     record_steps: bool = False,
+    cluster: ClusterSpec | None = None,
 ) -> SimulationResult:
-    policy = under_admission(make_policy(policy_name, setting.latency_model(), **tuned(setting, policy_name, options)), admission)
-    result = simulate(load.requests, setting.cluster(policy, prefill_workers), policy, seed=seed, noise=noise, record_steps=record_steps)
+    """One simulated run on the setting's cluster, or on `cluster` (a deployment file's), whose first group's
+    profile the policy then predicts with."""
+    model = setting.latency_model() if cluster is None else cluster.model
+    policy = under_admission(make_policy(policy_name, model, **tuned(setting, policy_name, options)), admission)
+    if cluster is None:
+        cluster = setting.cluster(policy, prefill_workers)
+    else:
+        policy.check_roles(cluster.roles)
+    result = simulate(load.requests, cluster, policy, seed=seed, noise=noise, record_steps=record_steps)
     if result.unfinished:
         raise RuntimeError(f"{policy_name} left {result.unfinished} requests unfinished on {setting.name} at {load.rate} req/s")
     return result

@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from tropical.data import data_file
-from tropical.latency.profiles import canonical_hardware, canonical_model, distserve_kv_capacity, distserve_model
+from tropical.latency.profiles import canonical_hardware, canonical_model
 from tropical.metrics import Summary, summarize
 from tropical.policies import make_policy
 from tropical.policies.admission_rule import AdmissionRule, under_admission
 from tropical.policies.records import Role
-from tropical.simulator import ClusterSpec, SimRequest, WorkerGroup, simulate
+from tropical.simulator import ClusterSpec, SimRequest, simulate
+from tropical.simulator.deployment import cluster_of
 from tropical.traces import load_trace
 
 SHIPPED_SET = "validation/distserve_opt13b"
@@ -39,8 +40,6 @@ ATTAINMENT_KEYS = ("joint_attainment_pct", "ttft_attainment_pct", "tpot_attainme
 LATENCY_KEYS = ("p50_ttft_ms", "p90_ttft_ms", "p50_tpot_ms", "p90_tpot_ms")
 FIGURE_KEYS = ATTAINMENT_KEYS + LATENCY_KEYS
 OVERLOAD_JOINT_PCT = 40.0  # a run whose real joint attainment is below this is an overload run
-A100_NVLINK_BYTES_PER_S = 150e9  # per GPU pair, what bulk copies see (as the presets take it)
-KV_WIDTHS = {"opt-13b": (40, 5120), "opt-66b": (64, 9216), "opt-175b": (96, 12288)}  # layers, hidden: OPT's KV is fp16, full-width
 
 
 @dataclass(frozen=True)
@@ -149,16 +148,15 @@ def load_set(folder: str | Path | None = None) -> ValidationSet:
 
 def cluster_for(vset: ValidationSet, run: Run) -> ClusterSpec:
     """The run's deployment as simulated worker groups, each with its own profile and KV capacity."""
-    engine = SYSTEMS[run.system].engine
-    groups = []
-    for g in vset.deployments[run.deployment]:
-        if g.pipeline_parallel != 1:
-            raise ValidationError(f"run {run.name}: pipeline parallelism ({g.pipeline_parallel} stages) is not simulated yet")
-        model = distserve_model(vset.model, g.tensor_parallel, engine=engine)
-        groups.append(WorkerGroup(g.role, g.count, model, distserve_kv_capacity(vset.model, g.tensor_parallel), g.tensor_parallel))
-    layers, hidden = KV_WIDTHS[vset.model]
-    narrowest = min(g.tensor_parallel for g in groups)  # a transfer moves each TP rank's shard; the narrower side limits it
-    return ClusterSpec.of_groups(groups, kv_bytes_per_token=2 * layers * hidden * 2, link_bandwidth=A100_NVLINK_BYTES_PER_S * narrowest)
+    profile = "distserve" if SYSTEMS[run.system].engine == "distserve" else f"distserve-{SYSTEMS[run.system].engine}"
+    groups = [
+        {"role": g.role.value, "count": g.count, "tensor_parallel": g.tensor_parallel, "pipeline_parallel": g.pipeline_parallel, "profile": profile}
+        for g in vset.deployments[run.deployment]
+    ]
+    try:
+        return cluster_of({"model": vset.model, "hardware": vset.hardware, "group": groups})
+    except ValueError as exc:
+        raise ValidationError(f"run {run.name}: {exc}") from None
 
 
 def replay(vset: ValidationSet, run: Run) -> Summary:

@@ -76,6 +76,17 @@ class ServingPolicy:
             raise ValueError(f"{self.name}: prefill workers must be between {low} and {workers - 1}, got {prefill}")
         return (Role.PREFILL,) * prefill + (self.decode_role,) * (workers - prefill)
 
+    def check_roles(self, roles: Sequence[Role]) -> None:
+        """ValueError unless the policy runs on workers of these roles (a deployment file fixes them, not the policy)."""
+        given = ", ".join(f"{sum(r is role for r in roles)} {role.value}" for role in dict.fromkeys(roles))
+        if not self.disaggregated:
+            if set(roles) != {Role.COLOCATED}:
+                raise ValueError(f"{self.name} runs prompts and decodes on every worker (colocated), not on {given}")
+            return
+        prefill = sum(role is Role.PREFILL for role in roles)
+        if set(roles) - {Role.PREFILL, self.decode_role} or self.decode_role not in roles or prefill < self.min_prefill_workers:
+            raise ValueError(f"{self.name} runs on {self.decode_role.value} workers and at least {self.min_prefill_workers} prefill, not on {given}")
+
     def place(self, queue: Sequence[RequestView], workers: Sequence[WorkerView], now: float) -> RouterDecision:
         return self.router.place(queue, workers, now)
 

@@ -1,0 +1,112 @@
+"""A deployment file: the cluster to simulate as worker groups, each with its own profile, parallelism and KV.
+
+`tropical sim --cluster FILE` reads one (TOML):
+
+    model = "opt-13b"              # a model the published profiles cover
+    hardware = "a100-80g"
+    kv_bytes_per_token = 819200    # optional for models of known shape: every layer's K and V, fp16
+
+    [link]                         # optional: one worker-to-worker KV transfer
+    bandwidth_gb_s = 150           # per GPU pair; a transfer gets it times the narrower side's TP degree
+    latency_ms = 1
+
+    [[group]]
+    role = "prefill"               # prefill, decode, multiplex or colocated
+    count = 1
+    tensor_parallel = 2
+    profile = "distserve"          # optional: which published profile (distserve, distserve-vllm, splitwise, vidur, sarathi)
+    kv_capacity = 132000           # optional where the profile's source records it (DistServe's table)
+
+    [[group]]
+    role = "decode"
+    count = 1
+    tensor_parallel = 1
+
+A DistServe deployment of prefill at TP 2 and decode at TP 1 is two groups;
+the presets' clusters are the single-group case.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from tropical.latency.model import LatencyModel
+from tropical.latency.profiles import canonical_model, distserve_kv_capacity, distserve_model, load_profile
+from tropical.policies.records import Role
+from tropical.simulator.cluster import ClusterSpec, WorkerGroup
+
+KV_SHAPES = {"opt-13b": (40, 5120), "opt-66b": (64, 9216), "opt-175b": (96, 12288), "llama-2-7b": (32, 4096), "llama-2-70b": (80, 1024)}  # layers, KV width
+DEFAULT_LINK_GB_S = 150.0  # an A100 NVLink pair, what bulk copies see
+GROUP_KEYS = {"role", "count", "tensor_parallel", "pipeline_parallel", "profile", "kv_capacity"}
+TOP_KEYS = {"model", "hardware", "kv_bytes_per_token", "link", "group"}
+
+
+class DeploymentError(ValueError):
+    """A deployment file that cannot be simulated; the message names the file and the problem."""
+
+
+def load_deployment(path: str | Path) -> ClusterSpec:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise DeploymentError(f"{path}: no such file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise DeploymentError(f"{path}: not TOML: {exc}") from None
+    try:
+        return cluster_of(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        problem = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise DeploymentError(f"{path}: {problem}") from None
+
+
+def cluster_of(raw: dict[str, Any]) -> ClusterSpec:
+    """The cluster a deployment file's content describes (ValueError, KeyError or TypeError when it is not one)."""
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise ValueError(f"unknown keys {', '.join(sorted(unknown))}")
+    model = canonical_model(str(raw["model"]))
+    hardware = str(raw.get("hardware", "a100-80g"))
+    groups = [_group(model, hardware, g) for g in raw["group"]]
+    if not groups:
+        raise ValueError("no [[group]] of workers")
+    if "kv_bytes_per_token" in raw:
+        kv_bytes = int(raw["kv_bytes_per_token"])
+    elif model in KV_SHAPES:
+        layers, width = KV_SHAPES[model]
+        kv_bytes = 2 * layers * width * 2
+    else:
+        raise ValueError(f"give kv_bytes_per_token: {model}'s shape is not known")
+    link = raw.get("link", {})
+    bandwidth = float(link.get("bandwidth_gb_s", DEFAULT_LINK_GB_S)) * 1e9 * min(g.tensor_parallel for g in groups)
+    latency = float(link.get("latency_ms", 1.0)) / 1000.0
+    if kv_bytes <= 0 or bandwidth <= 0 or latency < 0:
+        raise ValueError("kv_bytes_per_token and the link's bandwidth must be positive, its latency not negative")
+    return ClusterSpec.of_groups(groups, kv_bytes_per_token=kv_bytes, link_bandwidth=bandwidth, link_latency=latency)
+
+
+def _group(model: str, hardware: str, g: dict[str, Any]) -> WorkerGroup:
+    unknown = set(g) - GROUP_KEYS
+    if unknown:
+        raise ValueError(f"a group has unknown keys {', '.join(sorted(unknown))}")
+    role = Role(str(g["role"]))
+    tp = int(g.get("tensor_parallel", 1))
+    if int(g.get("pipeline_parallel", 1)) != 1:
+        raise ValueError("pipeline parallelism is not simulated yet")
+    profile = g.get("profile")
+    latency = _profile(model, hardware, tp, None if profile is None else str(profile))
+    if "kv_capacity" in g:
+        capacity = int(g["kv_capacity"])
+    elif latency.name.endswith((":distserve", ":distserve-vllm")):
+        capacity = distserve_kv_capacity(model, tp)
+    else:
+        raise ValueError(f"give the {role} group's kv_capacity: {latency.name}'s source records none")
+    return WorkerGroup(role, int(g.get("count", 1)), latency, capacity, tp)
+
+
+def _profile(model: str, hardware: str, tensor_parallel: int, source: str | None) -> LatencyModel:
+    if source == "distserve-vllm":  # DistServe's profile of vLLM's kernels
+        return distserve_model(model, tensor_parallel, engine="vllm")
+    return load_profile(model, hardware, tensor_parallel, source=source)
