@@ -41,6 +41,13 @@ def test_groups_differ_in_profile_and_kv() -> None:
     assert cluster.link_bandwidth == 150e9 and cluster.kv_bytes_per_token == 2 * 40 * 5120 * 2
 
 
+def test_a_group_may_carry_its_engine_overhead(tmp_path: Path) -> None:
+    path = tmp_path / "slow.toml"
+    path.write_text('model = "opt-13b"\n[[group]]\nrole = "colocated"\nstep_overhead_ms = 2\nsequence_overhead_ms = 0.25\n')
+    (model,) = load_deployment(path).models
+    assert model == distserve_model("opt-13b", 1).with_overhead(0.002, 0.00025)
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
@@ -52,6 +59,7 @@ def test_groups_differ_in_profile_and_kv() -> None:
         ('model = "llama-2-70b"\n[[group]]\nrole = "colocated"\ntensor_parallel = 4\n', "give the colocated group's kv_capacity"),
         ('[[group]]\nrole = "colocated"\n', "missing 'model'"),
         ('model = "opt-13b"\n[[group]]\nrole = "colocated"\ncount = 0\n', "needs at least one worker"),
+        ('model = "opt-13b"\n[[group]]\nrole = "colocated"\nstep_overhead_ms = -1\n', "an overhead cannot be negative"),
     ],
 )
 def test_a_bad_file_is_refused_in_one_line(tmp_path: Path, text: str, problem: str) -> None:

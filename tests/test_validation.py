@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from tropical.cli import app
 from tropical.latency.profiles import distserve_kv_capacity, distserve_model
 from tropical.policies.records import Role
-from tropical.validation import FIGURE_KEYS, cluster_for, figures, load_set, replay, validate
+from tropical.validation import FIGURE_KEYS, Overhead, cluster_for, figures, load_set, replay, validate
 
 TRACE = "arrival_s,prompt_len,output_len\n0.0,120,8\n0.2,300,1\n0.5,64,20\n0.9,900,12\n1.1,50,40\n"
 
@@ -88,3 +88,14 @@ def test_validate_command_prints_both_sides_and_writes_json(tmp_path: Path) -> N
     assert "small" in result.output and "mean absolute difference" in result.output
     report = json.loads(out.read_text())
     assert [run["name"] for run in report["runs"]] == ["small"] and set(report["runs"][0]["ours"]) == set(FIGURE_KEYS)
+
+
+def test_an_engine_overhead_slows_every_step_of_every_group(tmp_path: Path) -> None:
+    vset = load_set(write_set(tmp_path / "set"))
+    plain, slowed = cluster_for(vset, vset.runs[0]), cluster_for(vset, vset.runs[0], Overhead(step_ms=2.0, sequence_ms=0.5))
+    for before, after in zip(plain.models, slowed.models, strict=True):
+        assert after.decode_time(4, 400) - before.decode_time(4, 400) == pytest.approx(0.002 + 4 * 0.0005)
+        assert after.prefill_time(100) - before.prefill_time(100) == pytest.approx(0.002)
+    assert figures(replay(vset, vset.runs[0], Overhead(sequence_ms=5.0)))["p50_tpot_ms"] > figures(replay(vset, vset.runs[0]))["p50_tpot_ms"]
+    report = validate(tmp_path / "set", Overhead(step_ms=1.0))
+    assert report["overhead_ms"] == {"step": 1.0, "sequence": 0.0}

@@ -992,18 +992,21 @@ def validate(
         Path | None, typer.Argument(help="a validation set's folder (runs.json and its traces); default: the shipped DistServe OPT-13B set")
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="also write every run's figures here")] = None,
+    step_overhead_ms: Annotated[float, typer.Option(min=0.0, help="engine work per step beyond the profiled forward pass (ms)")] = 0.0,
+    sequence_overhead_ms: Annotated[float, typer.Option(min=0.0, help="... and per decode in a step (ms)")] = 0.0,
 ) -> None:
     """Replay each real run of a validation set on its deployment and print our figures beside the real ones."""
-    from tropical.validation import ATTAINMENT_KEYS, ValidationError, validate as run_validation
+    from tropical.validation import ATTAINMENT_KEYS, Overhead, ValidationError, validate as run_validation
 
     try:
-        report = run_validation(folder)
+        report = run_validation(folder, Overhead(step_overhead_ms, sequence_overhead_ms))
     except ValidationError as exc:
         raise typer.BadParameter(str(exc), param_hint="FOLDER") from None
     short = {"joint_attainment_pct": "joint", "ttft_attainment_pct": "TTFT", "tpot_attainment_pct": "TPOT"}
     lines = [
-        f"{report['model']} on {report['hardware']}, SLO TTFT {report['slo_ms']['ttft']:g} ms / TPOT {report['slo_ms']['tpot']:g} ms: "
-        "attainment % (joint / TTFT / TPOT) and P90 TTFT / TPOT ms, real → ours",
+        f"{report['model']} on {report['hardware']}, SLO TTFT {report['slo_ms']['ttft']:g} ms / TPOT {report['slo_ms']['tpot']:g} ms"
+        + (f", engine overhead {step_overhead_ms:g} ms a step + {sequence_overhead_ms:g} ms a decode" if step_overhead_ms or sequence_overhead_ms else "")
+        + ": attainment % (joint / TTFT / TPOT) and P90 TTFT / TPOT ms, real → ours",
         f"{'run':<28}{'real':>20}{'ours':>20}{'P90 TTFT':>22}{'P90 TPOT':>18}",
     ]
     for run in report["runs"]:

@@ -59,6 +59,15 @@ SYSTEMS: dict[str, System] = {
 }
 
 
+@dataclass(frozen=True)
+class Overhead:
+    """An engine's own work per step beyond the profiled forward pass (`LatencyModel.with_overhead`), in ms; none by
+    default: a value read off these runs' outcomes would be a fit to them."""
+
+    step_ms: float = 0.0
+    sequence_ms: float = 0.0
+
+
 class ValidationError(ValueError):
     """A validation set that cannot be read; the message names the file and the problem."""
 
@@ -146,11 +155,12 @@ def load_set(folder: str | Path | None = None) -> ValidationSet:
     return ValidationSet(root, model, hardware, ttft, tpot, deployments, runs)
 
 
-def cluster_for(vset: ValidationSet, run: Run) -> ClusterSpec:
+def cluster_for(vset: ValidationSet, run: Run, overhead: Overhead = Overhead()) -> ClusterSpec:
     """The run's deployment as simulated worker groups, each with its own profile and KV capacity."""
     profile = "distserve" if SYSTEMS[run.system].engine == "distserve" else f"distserve-{SYSTEMS[run.system].engine}"
     groups = [
-        {"role": g.role.value, "count": g.count, "tensor_parallel": g.tensor_parallel, "pipeline_parallel": g.pipeline_parallel, "profile": profile}
+        {"role": g.role.value, "count": g.count, "tensor_parallel": g.tensor_parallel, "pipeline_parallel": g.pipeline_parallel, "profile": profile,
+         "step_overhead_ms": overhead.step_ms, "sequence_overhead_ms": overhead.sequence_ms}
         for g in vset.deployments[run.deployment]
     ]
     try:
@@ -159,9 +169,9 @@ def cluster_for(vset: ValidationSet, run: Run) -> ClusterSpec:
         raise ValidationError(f"run {run.name}: {exc}") from None
 
 
-def replay(vset: ValidationSet, run: Run) -> Summary:
+def replay(vset: ValidationSet, run: Run, overhead: Overhead = Overhead()) -> Summary:
     """Our figures for one run: its workload at its own times on its deployment, every request served."""
-    cluster = cluster_for(vset, run)
+    cluster = cluster_for(vset, run, overhead)
     system = SYSTEMS[run.system]
     policy = under_admission(make_policy(system.policy, cluster.model, **system.options), AdmissionRule.NONE)
     expected = policy.roles(len(cluster.roles), sum(role is Role.PREFILL for role in cluster.roles) or None)
@@ -195,13 +205,13 @@ def mean_abs_diff(pairs: Sequence[tuple[Mapping[str, float], Mapping[str, float]
     return out
 
 
-def validate(folder: str | Path | None = None) -> dict[str, Any]:
+def validate(folder: str | Path | None = None, overhead: Overhead = Overhead()) -> dict[str, Any]:
     """Every run replayed; per run our figures beside the real ones, and the mean absolute differences per system and
     overall (ours, and the set's reference simulator's where it gives figures)."""
     vset = load_set(folder)
     runs = []
     for run in vset.runs:
-        ours = figures(replay(vset, run))
+        ours = figures(replay(vset, run, overhead))
         runs.append({"name": run.name, "system": run.system, "deployment": run.deployment, "rate_rps": run.rate_rps,
                      "real": run.real, "ours": ours, vset.reference_name: run.reference})
     subsets: dict[str, list[dict[str, Any]]] = {"overall": runs}
@@ -213,6 +223,7 @@ def validate(folder: str | Path | None = None) -> dict[str, Any]:
         "model": vset.model,
         "hardware": vset.hardware,
         "slo_ms": {"ttft": vset.ttft_slo * 1000.0, "tpot": vset.tpot_slo * 1000.0},
+        "overhead_ms": {"step": overhead.step_ms, "sequence": overhead.sequence_ms},
         "runs": runs,
         "mean_abs_diff": {name: {"runs": len(group), **mean_abs_diff([(r["ours"], r["real"]) for r in group])} for name, group in subsets.items()},
         f"{vset.reference_name}_mean_abs_diff": {

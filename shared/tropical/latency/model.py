@@ -75,6 +75,16 @@ class LatencyModel:
             d2=self.d2 * factor,
         )
 
+    def with_overhead(self, step: float = 0.0, per_sequence: float = 0.0) -> LatencyModel:
+        """A real engine's step as the profile's forward pass plus its own work: `step` seconds every step (scheduling,
+        launching) and `per_sequence` more per decode in it (sampling, detokenizing, streaming its token).
+
+        Published profiles time the forward pass alone; an engine measured whole (`tropical profile`) needs neither.
+        """
+        if step < 0.0 or per_sequence < 0.0:
+            raise ValueError("an overhead cannot be negative")
+        return replace(self, c2=self.c2 + step, d0=self.d0 + step, d1=self.d1 + per_sequence)
+
     def _chunk_tokens_time(self, chunk: Chunk) -> float:
         start, end = chunk
         if end <= start:

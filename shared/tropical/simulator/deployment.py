@@ -16,6 +16,8 @@
     tensor_parallel = 2
     profile = "distserve"          # optional: which published profile (distserve, distserve-vllm, splitwise, vidur, sarathi)
     kv_capacity = 132000           # optional where the profile's source records it (DistServe's table)
+    step_overhead_ms = 0           # optional: the engine's own work per step, beyond the profile's forward pass
+    sequence_overhead_ms = 0       # optional: ... and per decode in a step (`LatencyModel.with_overhead`)
 
     [[group]]
     role = "decode"
@@ -39,7 +41,7 @@ from tropical.simulator.cluster import ClusterSpec, WorkerGroup
 
 KV_SHAPES = {"opt-13b": (40, 5120), "opt-66b": (64, 9216), "opt-175b": (96, 12288), "llama-2-7b": (32, 4096), "llama-2-70b": (80, 1024)}  # layers, KV width
 DEFAULT_LINK_GB_S = 150.0  # an A100 NVLink pair, what bulk copies see
-GROUP_KEYS = {"role", "count", "tensor_parallel", "pipeline_parallel", "profile", "kv_capacity"}
+GROUP_KEYS = {"role", "count", "tensor_parallel", "pipeline_parallel", "profile", "kv_capacity", "step_overhead_ms", "sequence_overhead_ms"}
 TOP_KEYS = {"model", "hardware", "kv_bytes_per_token", "link", "group"}
 
 
@@ -97,13 +99,15 @@ def _group(model: str, hardware: str, g: dict[str, Any]) -> WorkerGroup:
         raise ValueError("pipeline parallelism is not simulated yet")
     profile = g.get("profile")
     latency = _profile(model, hardware, tp, None if profile is None else str(profile))
+    step, per_sequence = float(g.get("step_overhead_ms", 0.0)), float(g.get("sequence_overhead_ms", 0.0))
     if "kv_capacity" in g:
         capacity = int(g["kv_capacity"])
     elif latency.name.endswith((":distserve", ":distserve-vllm")):
         capacity = distserve_kv_capacity(model, tp)
     else:
         raise ValueError(f"give the {role} group's kv_capacity: {latency.name}'s source records none")
-    return WorkerGroup(role, int(g.get("count", 1)), latency, capacity, tp)
+    overhead = latency.with_overhead(step / 1000.0, per_sequence / 1000.0) if step or per_sequence else latency
+    return WorkerGroup(role, int(g.get("count", 1)), overhead, capacity, tp)
 
 
 def _profile(model: str, hardware: str, tensor_parallel: int, source: str | None) -> LatencyModel:
