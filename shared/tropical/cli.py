@@ -1007,14 +1007,14 @@ def validate(
         f"{report['model']} on {report['hardware']}, SLO TTFT {report['slo_ms']['ttft']:g} ms / TPOT {report['slo_ms']['tpot']:g} ms"
         + (f", engine overhead {step_overhead_ms:g} ms a step + {sequence_overhead_ms:g} ms a decode" if step_overhead_ms or sequence_overhead_ms else "")
         + ": attainment % (joint / TTFT / TPOT) and P90 TTFT / TPOT ms, real → ours",
-        f"{'run':<28}{'real':>20}{'ours':>20}{'P90 TTFT':>22}{'P90 TPOT':>18}",
+        f"{'run':<28}{'real':>22}{'ours':>22}   {'P90 TTFT':^17}   {'P90 TPOT':^15}",
     ]
     for run in report["runs"]:
         real, ours = run["real"], run["ours"]
         lines.append(
             f"{run['name']:<28}"
-            f"{' / '.join(f'{real[k]:.1f}' for k in ATTAINMENT_KEYS):>20}{' / '.join(f'{ours[k]:.1f}' for k in ATTAINMENT_KEYS):>20}"
-            f"{real['p90_ttft_ms']:>11.0f} → {ours['p90_ttft_ms']:<7.0f}{real['p90_tpot_ms']:>9.0f} → {ours['p90_tpot_ms']:<6.0f}"
+            f"{' / '.join(f'{real[k]:.1f}' for k in ATTAINMENT_KEYS):>22}{' / '.join(f'{ours[k]:.1f}' for k in ATTAINMENT_KEYS):>22}"
+            f"   {real['p90_ttft_ms']:>7.0f} → {ours['p90_ttft_ms']:<7.0f}   {real['p90_tpot_ms']:>6.0f} → {ours['p90_tpot_ms']:<6.0f}"
         )
     reference = next(key for key in report if key.endswith("_mean_abs_diff") and key != "mean_abs_diff")
     lines.append(f"mean absolute difference, points ({short['joint_attainment_pct']} / TTFT / TPOT); {reference.removesuffix('_mean_abs_diff')} in brackets:")
