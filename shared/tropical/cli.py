@@ -98,12 +98,7 @@ def bench_bus(
     from tropical.bus.benchmark import measure_round_trips
 
     settings: Settings = ctx.obj
-    try:
-        sizes = [int(size) for size in batches.split(",")]
-    except ValueError:
-        raise typer.BadParameter(f"not a list of whole numbers: {batches!r}", param_hint="--batches") from None
-    if any(size < 1 for size in sizes):
-        raise typer.BadParameter("batch sizes must be at least 1", param_hint="--batches")
+    sizes = _counts(batches, "--batches", "batch sizes")
     rabbit = None if memory_only or settings.broker_url.startswith(MEMORY_URL) else settings.broker_url
 
     async def measure() -> list[dict[str, Any]]:
@@ -173,16 +168,10 @@ def bench_router(
     json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="also write the report here")] = None,
 ) -> None:
     """Time router decisions on loaded clusters: on a 1,000-prompt burst, and per event (an arrival, a status change) in steady state."""
-    from tropical.core.bench_router import RouterTiming, cluster_roles, run_router_benchmark
+    from tropical.core.bench_router import RouterTiming, run_router_benchmark
 
     names = _policy_names(policies)
-    sizes = _cluster_sizes(workers)
-    for name in names:
-        for size in sizes:
-            try:
-                cluster_roles(name, size)
-            except ValueError as exc:
-                raise typer.BadParameter(str(exc), param_hint="--workers") from None
+    sizes = _cluster_sizes(workers, names)
 
     def progress(t: RouterTiming) -> None:
         decision, views, beat = t.times["decision"], t.times["views"], t.times["heartbeat"]
@@ -219,19 +208,12 @@ def bench_scale(
     json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="also write the figures here")] = None,
 ) -> None:
     """Simulate each policy on `chat-13b` grown at constant load per worker: attainment must not fall, cost per request stay flat."""
-    from tropical.core.bench_router import cluster_roles
     from tropical.simulator.bench_scale import ARRIVALS, ScalePoint, attainment_drops, scale_benchmark
 
     names = _policy_names(policies)
-    sizes = _cluster_sizes(workers)
+    sizes = _cluster_sizes(workers, names)
     if arrival not in ARRIVALS:
         raise typer.BadParameter(f"one of {', '.join(ARRIVALS)}, not {arrival!r}", param_hint="--arrival")
-    for name in names:
-        for size in sizes:
-            try:
-                cluster_roles(name, size)
-            except ValueError as exc:
-                raise typer.BadParameter(str(exc), param_hint="--workers") from None
 
     def progress(p: ScalePoint) -> None:
         split = "" if p.prefill_workers is None else f" ({p.prefill_workers} prefill)"
@@ -254,14 +236,29 @@ def bench_scale(
         _write_json(json_path, record)
 
 
-def _cluster_sizes(workers: str) -> list[int]:
-    """`--workers`: comma-separated whole numbers, each at least 1."""
+def _counts(text: str, flag: str, what: str) -> list[int]:
+    """A flag's comma-separated whole numbers, each at least 1."""
     try:
-        sizes = [int(size) for size in workers.split(",")]
+        counts = [int(part) for part in text.split(",")]
     except ValueError:
-        raise typer.BadParameter(f"not a list of whole numbers: {workers!r}", param_hint="--workers") from None
-    if any(size < 1 for size in sizes):
-        raise typer.BadParameter("cluster sizes must be at least 1", param_hint="--workers")
+        raise typer.BadParameter(f"not a list of whole numbers: {text!r}", param_hint=flag) from None
+    if any(count < 1 for count in counts):
+        raise typer.BadParameter(f"{what} must be at least 1", param_hint=flag)
+    return counts
+
+
+def _cluster_sizes(workers: str, policies: Sequence[str]) -> list[int]:
+    """`--workers` of the benchmarks: comma-separated whole numbers, each a size every policy can split (its best
+    8-worker split scaled, as `tropical.core.bench_router.cluster_roles` gives it)."""
+    from tropical.core.bench_router import cluster_roles
+
+    sizes = _counts(workers, "--workers", "cluster sizes")
+    for name in policies:
+        for size in sizes:
+            try:
+                cluster_roles(name, size)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--workers") from None
     return sizes
 
 
