@@ -295,6 +295,17 @@ async def test_the_routers_requests_consumer_answers_everything_and_keeps_servin
     await served.still_serves()
 
 
+async def test_a_request_no_worker_could_serve_in_slo_is_refused_and_holds_nobody_back(served: Served) -> None:
+    """A TPOT below one lone decode step can never be met: the router refuses the request, as the simulator does at
+    arrival, instead of letting it hold back every prompt behind it (the next request once came back refused)."""
+    impossible = GenerateRequest(request_id="hopeless", prompt_token_ids=[244, 1, 276], max_tokens=6, slo=Slo(ttft_ms=1e300, tpot_ms=1e-16),
+                                 arrival_time=0.0, reply_to=served.replies)
+    await served.send(served.requests, encode(impossible))
+    end = await served.end_of("hopeless")
+    assert isinstance(end, ErrorReply) and end.code is ErrorCode.OVERLOADED
+    await served.still_serves()
+
+
 @FUZZ
 @given(data=st.data())
 async def test_a_workers_queue_consumer_answers_everything_and_keeps_serving(served: Served, data: st.DataObject) -> None:

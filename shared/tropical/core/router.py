@@ -73,6 +73,17 @@ class RouterState:
             self._queue_views = None
         return job
 
+    def drop_infeasible(self, kinds: Sequence[WorkerKind]) -> list[RequestId]:
+        """Refuse the queued requests no idle worker of these kinds could serve within their SLOs (`feasible_on`): a
+        live router's side of the rule the simulator applies at arrival. Their ids, in queue order."""
+        gone = [job for job in self.queue.values() if not feasible_on(job, kinds)]
+        for job in gone:
+            del self.queue[job.id]
+            job.infeasible = job.dropped = True
+        if gone:
+            self._queue_views = None
+        return [job.id for job in gone]
+
     def route(self, views: Sequence[WorkerView], now: float, place: PlacePrompt) -> bool:
         """Ask the policy where queued prompts go and apply its answer; whether anything changed."""
         queue_views = self._queue_views

@@ -94,7 +94,8 @@ class WorkerState:
         self.version = 0
         self._view: WorkerView | None = None
         self._view_steps = -1
-        self._view_from = self._view_until = 0.0  # while nothing changes, the view holds for `now` in [from, until)
+        self._view_from = self._view_until = 0.0  # while nothing changes, the view holds for `now` in [from, until) ...
+        self._view_base = (-1, -1)  # ... and as long as `steps` and the span are what they were (steps end without a change)
 
     # --- running batch in closed form ----------------------------------------------------
 
@@ -196,7 +197,7 @@ class WorkerState:
 
     def view(self, now: float) -> WorkerView:
         view = self._view
-        if view is not None and self._view_from <= now < self._view_until:
+        if view is not None and self._view_base == (self.steps, self.span_id) and self._view_from <= now < self._view_until:
             return view  # a router asks every worker on every event: most have not moved since
         steps = self.current_steps(now)
         if view is not None and self._view_steps == steps:
@@ -236,7 +237,7 @@ class WorkerState:
             in_step=tuple((job.id, tokens) for job, tokens in self.span_chunks) if self.busy else (),
         )
         self._view, self._view_steps = view, steps
-        self._view_from, self._view_until = valid_from, valid_until
+        self._view_from, self._view_until, self._view_base = valid_from, valid_until, (self.steps, self.span_id)
         return view
 
     # --- what arrives at the worker ---------------------------------------------------------

@@ -461,6 +461,9 @@ class RouterService:
             return
         views = self._views(statuses)
         before = set(self.router.queue)
+        # as the simulator refuses them at arrival: a request no idle worker could serve in SLO (a TPOT below one
+        # lone decode step, say) only holds back the prompts behind it, and misses either way
+        self.router.drop_infeasible(list(dict.fromkeys((v.role, self.policy.model, v.kv_capacity) for v in views)))
         placed: list[tuple[RequestState, WorkerStatus]] = []
         self.router.route(views, now, lambda job, worker, at: placed.append((job, statuses[worker])))
         dropped = before - set(self.router.queue) - {job.id for job, _ in placed}

@@ -59,6 +59,11 @@ class ServingPolicy:
     clairvoyant: bool = False  # True only for variants that read true output lengths (reported apart)
 
     @property
+    def model(self) -> LatencyModel:
+        """The latency model the policy predicts with."""
+        return self.prefill.model
+
+    @property
     def disaggregated(self) -> bool:
         return self.decode_role is not Role.COLOCATED
 
