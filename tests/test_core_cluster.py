@@ -100,3 +100,18 @@ def test_closed_form_spans_equal_one_step_at_a_time(policy: str) -> None:
         assert (a.prefill_worker, a.decode_worker, a.dropped, a.generated) == (b.prefill_worker, b.decode_worker, b.dropped, b.generated)
         assert a.finish == pytest.approx(b.finish, abs=1e-9)
         assert a.first_token == pytest.approx(b.first_token, abs=1e-9)
+
+
+def test_a_live_router_refuses_what_no_reported_worker_could_serve_in_slo() -> None:
+    """`RouterState.drop_infeasible`: the simulator's arrival rule, once workers of both sides have reported."""
+    from tropical.core.router import RouterState
+
+    model = LatencyModel(c0=0.0, c1=0.001, c2=0.01, d0=0.01, d1=0.001, d2=0.0)
+    router = RouterState(make_policy("distserve", model), [])
+    hopeless = RequestState(0, 0.0, 100, 10, ttft_slo=100.0, tpot_slo=1e-9)  # no decode step is that fast
+    fine = RequestState(1, 0.0, 100, 10, ttft_slo=100.0, tpot_slo=1.0)
+    router.enqueue(hopeless)
+    router.enqueue(fine)
+    assert router.drop_infeasible([(Role.PREFILL, model, 1000)]) == []  # no decoding worker has reported: no judgement
+    assert router.drop_infeasible([(Role.PREFILL, model, 1000), (Role.DECODE, model, 1000)]) == [0]
+    assert list(router.queue) == [1] and hopeless.infeasible and hopeless.dropped

@@ -75,7 +75,13 @@ class RouterState:
 
     def drop_infeasible(self, kinds: Sequence[WorkerKind]) -> list[RequestId]:
         """Refuse the queued requests no idle worker of these kinds could serve within their SLOs (`feasible_on`): a
-        live router's side of the rule the simulator applies at arrival. Their ids, in queue order."""
+        live router's side of the rule the simulator applies at arrival. Their ids, in queue order.
+
+        Nothing is refused while no worker taking prompts or none decoding has reported yet: what has not reported
+        cannot be judged.
+        """
+        if not (any(role.takes_prompts for role, _, _ in kinds) and any(role.decodes for role, _, _ in kinds)):
+            return []
         gone = [job for job in self.queue.values() if not feasible_on(job, kinds)]
         for job in gone:
             del self.queue[job.id]
