@@ -371,3 +371,19 @@ def test_the_live_router_and_its_workers_build_one_policy_with_the_settings_marg
     assert strict.router.lookahead is strict.batcher  # the router looks ahead with the margin the workers keep
     assert live_policy("unified", MODEL, Settings()) == make_policy("unified", MODEL)
     assert live_policy("vllm", MODEL, Settings(admission_headroom_ms=20.0)) == make_policy("vllm", MODEL)  # no predicted first tokens
+
+
+def test_a_decode_whose_tpot_no_step_can_meet_holds_back_no_prompt() -> None:
+    """A TPOT below a lone decode step (here 1 ns against 12 ms) misses whatever is done: `unified` lets it go as it
+    lets TTFT misses go, so the prompt behind it still gets chunks, and the router still places the next one there."""
+    from tropical.policies import make_policy
+
+    policy = make_policy("unified", MODEL)
+    hopeless = request(0, 100, tpot=1e-9, generated=1, first_token=1.0, prefilled=100)  # TTFT met, far behind its TPOT
+    paced = replace(hopeless, tpot_slo=0.1)  # the same decode with a TPOT it can meet, 0.9 s behind it: it limits the step
+    prompt = request(1, 200, arrival=2.0, ttft=10.0)
+    chunks = {decode.tpot_slo: policy.plan_step(worker(0, Role.MULTIPLEX, waiting=(decode,), prefills=(prompt,)), 2.0).chunks for decode in (hopeless, paced)}
+    assert chunks[1e-9] == ((1, 200),)  # the whole prompt at once: nothing on time to keep on pace
+    assert 0 < chunks[0.1][0][1] < 200
+    placed = policy.place([request(2, 50, arrival=2.0)], [worker(0, Role.MULTIPLEX, waiting=(hopeless,))], 2.0)
+    assert [p.worker_id for p in placed.placements] == [0] and not placed.drops

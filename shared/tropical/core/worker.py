@@ -414,7 +414,8 @@ class WorkerState:
         """A prompt (or a preempted request's recompute) is done: its step produced a token."""
         if job.generated == 0:
             job.first_token = now
-            job.met_ttft = now - job.arrival <= job.ttft_slo
+            # on time: its TTFT met, and a TPOT no lone decode step overruns (`tropical.policies.batching.on_time`)
+            job.met_ttft = now - job.arrival <= job.ttft_slo and self.model.decode_time(1, job.prompt) <= job.tpot_slo
         job.generated += 1
         job.changed()
         if job.generated >= job.output:

@@ -51,6 +51,17 @@ class AllowedStep(enum.StrEnum):
     BANKED = "banked"  # a step may take what the tightest banked budget allows (next token deadline − now)
 
 
+def tpot_attainable(r: RequestView, model: LatencyModel) -> bool:
+    """Whether r's TPOT is no shorter than a lone decode step of its prompt: one shorter misses whatever is done."""
+    return model.decode_time(1, r.prompt_tokens) <= r.tpot_slo
+
+
+def on_time(r: RequestView, model: LatencyModel) -> bool:
+    """A decode that can still meet both SLOs: the only kind a batch that lets late ones go (`protect_late` off) keeps
+    on pace, so one that misses anyway never holds back the steps of the others."""
+    return r.met_ttft and tpot_attainable(r, model)
+
+
 def max_chunk(model: LatencyModel, start: int, room: float) -> int:
     """Most prompt tokens from position `start` whose chunk cost fits in `room` seconds of a mixed step."""
     if room <= 0.0:
@@ -131,7 +142,7 @@ class DecodeBatcher:
             candidates = worker.waiting[:room]
         else:
             waiting = [r for r in worker.waiting if r.id not in abandon] if abandon else worker.waiting
-            candidates = sorted(waiting, key=lambda r: (not (self.protect_late or r.met_ttft), r.context_tokens, r.arrival))
+            candidates = sorted(waiting, key=lambda r: (not (self.protect_late or on_time(r, self.model)), r.context_tokens, r.arrival))
         size, context, limit, tpot = batch.size, batch.context, batch.limit, batch.tpot
         for r in candidates:
             if len(admit) >= room:
@@ -155,7 +166,7 @@ class DecodeBatcher:
         happens and such decodes pile up; given up, they end with an error (a
         miss, as they would be anyway) and free their KV.
         """
-        if not (self.protect_late or r.met_ttft):
+        if not (self.protect_late or on_time(r, self.model)):
             return False
         return self._own_limit(r, now) <= now and now - r.token_deadline >= abandon_after
 
@@ -169,7 +180,7 @@ class DecodeBatcher:
     def _own_limit(self, r: RequestView, now: float) -> float:
         if self.allowed_step is AllowedStep.TPOT:
             return now + r.tpot_slo
-        if not (self.protect_late or r.met_ttft):
+        if not (self.protect_late or on_time(r, self.model)):
             return math.inf
         return self._paced(r.token_deadline, r.tpot_slo, now)
 

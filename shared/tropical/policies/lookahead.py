@@ -20,6 +20,7 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from tropical.latency.model import Chunk, LatencyModel
+from tropical.policies.batching import on_time as on_time_decode
 from tropical.policies.records import BatchSummary, RequestId, RequestView, WorkerView
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ def first_tokens(
             break  # the worker would wait for something the look-ahead cannot see (a decode ending, a review)
         if plan.admit:
             joining = set(plan.admit)
-            batch = _joined(batch, [r for r in waiting if r.id in joining])
+            batch = _joined(batch, [r for r in waiting if r.id in joining], model)
             waiting = [r for r in waiting if r.id not in joining]
         by_id = {r.id: r for r in prefills}
         chunks: list[Chunk] = []
@@ -132,15 +133,15 @@ def _decoding(r: RequestView, first_token: float) -> RequestView:
     return RequestView(r.id, r.arrival, r.prompt_tokens, r.ttft_slo, r.tpot_slo, r.prefill_tokens, max(1, r.generated), first_token)
 
 
-def _joined(batch: BatchSummary, joining: list[RequestView]) -> BatchSummary:
-    """The batch with `joining` admitted."""
+def _joined(batch: BatchSummary, joining: list[RequestView], model: LatencyModel) -> BatchSummary:
+    """The batch with `joining` admitted (its on-time deadline over the decodes `on_time` counts, as the worker's)."""
     if not joining:
         return batch
     earliest, reserve, tpot, on_time = batch.next_token_deadline, batch.reserve_deadline, batch.tpot_slo, batch.on_time_deadline
     for r in joining:
         deadline = r.token_deadline
         earliest, reserve, tpot = min(earliest, deadline), min(reserve, deadline - r.tpot_slo), min(tpot, r.tpot_slo)
-        if r.met_ttft:
+        if on_time_decode(r, model):
             on_time = min(on_time, deadline)
     return BatchSummary(
         batch.size + len(joining),

@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 from tropical.latency.model import LatencyModel
+from tropical.policies.batching import on_time, tpot_attainable
 from tropical.policies.lookahead import first_tokens
 from tropical.policies.prefill_queue import Job, PrefillOrder, moore_hodgson, order_prefills, unattainable, urgency_order
 from tropical.policies.records import (
@@ -103,7 +104,8 @@ class SlackAwareRouter:
         lenders = [
             w
             for w in takers
-            if not (self.protect_waiting and w.role is not Role.PREFILL and w.waiting and any(q.token_deadline < now for q in w.waiting))
+            if not (self.protect_waiting and w.role is not Role.PREFILL and w.waiting
+                    and any(q.token_deadline < now and tpot_attainable(q, self.model) for q in w.waiting))
         ]
         board = _Board(self, lenders, now, min((r.arrival + r.ttft_slo for r in queue), default=math.inf))
         passed = 0  # late binding: prompts left waiting in this call; past `window` the rest wait without a look
@@ -191,7 +193,7 @@ class SlackAwareRouter:
         if waiting:
             context = batch.context_tokens + sum(q.context_tokens for q in waiting)
             tpot = min(batch.tpot_slo, min(q.tpot_slo for q in waiting))
-            deadline = min(batch.on_time_deadline, min((q.token_deadline for q in waiting if q.met_ttft), default=math.inf))
+            deadline = min(batch.on_time_deadline, min((q.token_deadline for q in waiting if on_time(q, self.model)), default=math.inf))
         else:
             context, tpot, deadline = batch.context_tokens, batch.tpot_slo, batch.on_time_deadline
         step = self.model.decode_time(decodes, context)
