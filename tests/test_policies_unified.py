@@ -387,3 +387,15 @@ def test_a_decode_whose_tpot_no_step_can_meet_holds_back_no_prompt() -> None:
     assert 0 < chunks[0.1][0][1] < 200
     placed = policy.place([request(2, 50, arrival=2.0)], [worker(0, Role.MULTIPLEX, waiting=(hopeless,))], 2.0)
     assert [p.worker_id for p in placed.placements] == [0] and not placed.drops
+
+
+@pytest.mark.parametrize(
+    ("budget", "max_paddings", "batched"),
+    [(16384, None, [0, 1, 2]), (16384, 256, [0, 1]), (500, 256, [0])],
+)
+def test_vllm_of_early_2024_pads_a_prompt_batch_to_its_longest(budget: int, max_paddings: int | None, batched: list[int]) -> None:
+    """[100, 300] pads to 2 × 300 (200 pad tokens); adding 120 would pad to 3 × 300 (380); 600 padded tokens pass no 500 budget."""
+    batcher = DecodeBatcher(MODEL, prefill_mode=PrefillMode.FIRST, token_budget=budget, max_paddings=max_paddings)
+    prompts = (request(0, 100), request(1, 300), request(2, 120))
+    plan = batcher.plan(worker(0, Role.COLOCATED, prefills=prompts), 0.0)
+    assert [r for r, _ in plan.chunks] == batched

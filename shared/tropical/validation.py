@@ -53,7 +53,7 @@ class System:
 
 SYSTEMS: dict[str, System] = {
     # vLLM of April 2024: max-num-batched-tokens 16384, max-num-seqs 1024 (the set's deployment flags)
-    "vllm": System("vllm", "vllm", {"batcher.token_budget": 16384, "batcher.max_seqs": 1024}),
+    "vllm": System("vllm", "vllm", {"batcher.token_budget": 16384, "batcher.max_seqs": 1024, "batcher.max_paddings": 256}),
     # DistServe: prefill FCFS, at most 128 prompts / 32,768 tokens a batch; decode FCFS, at most 1,024 sequences
     "distserve": System("distserve", "distserve", {"prefill.batch_tokens": 32768, "prefill.max_batch": 128, "batcher.max_seqs": 1024}),
 }

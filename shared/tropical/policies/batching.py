@@ -104,6 +104,7 @@ class DecodeBatcher:
     kv_watermark: float = 0.01  # fraction of KV kept free when starting a prompt (vLLM's default)
     finish_on_time: bool = False  # no chunk lengthens a step past the TTFT deadline of a prompt the step completes
     finish_margin: float = 0.0  # ... less this many seconds: what a live step's overrun and the reply's way back take
+    max_paddings: int | None = None  # vLLM before chunked prefill pads a prompt batch to its longest: at most this many pad tokens (FIRST)
 
     def plan(self, worker: WorkerView, now: float) -> StepPlan:
         batch = self._admit(worker, now)
@@ -215,16 +216,26 @@ class DecodeBatcher:
         return worker.kv_free - self.kv_watermark * worker.kv_capacity
 
     def _prompt_step(self, worker: WorkerView, now: float) -> tuple[tuple[RequestId, int], ...]:
-        """vLLM v0: as many whole prompts, in order, as fit the token budget, the sequence cap and KV."""
+        """vLLM v0: as many whole prompts, in order, as fit the token budget, the sequence cap and KV.
+
+        With `max_paddings`, as vLLM's scheduler of early 2024: the batch is padded to its longest prompt, the budget
+        counts the padded tokens, and a prompt that would add more than `max_paddings` pad tokens in all waits.
+        """
         free = self._free_for_prompts(worker)
         seqs = worker.batch.size + len(worker.waiting)
         budget = self.token_budget
         chunks: list[tuple[RequestId, int]] = []
+        longest = total = 0
         for r in self._ordered_prompts(worker, now):
             tokens = r.remaining_prefill
             kv = r.prefill_tokens if r.prefilled == 0 else 0
             if (chunks and tokens > budget) or (kv and kv > free) or seqs + len(chunks) >= self.max_seqs:
                 break
+            if self.max_paddings is not None and chunks:
+                padded = (len(chunks) + 1) * max(longest, tokens)
+                if padded > self.token_budget or padded - (total + tokens) > self.max_paddings:
+                    break
+            longest, total = max(longest, tokens), total + tokens
             chunks.append((r.id, tokens))
             budget -= tokens
             free -= kv
