@@ -39,19 +39,13 @@ from tropical.metrics import (
 from tropical.policies import POLICY_NAMES, AdmissionRule, ServingPolicy, make_policy, under_admission
 from tropical.policies.tuning import Tuning, tunings
 from tropical.simulator import ClusterSpec, SimRequest, SimulationResult, simulate
+from tropical.simulator.cluster import A100_NVLINK_BYTES_PER_S, model_kv_bytes
 from tropical.traces import TraceRequest, load_trace
 
 M = TypeVar("M")  # what one policy's measurement yields
 
 DATA = data_dir()  # the traces shipped with the package, unless TROPICAL_DATA_DIR points elsewhere
 GIB = 1024**3
-A100_NVLINK_BYTES_PER_S = 150e9  # per GPU pair: half of NVLink 3's 300 GB/s per direction, what bulk copies see
-
-
-def kv_bytes_per_token(layers: int, kv_width: int) -> int:
-    """K and V, fp16, every layer: 2 · layers · (KV heads · head dim) · 2 bytes."""
-    return 2 * layers * kv_width * 2
-
 
 @dataclass(frozen=True)
 class SloRule:
@@ -136,7 +130,7 @@ def _latency_model(model: str, hardware: str, tensor_parallel: int) -> LatencyMo
 # KV capacities: OPT from DistServe's own A100-80GB table (max_num_tokens.csv, pp = 1);
 # Llama-2-70B on 4 A100-80GB: 90 % of 320 GiB, less 138 GB of fp16 weights and
 # 2 GiB of activations per GPU, over 327,680 bytes per token.
-LLAMA2_70B_TP4_KV = int((0.9 * 4 * 80 * GIB - 137.96e9 - 4 * 2 * GIB) / kv_bytes_per_token(80, 8 * 128))
+LLAMA2_70B_TP4_KV = int((0.9 * 4 * 80 * GIB - 137.96e9 - 4 * 2 * GIB) / model_kv_bytes("llama-2-70b"))
 
 SETTINGS: dict[str, Setting] = {
     s.name: s
@@ -147,7 +141,7 @@ SETTINGS: dict[str, Setting] = {
             tensor_parallel=4,
             workers=2,
             kv_capacity=LLAMA2_70B_TP4_KV,
-            kv_bytes_per_token=kv_bytes_per_token(80, 8 * 128),
+            kv_bytes_per_token=model_kv_bytes("llama-2-70b"),
             slo=SloRule(ttft_scale=5.0, tpot=0.1),
             trace=data_file("lengths/arxiv_summarization_llama2_tokenizer.csv", DATA),
             rate_bounds=(0.2, 3.0),
@@ -159,7 +153,7 @@ SETTINGS: dict[str, Setting] = {
             tensor_parallel=4,
             workers=2,
             kv_capacity=78_496,
-            kv_bytes_per_token=kv_bytes_per_token(64, 9216),
+            kv_bytes_per_token=model_kv_bytes("opt-66b"),
             slo=SloRule(ttft_scale=5.0, tpot=0.1),
             trace=data_file("traces/mooncake_conversation_fast25.jsonl", DATA),
             rate_bounds=(0.02, 0.5),
@@ -172,7 +166,7 @@ SETTINGS: dict[str, Setting] = {
             tensor_parallel=1,
             workers=8,
             kv_capacity=66_144,
-            kv_bytes_per_token=kv_bytes_per_token(40, 5120),
+            kv_bytes_per_token=model_kv_bytes("opt-13b"),
             slo=SloRule(ttft_scale=3.0, ttft_floor=0.25, tpot=0.1),
             trace=data_file("traces/azure_conv_2023.csv", DATA),
             rate_bounds=(2.0, 24.0),

@@ -9,6 +9,27 @@ from tropical.latency.model import LatencyModel
 from tropical.metrics import RequestOutcome
 from tropical.policies.records import Role
 
+A100_NVLINK_BYTES_PER_S = 150e9  # per GPU pair: half of NVLink 3's 300 GB/s per direction, what bulk copies see
+KV_SHAPES = {  # layers, KV width (KV heads × head dim) of the models the published profiles cover
+    "opt-13b": (40, 5120),
+    "opt-66b": (64, 9216),
+    "opt-175b": (96, 12288),
+    "llama-2-7b": (32, 4096),
+    "llama-2-70b": (80, 8 * 128),
+}
+
+
+def kv_bytes_per_token(layers: int, kv_width: int) -> int:
+    """K and V, fp16, every layer: 2 · layers · (KV heads · head dim) · 2 bytes."""
+    return 2 * layers * kv_width * 2
+
+
+def model_kv_bytes(model: str) -> int:
+    """`kv_bytes_per_token` of a model in `KV_SHAPES`; ValueError for one whose shape is not known."""
+    if model not in KV_SHAPES:
+        raise ValueError(f"{model}'s shape is not known: give its KV bytes per token")
+    return kv_bytes_per_token(*KV_SHAPES[model])
+
 
 @dataclass(frozen=True)
 class WorkerGroup:

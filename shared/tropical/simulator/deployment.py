@@ -37,10 +37,8 @@ from typing import Any
 from tropical.latency.model import LatencyModel
 from tropical.latency.profiles import canonical_model, distserve_kv_capacity, distserve_model, load_profile
 from tropical.policies.records import Role
-from tropical.simulator.cluster import ClusterSpec, WorkerGroup
+from tropical.simulator.cluster import A100_NVLINK_BYTES_PER_S, ClusterSpec, WorkerGroup, model_kv_bytes
 
-KV_SHAPES = {"opt-13b": (40, 5120), "opt-66b": (64, 9216), "opt-175b": (96, 12288), "llama-2-7b": (32, 4096), "llama-2-70b": (80, 1024)}  # layers, KV width
-DEFAULT_LINK_GB_S = 150.0  # an A100 NVLink pair, what bulk copies see
 GROUP_KEYS = {"role", "count", "tensor_parallel", "pipeline_parallel", "profile", "kv_capacity", "step_overhead_ms", "sequence_overhead_ms"}
 TOP_KEYS = {"model", "hardware", "kv_bytes_per_token", "link", "group"}
 
@@ -74,15 +72,9 @@ def cluster_of(raw: dict[str, Any]) -> ClusterSpec:
     groups = [_group(model, hardware, g) for g in raw["group"]]
     if not groups:
         raise ValueError("no [[group]] of workers")
-    if "kv_bytes_per_token" in raw:
-        kv_bytes = int(raw["kv_bytes_per_token"])
-    elif model in KV_SHAPES:
-        layers, width = KV_SHAPES[model]
-        kv_bytes = 2 * layers * width * 2
-    else:
-        raise ValueError(f"give kv_bytes_per_token: {model}'s shape is not known")
+    kv_bytes = int(raw["kv_bytes_per_token"]) if "kv_bytes_per_token" in raw else model_kv_bytes(model)
     link = raw.get("link", {})
-    bandwidth = float(link.get("bandwidth_gb_s", DEFAULT_LINK_GB_S)) * 1e9 * min(g.tensor_parallel for g in groups)
+    bandwidth = float(link.get("bandwidth_gb_s", A100_NVLINK_BYTES_PER_S / 1e9)) * 1e9 * min(g.tensor_parallel for g in groups)
     latency = float(link.get("latency_ms", 1.0)) / 1000.0
     if kv_bytes <= 0 or bandwidth <= 0 or latency < 0:
         raise ValueError("kv_bytes_per_token and the link's bandwidth must be positive, its latency not negative")
