@@ -115,3 +115,8 @@ def test_a_live_router_refuses_what_no_reported_worker_could_serve_in_slo() -> N
     assert router.drop_infeasible([(Role.PREFILL, model, 1000)]) == []  # no decoding worker has reported: no judgement
     assert router.drop_infeasible([(Role.PREFILL, model, 1000), (Role.DECODE, model, 1000)]) == [0]
     assert list(router.queue) == [1] and hopeless.infeasible and hopeless.dropped
+    late = RequestState(2, 0.0, 100, 10, ttft_slo=100.0, tpot_slo=1e-9)
+    router.enqueue(late)  # judged as it comes, once: the decision after it looks only at what is new
+    assert router.drop_infeasible([(Role.PREFILL, model, 1000), (Role.DECODE, model, 1000)]) == [2]
+    assert router.drop_infeasible([(Role.PREFILL, model, 1000), (Role.DECODE, model, 1000)]) == []
+    assert router.drop_infeasible([(Role.PREFILL, model, 1000), (Role.DECODE, model, 50)]) == [1]  # new kinds: all again

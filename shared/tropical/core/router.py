@@ -61,9 +61,13 @@ class RouterState:
         self.queue: dict[RequestId, RequestState] = {}
         self.wake = math.inf
         self._queue_views: tuple[RequestView, ...] | None = None
+        self._unjudged: list[RequestId] = []  # queued since `drop_infeasible` last looked on `_judged_on`
+        self._judged_on: tuple[WorkerKind, ...] = ()
 
     def enqueue(self, job: RequestState) -> None:
         self.queue[job.id] = job
+        if self._judged_on:  # only a live router judges (the simulator refuses at arrival): nothing piles up unread
+            self._unjudged.append(job.id)
         self._queue_views = None
 
     def remove(self, request_id: RequestId) -> RequestState | None:
@@ -78,11 +82,14 @@ class RouterState:
         live router's side of the rule the simulator applies at arrival. Their ids, in queue order.
 
         Nothing is refused while no worker taking prompts or none decoding has reported yet: what has not reported
-        cannot be judged.
+        cannot be judged. A request is judged once for a given set of kinds: the router asks this on every decision.
         """
         if not (any(role.takes_prompts for role, _, _ in kinds) and any(role.decodes for role, _, _ in kinds)):
             return []
-        gone = [job for job in self.queue.values() if not feasible_on(job, kinds)]
+        if tuple(kinds) != self._judged_on:
+            self._judged_on, self._unjudged = tuple(kinds), list(self.queue)
+        fresh, self._unjudged = self._unjudged, []
+        gone = [job for job in (self.queue.get(i) for i in fresh) if job is not None and not feasible_on(job, kinds)]
         for job in gone:
             del self.queue[job.id]
             job.infeasible = job.dropped = True
