@@ -33,7 +33,7 @@ class RequestState:
         "join_step",
         "kv",
         "kv_ready",
-        "met_ttft",
+        "on_time",
         "output",
         "placed",
         "preemptions",
@@ -67,7 +67,7 @@ class RequestState:
         self.dropped = False
         self.infeasible = False
         self.in_transfer = False
-        self.met_ttft = False
+        self.on_time = False  # first token out within its TTFT, and a TPOT it can meet (`WorkerState.first_token_out`)
         self.join_step = 0
         self.join_gen = 0
         self.token = 0  # identifies its current membership of a running batch (0: none)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from tropical.core.actions import Abandoned, Action, Placed, Preempted, StepScheduled, TransferStarted, WorkerWake
 from tropical.core.request import RequestState
 from tropical.latency.model import LatencyModel
+from tropical.policies.batching import on_time
 from tropical.policies.records import EMPTY_BATCH, BatchSummary, Role, StepPlan, WorkerView
 from tropical.policies.serving import ServingPolicy
 
@@ -112,7 +113,7 @@ class WorkerState:
         heapq.heappush(self.finishes, (steps + job.output - job.generated, token, job))
         tpot, first = job.tpot_slo, job.first_token
         assert first is not None, "only prefilled requests decode"
-        group = (tpot, job.met_ttft)
+        group = (tpot, job.on_time)
         heap = self.deadlines.get(group)
         if heap is None:
             heap = self.deadlines[group] = []
@@ -130,7 +131,7 @@ class WorkerState:
         job.changed()
         self.ctx_offset -= job.prompt + job.join_gen - job.join_step
         self.prompt_sum -= job.prompt
-        self.members[(job.tpot_slo, job.met_ttft)] -= 1
+        self.members[(job.tpot_slo, job.on_time)] -= 1
 
     def batch_kv(self, steps: int) -> int:
         return self.ctx_offset + len(self.running) * steps
@@ -139,8 +140,8 @@ class WorkerState:
         if not self.running:
             return EMPTY_BATCH
         earliest = reserve = tightest = on_time = math.inf
-        for (tpot, met_ttft), heap in self.deadlines.items():
-            if not self.members[(tpot, met_ttft)]:
+        for (tpot, punctual), heap in self.deadlines.items():
+            if not self.members[(tpot, punctual)]:
                 continue
             while heap[0][2].token != heap[0][1]:
                 heapq.heappop(heap)
@@ -148,7 +149,7 @@ class WorkerState:
             earliest = min(earliest, deadline)
             reserve = min(reserve, deadline - tpot)
             tightest = min(tightest, tpot)
-            if met_ttft:
+            if punctual:
                 on_time = min(on_time, deadline)
         return BatchSummary(len(self.running), self.batch_kv(steps), self.prompt_sum, earliest, reserve, tightest, on_time)
 
@@ -410,12 +411,17 @@ class WorkerState:
         if self.incoming:
             self.pull(now)
 
+    def first_token_out(self, job: RequestState, at: float) -> None:
+        """`job`'s first token came out at `at` (here, or on the prefill worker that hands it here): whether it is on
+        time, the one kind a batch that lets late decodes go keeps on pace, is judged by the policies' own rule."""
+        job.first_token = at
+        job.changed()
+        job.on_time = on_time(job.view, self.model)
+
     def _prefilled(self, job: RequestState, now: float, hand_off: HandOff) -> None:
         """A prompt (or a preempted request's recompute) is done: its step produced a token."""
         if job.generated == 0:
-            job.first_token = now
-            # on time: its TTFT met, and a TPOT no lone decode step overruns (`tropical.policies.batching.on_time`)
-            job.met_ttft = now - job.arrival <= job.ttft_slo and self.model.decode_time(1, job.prompt) <= job.tpot_slo
+            self.first_token_out(job, now)
         job.generated += 1
         job.changed()
         if job.generated >= job.output:

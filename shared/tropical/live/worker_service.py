@@ -721,8 +721,8 @@ class WorkerService:
             return
         job = self._job(request)
         job.prefilled, job.generated, job.kv = job.prompt, 1, job.prompt
-        job.first_token, job.prefill_start = handoff.first_token_time, handoff.prefill_start
-        job.met_ttft = job.first_token - job.arrival <= job.ttft_slo
+        job.prefill_start = handoff.prefill_start
+        self.state.first_token_out(job, handoff.first_token_time)
         self._handoffs_in[job.id] = handoff
         self._streams[request.request_id] = _Stream(
             request, job, handoff.dispatched_at, routed_at=handoff.routed_at, taken_at=handoff.taken_at,
