@@ -25,10 +25,14 @@ def feasible(job: RequestState, model: LatencyModel, kv_capacity: int) -> bool:
     The same admission rule for every policy: a request no schedule could serve
     is refused by all of them alike.
     """
-    if job.prompt + job.output > kv_capacity:
-        return False
-    if model.prefill_time(job.prompt) > job.ttft_slo:
-        return False
+    return job.prompt + job.output <= kv_capacity and _prefills_in_time(job, model) and _decodes_in_time(job, model)
+
+
+def _prefills_in_time(job: RequestState, model: LatencyModel) -> bool:
+    return model.prefill_time(job.prompt) <= job.ttft_slo
+
+
+def _decodes_in_time(job: RequestState, model: LatencyModel) -> bool:
     return job.output <= 1 or model.decode_time(1, job.prompt + job.output // 2) <= job.tpot_slo
 
 
@@ -38,18 +42,11 @@ WorkerKind = tuple[Role, LatencyModel, int]  # what feasibility depends on: role
 def feasible_on(job: RequestState, kinds: Sequence[WorkerKind]) -> bool:
     """`feasible` on a cluster of different workers: some worker taking prompts could prefill it in time, and some
     decoding worker could hold it and decode it within its TPOT (the same worker on a colocated or multiplexing one)."""
-    if len(kinds) == 1 and kinds[0][0] is not Role.PREFILL:
-        _, model, capacity = kinds[0]
-        return feasible(job, model, capacity)
     whole = job.prompt + job.output
-    prompt_ok = any(
-        role.takes_prompts and model.prefill_time(job.prompt) <= job.ttft_slo and (job.prompt if role is Role.PREFILL else whole) <= capacity
+    return any(
+        role.takes_prompts and (job.prompt if role is Role.PREFILL else whole) <= capacity and _prefills_in_time(job, model)
         for role, model, capacity in kinds
-    )
-    return prompt_ok and any(
-        role.decodes and whole <= capacity and (job.output <= 1 or model.decode_time(1, job.prompt + job.output // 2) <= job.tpot_slo)
-        for role, model, capacity in kinds
-    )
+    ) and any(role.decodes and whole <= capacity and _decodes_in_time(job, model) for role, model, capacity in kinds)
 
 
 class RouterState:
