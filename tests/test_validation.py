@@ -71,6 +71,7 @@ def test_every_request_is_served_as_a_real_engine_would(tmp_path: Path) -> None:
         (lambda f: (f / "run.csv").unlink(), "no trace file run.csv"),
         (lambda f: (f / "runs.json").write_text("{}"), "missing 'model'"),
         (lambda f: write_set(f, system="orca"), "unknown system 'orca'"),
+        (lambda f: write_set(f, system="vllm"), "vllm runs prompts and decodes on every worker (colocated), not on 1 prefill, 1 decode"),
         (lambda f: write_set(f, pipeline=2), "pipeline parallelism is not simulated yet"),
     ],
 )

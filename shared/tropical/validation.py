@@ -174,9 +174,10 @@ def replay(vset: ValidationSet, run: Run, overhead: Overhead = Overhead()) -> Su
     cluster = cluster_for(vset, run, overhead)
     system = SYSTEMS[run.system]
     policy = under_admission(make_policy(system.policy, cluster.model, **system.options), AdmissionRule.NONE)
-    expected = policy.roles(len(cluster.roles), sum(role is Role.PREFILL for role in cluster.roles) or None)
-    if expected != cluster.roles:
-        raise ValidationError(f"run {run.name}: {run.system} cannot run on deployment {run.deployment} ({', '.join(r.value for r in cluster.roles)})")
+    try:
+        policy.check_roles(cluster.roles)
+    except ValueError as exc:
+        raise ValidationError(f"run {run.name}, deployment {run.deployment}: {exc}") from None
     requests = [SimRequest(r.arrival, r.prompt_tokens, r.output_tokens, vset.ttft_slo, vset.tpot_slo) for r in load_trace(run.trace)]
     result = simulate(requests, cluster, policy, refuse_infeasible=False)
     return summarize(result.outcomes())
