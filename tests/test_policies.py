@@ -184,6 +184,16 @@ def test_toggle_serves_the_shortest_first_and_never_overtakes_a_blocked_head() -
     assert [p.request_id for p in decision.placements] == [2]  # the idle prefill worker takes one dispatch per step
 
 
+def test_toggle_spreads_short_prompts_and_keeps_them_off_workers_with_a_prompt_pending() -> None:
+    # Short prompts skip every check, so where they land is all that protects their TTFT: a worker already
+    # holding a prompt would make them wait for its stall, and one call's shorts must not all pile on one worker.
+    pending = worker(0, prefills=(request(9, 4000),), decode_load=0)
+    light, heavier = worker(1, decode_load=1000), worker(2, decode_load=1200)
+    shorts = [request(i, 300) for i in range(1, 4)]
+    decision = TOGGLE.place(shorts, [pending, light, heavier], 0.0)
+    assert [p.worker_id for p in decision.placements] == [1, 2, 1]  # worker 1 holds 300 prompt tokens after the first
+
+
 def test_toggle_without_multiplexing_never_inlines() -> None:
     off = MultiplexingToggle(MODEL, multiplexing=False)
     assert off.place([request(1, 100)], [worker(1, Role.MULTIPLEX)], 0.0).placements == ()

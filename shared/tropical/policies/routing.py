@@ -89,6 +89,12 @@ class MultiplexingToggle:
     prompts of 8192 or more never do; a multiplexing worker whose decode step
     is predicted over 0.85 s or whose decodes hold over 400k prompt tokens takes
     no inline prompt; a clockwork check inflates queued prefill times by 2 %.
+    Short prompts skip every check, so the one choice that protects their TTFT
+    is where they go: the multiplexing worker holding the fewest unprefilled
+    prompt tokens, then the fewest decode tokens, counting what this call
+    placed (the released rule, fewest unfinished decode tokens, saw placements
+    only once a worker reported, and herded every short arrival between two
+    reports onto one worker).
     """
 
     model: LatencyModel
@@ -169,14 +175,18 @@ class _ToggleTargets:
     given a prompt in it grows. So the least-loaded multiplexing worker (where
     every short prompt goes), the multiplexing workers open to a longer prompt
     with their reserve deadlines, and each prefill worker's queue are computed
-    once, each list in the order `min` would prefer (load, then position).
+    once, each list in the order `min` would prefer (load, then position); the
+    multiplexing workers' loads grow by each short prompt given to them.
     """
 
     def __init__(self, toggle: MultiplexingToggle, workers: Sequence[WorkerView], now: float) -> None:
         self.toggle = toggle
         self.now = now
         mux = [w for w in workers if w.role is Role.MULTIPLEX] if toggle.multiplexing else []
-        self.least_loaded = min(mux, key=lambda w: w.decode_load).id if mux else None
+        # Short prompts go to the multiplexing worker with the fewest unfinished decode tokens, counting the
+        # prompts already placed there (they decode there next) and those given to it in this call.
+        self.mux_load = [((w.prefill_load, w.decode_load), i, w.id) for i, w in enumerate(mux)]
+        heapq.heapify(self.mux_load)
         open_ = [w for w in mux if not w.prefills and toggle.steady(w)]
         self.open = sorted((w.decode_load, i, w.id, toggle.reserve(w)) for i, w in enumerate(open_))
         prefill = [w for w in workers if w.role is Role.PREFILL and w.placed_since_step == 0]
@@ -187,8 +197,10 @@ class _ToggleTargets:
         toggle = self.toggle
         if toggle.multiplexing and r.prompt_tokens < toggle.max_inline_prompt:
             if r.prompt_tokens < toggle.short_prompt:
-                if self.least_loaded is not None:
-                    return self.least_loaded
+                if self.mux_load:
+                    load, i, worker_id = self.mux_load[0]
+                    heapq.heapreplace(self.mux_load, ((load[0] + r.prompt_tokens, load[1]), i, worker_id))
+                    return worker_id
             else:
                 stall_end = self.now + toggle.model.prefill_time(r.prompt_tokens)
                 for _, _, worker_id, reserve in self.open:
