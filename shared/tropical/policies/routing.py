@@ -92,9 +92,9 @@ class MultiplexingToggle:
     Short prompts skip every check, so the one choice that protects their TTFT
     is where they go: the multiplexing worker holding the fewest unprefilled
     prompt tokens, then the fewest decode tokens, counting what this call
-    placed (the released rule, fewest unfinished decode tokens, saw placements
-    only once a worker reported, and herded every short arrival between two
-    reports onto one worker).
+    placed. The rule as first ported, fewest decode tokens alone, did not see a
+    worker's prompts until they joined its batch, and so sent every short
+    arrival between two of that worker's steps to it.
     """
 
     model: LatencyModel
