@@ -11,7 +11,9 @@ the actions it leaves in `out`, in order.
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import math
 from collections.abc import Sequence
 
 from tropical.core.actions import Action
@@ -50,10 +52,14 @@ class ClusterCore:
         self.kinds = list(dict.fromkeys(zip(roles, models, capacities, strict=True)))  # distinct workers, for feasibility
         self.refuse_infeasible = refuse_infeasible
         self.out: list[Action] = []
+        self._changed: set[int] = set(range(len(roles)))  # workers whose cached view may be stale
         self.workers = [
-            WorkerState(i, role, capacity, worker_model, self.out, perturb, spans=spans)
+            WorkerState(i, role, capacity, worker_model, self.out, perturb, spans=spans, changes=self._changed)
             for i, (role, worker_model, capacity) in enumerate(zip(roles, models, capacities, strict=True))
         ]
+        self._views: list[WorkerView] = []  # every worker's view as of `_views_at`, kept between calls
+        self._expiry: list[tuple[float, int]] = []  # (time a cached view stops holding, worker): a heap
+        self._views_at = -math.inf
         self.router = RouterState(policy, self.out)
         self.stranded: list[tuple[RequestState, WorkerState]] = []  # prefilled, no decoding worker chosen yet
         self._tokens = itertools.count(1)
@@ -97,7 +103,32 @@ class ClusterCore:
     # --- reacting ------------------------------------------------------------------------
 
     def views(self, now: float) -> list[WorkerView]:
-        return [w.view(now) for w in self.workers]
+        """Every worker's view at `now`. A router asks on every event, and at scale most workers have not
+        moved since the last ask: only those that changed or crossed a step boundary are looked at again."""
+        workers, changed, expiry = self.workers, self._changed, self._expiry
+        if now < self._views_at or not self._views:  # time went back (or first call): trust no cached view
+            self._views = [w.view(now) for w in workers]
+            expiry.clear()
+            changed.clear()
+            changed.update(i for i, w in enumerate(workers) if w.view_until <= now)
+            expiry.extend((w.view_until, i) for i, w in enumerate(workers) if now < w.view_until < math.inf)
+            heapq.heapify(expiry)
+        else:
+            while expiry and expiry[0][0] <= now:
+                changed.add(heapq.heappop(expiry)[1])
+            if changed:
+                views, stale = self._views, list(changed)
+                changed.clear()
+                for i in stale:
+                    worker = workers[i]
+                    views[i] = worker.view(now)
+                    until = worker.view_until
+                    if until <= now:
+                        changed.add(i)  # holds only at this instant: look again next time
+                    elif until < math.inf:
+                        heapq.heappush(expiry, (until, i))
+        self._views_at = now
+        return list(self._views)
 
     def settle(self, now: float) -> None:
         """Let the router and every idle worker act until nothing more happens at `now`."""

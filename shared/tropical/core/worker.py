@@ -55,8 +55,10 @@ class WorkerState:
         perturb: Perturb = no_perturbation,
         *,
         spans: bool = True,
+        changes: set[int] | None = None,
     ) -> None:
         self.model = model
+        self.changes = changes  # where this worker's id is noted whenever its view goes stale (the core's view cache)
         self.spans = spans  # False: one step at a time, as a live worker runs them
         self.out = out  # the core's actions, drained by the driver
         self.perturb = perturb
@@ -195,6 +197,13 @@ class WorkerState:
     def changed(self) -> None:
         self.version += 1
         self._view = None
+        if self.changes is not None:
+            self.changes.add(self.id)
+
+    @property
+    def view_until(self) -> float:
+        """Until when the view last made holds if nothing changes (its next step boundary)."""
+        return self._view_until
 
     def view(self, now: float) -> WorkerView:
         view = self._view
@@ -214,12 +223,18 @@ class WorkerState:
             begin, end = self.span_start, self.span_end
         else:
             begin = end = self.span_end
-        prefills = self.prefills.values()
-        ordered = (
-            [j.view for j in prefills if j.prefilled > 0]
-            + [j.view for j in prefills if j.prefilled == 0 and j.generated > 0]
-            + [j.view for j in prefills if j.prefilled == 0 and j.generated == 0]
-        )
+        if view is not None:  # not changed, only further into its span: the queues are the ones it shows
+            prefills, waiting, incoming, in_step = view.prefills, view.waiting, view.incoming, view.in_step
+        else:
+            held = self.prefills.values()
+            prefills = tuple(
+                [j.view for j in held if j.prefilled > 0]
+                + [j.view for j in held if j.prefilled == 0 and j.generated > 0]
+                + [j.view for j in held if j.prefilled == 0 and j.generated == 0]
+            )
+            waiting = tuple(j.view for j in self.waiting.values())
+            incoming = tuple(j.view for j in self.incoming.values())
+            in_step = tuple((job.id, tokens) for job, tokens in self.span_chunks) if self.busy else ()
         view = WorkerView(
             id=self.id,
             role=self.role,
@@ -229,13 +244,13 @@ class WorkerState:
             step_begin=begin,
             step_end=end,
             placed_since_step=self.placed_since_step,
-            prefills=tuple(ordered),
+            prefills=prefills,
             prefill_load=self.prefill_load,
             batch=self.summary(steps),
-            waiting=tuple(j.view for j in self.waiting.values()),
-            incoming=tuple(j.view for j in self.incoming.values()),
+            waiting=waiting,
+            incoming=incoming,
             decode_load=self.prompt_sum + self.side_prompt,
-            in_step=tuple((job.id, tokens) for job, tokens in self.span_chunks) if self.busy else (),
+            in_step=in_step,
         )
         self._view, self._view_steps = view, steps
         self._view_from, self._view_until, self._view_base = valid_from, valid_until, (self.steps, self.span_id)
