@@ -10,11 +10,13 @@ from typer.testing import CliRunner
 
 from tropical.cli import app
 from tropical.experiments import SETTINGS
-from tropical.latency.profiles import distserve_kv_capacity, distserve_model
+from tropical.latency.profiles import distserve_kv_capacity, distserve_model, stage_hop
 from tropical.policies import make_policy
 from tropical.policies.records import Role
 from tropical.simulator import ClusterSpec
-from tropical.simulator.deployment import DeploymentError, load_deployment
+from tropical.simulator.cluster import SimRequest
+from tropical.simulator.deployment import DeploymentError, cluster_of, load_deployment
+from tropical.simulator.simulation import simulate
 
 DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments"
 
@@ -48,6 +50,45 @@ def test_a_group_may_carry_its_engine_overhead(tmp_path: Path) -> None:
     assert model == distserve_model("opt-13b", 1).with_overhead(0.002, 0.00025)
 
 
+def test_a_pipelined_instance_runs_as_one_lane_per_stage(tmp_path: Path) -> None:
+    path = tmp_path / "pp.toml"
+    path.write_text('model = "opt-13b"\n[[group]]\nrole = "prefill"\ntensor_parallel = 2\n'
+                    '[[group]]\nrole = "decode"\ncount = 2\npipeline_parallel = 2\n')
+    cluster = load_deployment(path)
+    lane = distserve_kv_capacity("opt-13b", 1, 2) // 2  # the instance holds more KV than a TP-1 one: half the weights per GPU
+    assert cluster.roles == (Role.PREFILL,) + (Role.DECODE,) * 4 and cluster.gpus == 2 + 2 * 2
+    assert cluster.kv_capacities == (distserve_kv_capacity("opt-13b", 2),) + (lane,) * 4
+    hop_latency, per_byte = stage_hop()
+    assert cluster.models[1:] == (distserve_model("opt-13b", 1).with_stage_hops(1, hop_latency, per_byte * 5120 * 2),) * 4
+
+
+def test_a_stage_hands_its_activations_on_at_nvlink_speed() -> None:
+    latency, per_byte = stage_hop()
+    assert 5e-6 < latency < 30e-6 and 150e9 < 1.0 / per_byte < 400e9  # measured: 13 µs, 286 GB/s
+    with pytest.raises(ValueError, match="profiled for a100-80g only"):
+        stage_hop("h100-80g")
+
+
+def decode_side(pipeline: int, prompts: int, output: int = 400) -> tuple[float, float]:
+    """(time the last request finishes, mean TPOT) of `prompts` requests arriving together, decoded on one TP-1
+    instance of `pipeline` stages behind a TP-2 prefill instance."""
+    cluster = cluster_of({"model": "opt-13b", "group": [{"role": "prefill", "tensor_parallel": 2},
+                                                         {"role": "decode", "pipeline_parallel": pipeline}]})
+    requests = [SimRequest(0.0, 200, output, 1e3, 1e3) for _ in range(prompts)]
+    result = simulate(requests, cluster, make_policy("distserve", cluster.model), refuse_infeasible=False)
+    outcomes = result.outcomes()
+    return max(o.finish for o in outcomes), sum((o.finish - o.first_token) / (output - 1) for o in outcomes) / prompts
+
+
+def test_two_stages_decode_twice_the_batch_in_the_time_of_one_pass() -> None:
+    # A lone request gains nothing: each token is a whole pass through both stages (plus the hop).
+    (_, alone_1), (_, alone_2) = decode_side(1, 1), decode_side(2, 1)
+    assert alone_2 >= alone_1 and alone_2 == pytest.approx(alone_1, rel=0.01)
+    # A batch does: two micro-batches of half the batch each are in flight at once.
+    (end_1, _), (end_2, _) = decode_side(1, 64), decode_side(2, 64)
+    assert end_2 < 0.8 * end_1
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
@@ -55,7 +96,8 @@ def test_a_group_may_carry_its_engine_overhead(tmp_path: Path) -> None:
         ('model = "opt-13b"\ncolour = 1\n[[group]]\nrole = "colocated"\n', "unknown keys colour"),
         ('model = "opt-13b"\n[[group]]\nrole = "colocated"\nspeed = 2\n', "a group has unknown keys speed"),
         ('model = "opt-13b"\n[[group]]\nrole = "leader"\n', "'leader' is not a valid Role"),
-        ('model = "opt-13b"\n[[group]]\nrole = "decode"\npipeline_parallel = 2\n', "pipeline parallelism is not simulated yet"),
+        ('model = "opt-13b"\n[[group]]\nrole = "colocated"\npipeline_parallel = 0\n', "pipeline_parallel must be at least 1"),
+        ('model = "opt-13b"\n[[group]]\nrole = "colocated"\npipeline_parallel = 3\n', "no KV capacity recorded for opt-13b at tp1 pp3"),
         ('model = "llama-2-70b"\n[[group]]\nrole = "colocated"\ntensor_parallel = 4\n', "give the colocated group's kv_capacity"),
         ('[[group]]\nrole = "colocated"\n', "missing 'model'"),
         ('model = "opt-13b"\n[[group]]\nrole = "colocated"\ncount = 0\n', "needs at least one worker"),
@@ -76,9 +118,9 @@ def test_sim_runs_a_policy_on_a_deployment_file(tmp_path: Path) -> None:
             "--cluster", str(DEPLOYMENTS / "distserve-opt13b-p2d1.toml"), "--json", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "1 prefill + 1 decode" in result.output
+    assert "1 prefill + 1 decode on 3 GPUs" in result.output
     record = json.loads(out.read_text())
-    assert record["cluster_file"].endswith("distserve-opt13b-p2d1.toml") and record["workers"] == {"prefill": 1, "decode": 1}
+    assert record["cluster_file"].endswith("distserve-opt13b-p2d1.toml") and record["workers"] == {"prefill": 1, "decode": 1} and record["gpus"] == 3
     assert [u["role"] for u in record["worker_usage"]] == ["prefill", "decode"]
 
 

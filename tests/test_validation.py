@@ -72,7 +72,7 @@ def test_every_request_is_served_as_a_real_engine_would(tmp_path: Path) -> None:
         (lambda f: (f / "runs.json").write_text("{}"), "missing 'model'"),
         (lambda f: write_set(f, system="orca"), "unknown system 'orca'"),
         (lambda f: write_set(f, system="vllm"), "vllm runs prompts and decodes on every worker (colocated), not on 1 prefill, 1 decode"),
-        (lambda f: write_set(f, pipeline=2), "pipeline parallelism is not simulated yet"),
+        (lambda f: write_set(f, pipeline=3), "no KV capacity recorded for opt-13b at tp2 pp3"),
     ],
 )
 def test_a_bad_set_gets_one_clear_line_and_exit_2(tmp_path: Path, change, problem: str) -> None:
@@ -80,6 +80,13 @@ def test_a_bad_set_gets_one_clear_line_and_exit_2(tmp_path: Path, change, proble
     change(folder)
     result = CliRunner().invoke(app, ["validate", str(folder)], env={"COLUMNS": "400"})
     assert result.exit_code == 2 and problem in result.output
+
+
+def test_a_pipelined_prefill_instance_is_replayed_as_its_stages(tmp_path: Path) -> None:
+    vset = load_set(write_set(tmp_path / "set", pipeline=2))
+    cluster = cluster_for(vset, vset.runs[0])
+    assert cluster.roles == (Role.PREFILL, Role.PREFILL, Role.DECODE) and cluster.gpus == 2 * 2 + 1
+    assert replay(vset, vset.runs[0]).finished == len(vset.runs[0].trace.read_text().splitlines()) - 1
 
 
 def test_validate_command_prints_both_sides_and_writes_json(tmp_path: Path) -> None:

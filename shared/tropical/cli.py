@@ -810,6 +810,9 @@ def sim(
     layout = served.roles(setting.workers, prefill_workers) if deployment is None else deployment.roles
     roles = Counter(role.value for role in layout)
     workers = " + ".join(f"{count} {role}" for role, count in roles.items())
+    if deployment is not None:
+        pipelined = any(group.pipeline_parallel > 1 for group in deployment.groups)
+        workers += f" on {deployment.gpus} GPUs" + (" (one worker per pipeline stage)" if pipelined else "")
     summary = summarize(result.outcomes())
     window = (load.requests[0].arrival, load.requests[-1].arrival)
     usage = worker_usage(result.step_log, layout, *window) if window[1] > window[0] else ()
@@ -824,6 +827,7 @@ def sim(
         "admission": admission.value,
         "options": options_as_json(options),
         "workers": dict(roles),
+        "gpus": None if deployment is None else deployment.gpus,
         "slo": setting.slo.describe(),
         "replay": replay.describe(setting),
         "simulated_requests": len(load.requests),

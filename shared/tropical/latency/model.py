@@ -85,6 +85,16 @@ class LatencyModel:
             raise ValueError("an overhead cannot be negative")
         return replace(self, c2=self.c2 + step, d0=self.d0 + step, d1=self.d1 + per_sequence)
 
+    def with_stage_hops(self, hops: int, latency: float, per_token: float) -> LatencyModel:
+        """One micro-batch's pass through a pipeline: the profile's step (every layer, at its TP degree) plus
+        `hops` stage-to-stage sends of its activations, each `latency` seconds plus `per_token` per token in it."""
+        if hops < 0 or latency < 0.0 or per_token < 0.0:
+            raise ValueError("a pipeline's hops cannot be negative")
+        if hops == 0:
+            return self
+        fixed, token = hops * latency, hops * per_token
+        return replace(self, c1=self.c1 + token, c2=self.c2 + fixed, d0=self.d0 + fixed, d1=self.d1 + token)
+
     def _chunk_tokens_time(self, chunk: Chunk) -> float:
         start, end = chunk
         if end <= start:

@@ -19,6 +19,9 @@ KV_SHAPES = {  # layers, KV width (KV heads × head dim) of the models the publi
 }
 
 
+HIDDEN = {"opt-13b": 5120, "opt-66b": 9216, "opt-175b": 12288, "llama-2-7b": 4096, "llama-2-70b": 8192}  # activation width
+
+
 def kv_bytes_per_token(layers: int, kv_width: int) -> int:
     """K and V, fp16, every layer: 2 · layers · (KV heads · head dim) · 2 bytes."""
     return 2 * layers * kv_width * 2
@@ -33,17 +36,45 @@ def model_kv_bytes(model: str) -> int:
 
 @dataclass(frozen=True)
 class WorkerGroup:
-    """Workers alike in role, model profile, parallelism and KV capacity: one line of a deployment."""
+    """Instances alike in role, model profile, parallelism and KV capacity: one line of a deployment.
+
+    An instance split into `pipeline_parallel` stages is simulated as that many
+    lanes, one per micro-batch in flight, as vLLM runs a pipeline (one
+    scheduler per virtual engine, each with its share of the KV blocks): while
+    one lane's micro-batch is in one stage, the others' are in the others, so
+    the lanes step side by side, each step a whole pass through the stages
+    (`model`: the profile's step plus the stage-to-stage sends,
+    `LatencyModel.with_stage_hops`). A lone prompt takes the whole pass; P
+    prompts on P lanes take it together. Not modelled: the bubble when lanes
+    are unequal (a stage waits for a slower lane's micro-batch, so a light
+    lane steps no faster than the heaviest), and lanes lending each other KV.
+    """
 
     role: Role
     count: int
-    model: LatencyModel
-    kv_capacity: int  # KV tokens one worker of the group holds
+    model: LatencyModel  # one lane's step: a micro-batch's whole pass through the instance
+    kv_capacity: int  # KV tokens one instance of the group holds (its lanes share it evenly)
     tensor_parallel: int = 1
+    pipeline_parallel: int = 1
 
     def __post_init__(self) -> None:
-        if self.count < 1 or self.kv_capacity <= 0 or self.tensor_parallel < 1:
-            raise ValueError(f"a {self.role} group needs at least one worker, a positive KV capacity and TP degree")
+        if self.count < 1 or self.kv_capacity <= 0 or self.tensor_parallel < 1 or self.pipeline_parallel < 1:
+            raise ValueError(f"a {self.role} group needs at least one worker, a positive KV capacity and TP and PP degrees")
+        if self.kv_capacity < self.pipeline_parallel:
+            raise ValueError(f"a {self.role} group's KV capacity cannot be shared by {self.pipeline_parallel} pipeline lanes")
+
+    @property
+    def lanes(self) -> int:
+        """Workers the simulator runs for this group: one per instance and micro-batch in flight."""
+        return self.count * self.pipeline_parallel
+
+    @property
+    def lane_capacity(self) -> int:
+        return self.kv_capacity // self.pipeline_parallel
+
+    @property
+    def gpus(self) -> int:
+        return self.count * self.tensor_parallel * self.pipeline_parallel
 
 
 @dataclass(frozen=True)
@@ -63,7 +94,7 @@ class ClusterSpec:
 
     roles: tuple[Role, ...]
     model: LatencyModel
-    kv_capacity: int  # KV tokens one worker holds (the first group's, with groups)
+    kv_capacity: int  # KV tokens one worker holds (a lane of the first group, with groups)
     kv_bytes_per_token: int
     link_bandwidth: float  # bytes/s
     link_latency: float = 0.001  # s, per transfer
@@ -74,16 +105,16 @@ class ClusterSpec:
     def of_groups(cls, groups: Sequence[WorkerGroup], *, kv_bytes_per_token: int, link_bandwidth: float, link_latency: float = 0.001) -> ClusterSpec:
         if not groups:
             raise ValueError("a cluster needs at least one worker group")
-        roles = tuple(group.role for group in groups for _ in range(group.count))
+        roles = tuple(group.role for group in groups for _ in range(group.lanes))
         first = groups[0]
-        return cls(roles, first.model, first.kv_capacity, kv_bytes_per_token, link_bandwidth, link_latency, first.tensor_parallel, tuple(groups))
+        return cls(roles, first.model, first.lane_capacity, kv_bytes_per_token, link_bandwidth, link_latency, first.tensor_parallel, tuple(groups))
 
     def __post_init__(self) -> None:
         if not self.roles:
             raise ValueError("a cluster needs at least one worker")
         if self.kv_capacity <= 0 or self.link_bandwidth <= 0:
             raise ValueError("KV capacity and link bandwidth must be positive")
-        if self.groups and tuple(g.role for g in self.groups for _ in range(g.count)) != self.roles:
+        if self.groups and tuple(g.role for g in self.groups for _ in range(g.lanes)) != self.roles:
             raise ValueError("the worker groups do not add up to the roles listed")
         kinds = set(self.roles)
         if Role.COLOCATED in kinds and len(kinds) > 1:
@@ -98,19 +129,19 @@ class ClusterSpec:
         """Each worker's step times."""
         if not self.groups:
             return (self.model,) * len(self.roles)
-        return tuple(g.model for g in self.groups for _ in range(g.count))
+        return tuple(g.model for g in self.groups for _ in range(g.lanes))
 
     @property
     def kv_capacities(self) -> tuple[int, ...]:
         if not self.groups:
             return (self.kv_capacity,) * len(self.roles)
-        return tuple(g.kv_capacity for g in self.groups for _ in range(g.count))
+        return tuple(g.lane_capacity for g in self.groups for _ in range(g.lanes))
 
     @property
     def gpus(self) -> int:
         if not self.groups:
             return len(self.roles) * self.tensor_parallel
-        return sum(g.count * g.tensor_parallel for g in self.groups)
+        return sum(g.gpus for g in self.groups)
 
     def transfer_time(self, tokens: int) -> float:
         return self.link_latency + tokens * self.kv_bytes_per_token / self.link_bandwidth

@@ -12,10 +12,11 @@
 
     [[group]]
     role = "prefill"               # prefill, decode, multiplex or colocated
-    count = 1
+    count = 1                      # instances
     tensor_parallel = 2
+    pipeline_parallel = 1          # stages; an instance of P stages runs P micro-batches side by side (`WorkerGroup`)
     profile = "distserve"          # optional: which published profile (distserve, distserve-vllm, splitwise, vidur, sarathi)
-    kv_capacity = 132000           # optional where the profile's source records it (DistServe's table)
+    kv_capacity = 132000           # one instance's; optional where the profile's source records it (DistServe's table)
     step_overhead_ms = 0           # optional: the engine's own work per step, beyond the profile's forward pass
     sequence_overhead_ms = 0       # optional: ... and per decode in a step (`LatencyModel.with_overhead`)
 
@@ -35,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from tropical.latency.model import LatencyModel
-from tropical.latency.profiles import canonical_model, distserve_kv_capacity, distserve_model, load_profile
+from tropical.latency.profiles import canonical_model, distserve_kv_capacity, distserve_model, load_profile, stage_hop
 from tropical.policies.records import Role
-from tropical.simulator.cluster import A100_NVLINK_BYTES_PER_S, ClusterSpec, WorkerGroup, model_kv_bytes
+from tropical.simulator.cluster import A100_NVLINK_BYTES_PER_S, HIDDEN, ClusterSpec, WorkerGroup, model_kv_bytes
 
 GROUP_KEYS = {"role", "count", "tensor_parallel", "pipeline_parallel", "profile", "kv_capacity", "step_overhead_ms", "sequence_overhead_ms"}
 TOP_KEYS = {"model", "hardware", "kv_bytes_per_token", "link", "group"}
@@ -86,20 +87,30 @@ def _group(model: str, hardware: str, g: dict[str, Any]) -> WorkerGroup:
     if unknown:
         raise ValueError(f"a group has unknown keys {', '.join(sorted(unknown))}")
     role = Role(str(g["role"]))
-    tp = int(g.get("tensor_parallel", 1))
-    if int(g.get("pipeline_parallel", 1)) != 1:
-        raise ValueError("pipeline parallelism is not simulated yet")
+    tp, pp = int(g.get("tensor_parallel", 1)), int(g.get("pipeline_parallel", 1))
+    if tp < 1 or pp < 1:
+        raise ValueError(f"the {role} group's tensor_parallel and pipeline_parallel must be at least 1")
     profile = g.get("profile")
     latency = _profile(model, hardware, tp, None if profile is None else str(profile))
     step, per_sequence = float(g.get("step_overhead_ms", 0.0)), float(g.get("sequence_overhead_ms", 0.0))
     if "kv_capacity" in g:
         capacity = int(g["kv_capacity"])
     elif latency.name.endswith((":distserve", ":distserve-vllm")):
-        capacity = distserve_kv_capacity(model, tp)
+        capacity = distserve_kv_capacity(model, tp, pp)
     else:
         raise ValueError(f"give the {role} group's kv_capacity: {latency.name}'s source records none")
     overhead = latency.with_overhead(step / 1000.0, per_sequence / 1000.0) if step or per_sequence else latency
-    return WorkerGroup(role, int(g.get("count", 1)), overhead, capacity, tp)
+    return WorkerGroup(role, int(g.get("count", 1)), _pipelined(overhead, model, hardware, pp), capacity, tp, pp)
+
+
+def _pipelined(latency: LatencyModel, model: str, hardware: str, stages: int) -> LatencyModel:
+    """One micro-batch's pass through `stages` stages: the step, plus stages − 1 sends of its activations."""
+    if stages == 1:
+        return latency
+    if model not in HIDDEN:
+        raise ValueError(f"{model}'s activation width is not known, so its pipeline stages cannot be timed")
+    hop_latency, per_byte = stage_hop(hardware)
+    return latency.with_stage_hops(stages - 1, hop_latency, per_byte * HIDDEN[model] * 2)  # fp16 activations
 
 
 def _profile(model: str, hardware: str, tensor_parallel: int, source: str | None) -> LatencyModel:
