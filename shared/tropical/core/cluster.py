@@ -53,8 +53,9 @@ class ClusterCore:
         self.refuse_infeasible = refuse_infeasible
         self.out: list[Action] = []
         self._changed: set[int] = set(range(len(roles)))  # workers whose cached view may be stale
+        self._plans: set[int] = set()  # workers that need a plan once idle
         self.workers = [
-            WorkerState(i, role, capacity, worker_model, self.out, perturb, spans=spans, changes=self._changed)
+            WorkerState(i, role, capacity, worker_model, self.out, perturb, spans=spans, changes=self._changed, plans=self._plans)
             for i, (role, worker_model, capacity) in enumerate(zip(roles, models, capacities, strict=True))
         ]
         self._views: list[WorkerView] = []  # every worker's view as of `_views_at`, kept between calls
@@ -139,7 +140,8 @@ class ClusterCore:
                 progressed |= self._retry_stranded(now)
             if router.queue:
                 progressed |= router.route(self.views(now), now, self._place)
-            for worker in workers:
+            for i in sorted(self._plans):  # in worker order; a plan only ever flags its own worker again
+                worker = workers[i]
                 if worker.needs_plan and not worker.busy:
                     worker.needs_plan = False
                     progressed |= worker.start_step(self.policy, self._next_token, now)

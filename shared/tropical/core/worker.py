@@ -56,9 +56,11 @@ class WorkerState:
         *,
         spans: bool = True,
         changes: set[int] | None = None,
+        plans: set[int] | None = None,
     ) -> None:
         self.model = model
         self.changes = changes  # where this worker's id is noted whenever its view goes stale (the core's view cache)
+        self.plans = plans  # where its id is kept while it needs a plan (so the core need not ask every worker)
         self.spans = spans  # False: one step at a time, as a live worker runs them
         self.out = out  # the core's actions, drained by the driver
         self.perturb = perturb
@@ -92,13 +94,27 @@ class WorkerState:
         self.span_decode = False
         self.span_chunks: tuple[tuple[RequestState, int], ...] = ()
         self.placed_since_step = 0
-        self.needs_plan = False
+        self._needs_plan = False
         self.wake_id = 0
         self.version = 0
         self._view: WorkerView | None = None
         self._view_steps = -1
         self._view_from = self._view_until = 0.0  # while nothing changes, the view holds for `now` in [from, until) ...
         self._view_base = (-1, -1)  # ... and as long as `steps` and the span are what they were (steps end without a change)
+
+    @property
+    def needs_plan(self) -> bool:
+        """Something may have changed what this worker should do next: plan a step once it is idle."""
+        return self._needs_plan
+
+    @needs_plan.setter
+    def needs_plan(self, value: bool) -> None:
+        self._needs_plan = value
+        if self.plans is not None:
+            if value:
+                self.plans.add(self.id)
+            else:
+                self.plans.discard(self.id)
 
     # --- running batch in closed form ----------------------------------------------------
 
