@@ -89,6 +89,19 @@ def test_two_stages_decode_twice_the_batch_in_the_time_of_one_pass() -> None:
     assert end_2 < 0.8 * end_1
 
 
+def test_a_light_lane_waits_for_a_heavy_one_in_every_stage() -> None:
+    # A 2,000-token prompt and a 50-token one arrive together on one vLLM instance of two stages: one lane each.
+    # Alone, the short prompt would be prefilled in about 25 ms; beside the long one its micro-batch waits behind
+    # the long one's in each stage, so its first token comes with the long prompt's.
+    cluster = cluster_of({"model": "opt-13b", "group": [{"role": "colocated", "pipeline_parallel": 2}]})
+    requests = [SimRequest(0.0, 2000, 2, 10.0, 1.0), SimRequest(0.0, 50, 2, 10.0, 1.0)]
+    long_, short = simulate(requests, cluster, make_policy("vllm", cluster.model)).timelines
+    assert {long_.prefill_worker, short.prefill_worker} == {0, 1}
+    assert short.first_token == pytest.approx(long_.first_token) and long_.first_token == pytest.approx(cluster.model.prefill_time(2000))
+    (alone,) = simulate(requests[1:], cluster, make_policy("vllm", cluster.model)).timelines
+    assert alone.first_token == pytest.approx(cluster.model.prefill_time(50))
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [

@@ -40,10 +40,12 @@ class ClusterCore:
         perturb: Perturb = no_perturbation,
         spans: bool = True,
         refuse_infeasible: bool = True,
+        instances: Sequence[int] | None = None,
     ) -> None:
         """`spans=False` runs every decode step on its own, as live workers do (the simulator batches them).
         `refuse_infeasible=False` serves even requests no idle worker could serve in SLO, as a real engine does
-        (they miss either way; a replay held against real runs must carry their load too)."""
+        (they miss either way; a replay held against real runs must carry their load too). `instances` names
+        each worker's instance: workers of one instance are the lanes of a pipeline, which share its stages."""
         self.policy = policy
         capacities = [kv_capacity] * len(roles) if isinstance(kv_capacity, int) else list(kv_capacity)
         models = [model] * len(roles) if isinstance(model, LatencyModel) else list(model)
@@ -58,6 +60,14 @@ class ClusterCore:
             WorkerState(i, role, capacity, worker_model, self.out, perturb, spans=spans, changes=self._changed, plans=self._plans)
             for i, (role, worker_model, capacity) in enumerate(zip(roles, models, capacities, strict=True))
         ]
+        if instances is not None:
+            if len(instances) != len(roles):
+                raise ValueError(f"{len(roles)} workers need as many instance ids, got {len(instances)}")
+            lanes: dict[int, list[WorkerState]] = {}
+            for worker, instance in zip(self.workers, instances, strict=True):
+                lanes.setdefault(instance, []).append(worker)
+            for worker, instance in zip(self.workers, instances, strict=True):
+                worker.peers = [peer for peer in lanes[instance] if peer is not worker]
         self._views: list[WorkerView] = []  # every worker's view as of `_views_at`, kept between calls
         self._expiry: list[tuple[float, int]] = []  # (time a cached view stops holding, worker): a heap
         self._views_at = -math.inf

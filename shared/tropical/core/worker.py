@@ -61,6 +61,7 @@ class WorkerState:
         self.model = model
         self.changes = changes  # where this worker's id is noted whenever its view goes stale (the core's view cache)
         self.plans = plans  # where its id is kept while it needs a plan (so the core need not ask every worker)
+        self.peers: list[WorkerState] = []  # the other lanes of its pipelined instance, which share its stages
         self.spans = spans  # False: one step at a time, as a live worker runs them
         self.out = out  # the core's actions, drained by the driver
         self.perturb = perturb
@@ -386,6 +387,8 @@ class WorkerState:
             n = finishes[0][0] - self.steps
             room = self.capacity - self.kv_static - context
             n = max(1, min(n, room // size)) if self.spans else 1
+        if self.peers:
+            a = max(a, self.pipeline_pace(now))
         self.busy = True
         self.span_id += 1
         self.span_start, self.span_a, self.span_b, self.span_n = now, a, b, n
@@ -396,6 +399,17 @@ class WorkerState:
         self.placed_since_step = 0
         self.changed()
         self.out.append(StepScheduled(self.id, self.span_id, self.span_end))
+
+    def pipeline_pace(self, now: float) -> float:
+        """The longest step a peer lane has in progress. The lanes' micro-batches take turns in the same stages,
+        so each moves on no faster than the slowest one in flight: a light lane beside a heavy one waits in
+        every stage (the pipeline's bubble)."""
+        pace = 0.0
+        for peer in self.peers:
+            if peer.busy and now < peer.span_end:
+                done = peer.steps_done(now) if peer.span_decode else 0
+                pace = max(pace, peer.span_a + peer.span_b * done)
+        return pace
 
     def step_shape(self) -> tuple[int, int, list[tuple[int, int]]]:
         """The step in progress as the latency model takes it: decodes, their KV tokens, prompt chunks [start, end)."""

@@ -45,9 +45,12 @@ class WorkerGroup:
     the lanes step side by side, each step a whole pass through the stages
     (`model`: the profile's step plus the stage-to-stage sends,
     `LatencyModel.with_stage_hops`). A lone prompt takes the whole pass; P
-    prompts on P lanes take it together. Not modelled: the bubble when lanes
-    are unequal (a stage waits for a slower lane's micro-batch, so a light
-    lane steps no faster than the heaviest), and lanes lending each other KV.
+    prompts on P lanes take it together. Unequal lanes leave a bubble: a
+    stage waits for a slower lane's micro-batch, so a lane's step is at least
+    as long as the longest step its peers have in progress
+    (`WorkerState.pipeline_pace`; a step already under way is not stretched
+    by a heavier one that starts after it). Not modelled: lanes lending each
+    other KV.
     """
 
     role: Role
@@ -136,6 +139,17 @@ class ClusterSpec:
         if not self.groups:
             return (self.kv_capacity,) * len(self.roles)
         return tuple(g.lane_capacity for g in self.groups for _ in range(g.lanes))
+
+    @property
+    def instances(self) -> tuple[int, ...]:
+        """Each worker's instance: the lanes of a pipelined instance share one (`WorkerGroup`)."""
+        if not self.groups:
+            return tuple(range(len(self.roles)))
+        ids = []
+        for g in self.groups:
+            base = ids[-1] + 1 if ids else 0
+            ids.extend(base + lane // g.pipeline_parallel for lane in range(g.lanes))
+        return tuple(ids)
 
     @property
     def gpus(self) -> int:

@@ -116,7 +116,8 @@ class Simulation:
         self.random = random.Random(seed)
         self.record_steps = record_steps
         self.core = ClusterCore(
-            policy, cluster.roles, cluster.kv_capacities, cluster.models, perturb=self._noise, spans=spans, refuse_infeasible=refuse_infeasible
+            policy, cluster.roles, cluster.kv_capacities, cluster.models, perturb=self._noise, spans=spans, refuse_infeasible=refuse_infeasible,
+            instances=cluster.instances,
         )
         self.events: list[tuple[float, int, int, object, int]] = []
         self.sequence = 0
