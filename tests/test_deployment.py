@@ -15,7 +15,7 @@ from tropical.policies import make_policy
 from tropical.policies.records import Role
 from tropical.simulator import ClusterSpec
 from tropical.simulator.cluster import SimRequest
-from tropical.simulator.deployment import DeploymentError, cluster_of, load_deployment
+from tropical.simulator.deployment import PRESETS, DeploymentError, cluster_of, load_deployment, load_pool
 from tropical.simulator.simulation import simulate
 
 DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments"
@@ -33,6 +33,22 @@ def same_cluster(a: ClusterSpec, b: ClusterSpec) -> bool:
 def test_the_shipped_files_describe_the_presets_clusters(file: str, setting: str, policy: str, split: int | None) -> None:
     preset = SETTINGS[setting]
     assert same_cluster(load_deployment(DEPLOYMENTS / file), preset.cluster(make_policy(policy, preset.latency_model()), split))
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_a_presets_hardware_is_its_deployment_file(name: str) -> None:
+    setting, pool = SETTINGS[name], load_pool(PRESETS / f"{name}.toml")
+    assert (setting.model, setting.hardware, setting.profile, setting.tensor_parallel) == (pool.model, pool.hardware, pool.profile, pool.tensor_parallel)
+    assert (setting.workers, setting.kv_capacity, setting.kv_bytes_per_token) == (pool.workers, pool.kv_capacity, pool.kv_bytes_per_token)
+    colocated = setting.cluster(make_policy("vllm", setting.latency_model()))
+    assert same_cluster(colocated, load_deployment(PRESETS / f"{name}.toml"))  # the file, read as any deployment, is the cluster
+
+
+def test_a_pool_is_one_group_of_single_stage_workers(tmp_path: Path) -> None:
+    path = tmp_path / "two.toml"
+    path.write_text(DEPLOYMENTS.joinpath("distserve-opt13b-p2d1.toml").read_text())
+    with pytest.raises(DeploymentError, match="two.toml: a pool of workers is one \\[\\[group\\]\\] of single-stage instances"):
+        load_pool(path)
 
 
 def test_groups_differ_in_profile_and_kv() -> None:

@@ -28,7 +28,6 @@ from typing import Any, TypeVar
 from tropical.capacity import capacity_bound  # the bound on any policy's goodput, next to the searches
 from tropical.data import data_dir, data_file
 from tropical.latency.model import LatencyModel
-from tropical.latency.profiles import load_profile
 from tropical.metrics import (
     SloScaleSweep,
     Summary,
@@ -39,13 +38,14 @@ from tropical.metrics import (
 from tropical.policies import POLICY_NAMES, AdmissionRule, ServingPolicy, make_policy, under_admission
 from tropical.policies.tuning import Tuning, tunings
 from tropical.simulator import ClusterSpec, SimRequest, SimulationResult, simulate
-from tropical.simulator.cluster import A100_NVLINK_BYTES_PER_S, model_kv_bytes
+from tropical.simulator.cluster import A100_NVLINK_BYTES_PER_S
+from tropical.simulator.deployment import PRESETS, load_pool, profile_model
 from tropical.traces import TraceRequest, load_trace
 
 M = TypeVar("M")  # what one policy's measurement yields
 
 DATA = data_dir()  # the traces shipped with the package, unless TROPICAL_DATA_DIR points elsewhere
-GIB = 1024**3
+
 
 @dataclass(frozen=True)
 class SloRule:
@@ -83,7 +83,7 @@ class SloRule:
 @dataclass(frozen=True)
 class Setting:
     name: str
-    model: str  # a load_profile name
+    model: str  # a model the published profiles cover
     tensor_parallel: int
     workers: int
     kv_capacity: int  # KV tokens per worker
@@ -94,13 +94,14 @@ class Setting:
     requests: int = 2000  # requests replayed per evaluated rate
     hardware: str = "a100-80g"
     note: str = ""
+    profile: str | None = None  # which published profile (None: the preferred one for the model, hardware and TP)
 
     @property
     def gpus(self) -> int:
         return self.workers * self.tensor_parallel
 
     def latency_model(self) -> LatencyModel:
-        return _latency_model(self.model, self.hardware, self.tensor_parallel)
+        return _latency_model(self.model, self.hardware, self.tensor_parallel, self.profile)
 
     def cluster(self, policy: ServingPolicy, prefill_workers: int | None = None) -> ClusterSpec:
         return ClusterSpec(
@@ -123,50 +124,46 @@ class Setting:
 
 
 @lru_cache(maxsize=16)
-def _latency_model(model: str, hardware: str, tensor_parallel: int) -> LatencyModel:
-    return load_profile(model, hardware, tensor_parallel)
+def _latency_model(model: str, hardware: str, tensor_parallel: int, profile: str | None = None) -> LatencyModel:
+    return profile_model(model, hardware, tensor_parallel, profile)
 
 
-# KV capacities: OPT from DistServe's own A100-80GB table (max_num_tokens.csv, pp = 1);
-# Llama-2-70B on 4 A100-80GB: 90 % of 320 GiB, less 138 GB of fp16 weights and
-# 2 GiB of activations per GPU, over 327,680 bytes per token.
-LLAMA2_70B_TP4_KV = int((0.9 * 4 * 80 * GIB - 137.96e9 - 4 * 2 * GIB) / model_kv_bytes("llama-2-70b"))
+def preset(name: str, **workload: Any) -> Setting:
+    """A preset: its hardware from its deployment file (`tropical/simulator/presets/<name>.toml`), its workload here."""
+    pool = load_pool(PRESETS / f"{name}.toml")
+    return Setting(
+        name=name,
+        model=pool.model,
+        tensor_parallel=pool.tensor_parallel,
+        workers=pool.workers,
+        kv_capacity=pool.kv_capacity,
+        kv_bytes_per_token=pool.kv_bytes_per_token,
+        hardware=pool.hardware,
+        profile=pool.profile,
+        **workload,
+    )
+
 
 SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in (
-        Setting(
-            name="longbench-70b",
-            model="llama-2-70b",
-            tensor_parallel=4,
-            workers=2,
-            kv_capacity=LLAMA2_70B_TP4_KV,
-            kv_bytes_per_token=model_kv_bytes("llama-2-70b"),
+        preset(
+            "longbench-70b",
             slo=SloRule(ttft_scale=5.0, tpot=0.1),
             trace=data_file("lengths/arxiv_summarization_llama2_tokenizer.csv", DATA),
             rate_bounds=(0.2, 3.0),
             note="Tropical's own setting (its README table): Llama-2-70B, A100-80GB, 2 workers of TP4",
         ),
-        Setting(
-            name="long-66b",
-            model="opt-66b",
-            tensor_parallel=4,
-            workers=2,
-            kv_capacity=78_496,
-            kv_bytes_per_token=model_kv_bytes("opt-66b"),
+        preset(
+            "long-66b",
             slo=SloRule(ttft_scale=5.0, tpot=0.1),
             trace=data_file("traces/mooncake_conversation_fast25.jsonl", DATA),
             rate_bounds=(0.02, 0.5),
             requests=1000,
             note="long-context traces on OPT-66B with DistServe's A100 coefficients, 2 workers of TP4",
         ),
-        Setting(
-            name="chat-13b",
-            model="opt-13b",
-            tensor_parallel=1,
-            workers=8,
-            kv_capacity=66_144,
-            kv_bytes_per_token=model_kv_bytes("opt-13b"),
+        preset(
+            "chat-13b",
             slo=SloRule(ttft_scale=3.0, ttft_floor=0.25, tpot=0.1),
             trace=data_file("traces/azure_conv_2023.csv", DATA),
             rate_bounds=(2.0, 24.0),

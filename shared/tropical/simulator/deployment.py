@@ -25,15 +25,18 @@
     count = 1
     tensor_parallel = 1
 
-A DistServe deployment of prefill at TP 2 and decode at TP 1 is two groups;
-the presets' clusters are the single-group case.
+A DistServe deployment of prefill at TP 2 and decode at TP 1 is two groups.
+A preset's hardware is a one-group file in `presets/` (`WorkerPool`), whose
+workers each policy gives their roles.
 """
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tropical.latency.model import LatencyModel
 from tropical.latency.profiles import canonical_model, distserve_kv_capacity, distserve_model, load_profile, stage_hop
@@ -44,20 +47,74 @@ GROUP_KEYS = {"role", "count", "tensor_parallel", "pipeline_parallel", "profile"
 TOP_KEYS = {"model", "hardware", "kv_bytes_per_token", "link", "group"}
 
 
+T = TypeVar("T")
+
+
 class DeploymentError(ValueError):
     """A deployment file that cannot be simulated; the message names the file and the problem."""
 
 
+PRESETS = Path(__file__).resolve().parent / "presets"  # the presets' hardware, one `WorkerPool` file each
+
+
+@dataclass(frozen=True)
+class WorkerPool:
+    """A deployment of one group of interchangeable workers, whose roles each policy decides: a preset's hardware.
+
+    The file is an ordinary deployment file with a single group of
+    single-stage instances; its role is a placeholder (`Setting.cluster`
+    gives the workers the policy's roles at the split being tried).
+    """
+
+    model: str
+    hardware: str
+    profile: str | None
+    tensor_parallel: int
+    workers: int
+    kv_capacity: int
+    kv_bytes_per_token: int
+
+
 def load_deployment(path: str | Path) -> ClusterSpec:
     path = Path(path)
+    return _checked(path, cluster_of, _read(path))
+
+
+def load_pool(path: str | Path) -> WorkerPool:
+    path = Path(path)
+    return _checked(path, pool_of, _read(path))
+
+
+def pool_of(raw: dict[str, Any]) -> WorkerPool:
+    """The pool a one-group deployment file's content describes."""
+    cluster = cluster_of(raw)
+    if len(cluster.groups) != 1 or cluster.groups[0].pipeline_parallel != 1:
+        raise ValueError("a pool of workers is one [[group]] of single-stage instances")
+    (group,) = cluster.groups
+    profile = raw["group"][0].get("profile")
+    return WorkerPool(
+        model=canonical_model(str(raw["model"])),
+        hardware=str(raw.get("hardware", "a100-80g")),
+        profile=None if profile is None else str(profile),
+        tensor_parallel=group.tensor_parallel,
+        workers=group.count,
+        kv_capacity=group.kv_capacity,
+        kv_bytes_per_token=cluster.kv_bytes_per_token,
+    )
+
+
+def _read(path: Path) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise DeploymentError(f"{path}: no such file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise DeploymentError(f"{path}: not TOML: {exc}") from None
+
+
+def _checked(path: Path, build: Callable[[dict[str, Any]], T], raw: dict[str, Any]) -> T:
     try:
-        return cluster_of(raw)
+        return build(raw)
     except (KeyError, TypeError, ValueError) as exc:
         problem = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
         raise DeploymentError(f"{path}: {problem}") from None
@@ -91,7 +148,7 @@ def _group(model: str, hardware: str, g: dict[str, Any]) -> WorkerGroup:
     if tp < 1 or pp < 1:
         raise ValueError(f"the {role} group's tensor_parallel and pipeline_parallel must be at least 1")
     profile = g.get("profile")
-    latency = _profile(model, hardware, tp, None if profile is None else str(profile))
+    latency = profile_model(model, hardware, tp, None if profile is None else str(profile))
     step, per_sequence = float(g.get("step_overhead_ms", 0.0)), float(g.get("sequence_overhead_ms", 0.0))
     if "kv_capacity" in g:
         capacity = int(g["kv_capacity"])
@@ -113,7 +170,9 @@ def _pipelined(latency: LatencyModel, model: str, hardware: str, stages: int) ->
     return latency.with_stage_hops(stages - 1, hop_latency, per_byte * HIDDEN[model] * 2)  # fp16 activations
 
 
-def _profile(model: str, hardware: str, tensor_parallel: int, source: str | None) -> LatencyModel:
+def profile_model(model: str, hardware: str, tensor_parallel: int, source: str | None = None) -> LatencyModel:
+    """The published profile `source` names (or the preferred one for the setup): `load_profile`'s sources, and
+    'distserve-vllm', DistServe's profile of vLLM."""
     if source == "distserve-vllm":  # DistServe's profile of vLLM's kernels
         return distserve_model(model, tensor_parallel, engine="vllm")
     return load_profile(model, hardware, tensor_parallel, source=source)
