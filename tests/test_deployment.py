@@ -51,6 +51,14 @@ def test_a_pool_is_one_group_of_single_stage_workers(tmp_path: Path) -> None:
         load_pool(path)
 
 
+@pytest.mark.parametrize("file", sorted(path.name for path in DEPLOYMENTS.glob("*.toml")))
+def test_every_shipped_file_is_a_deployment_its_kind_of_policy_runs(file: str) -> None:
+    cluster = load_deployment(DEPLOYMENTS / file)
+    kind = "vllm" if Role.COLOCATED in cluster.roles else "distserve" if Role.DECODE in cluster.roles else "unified"
+    make_policy(kind, cluster.model).check_roles(cluster.roles)
+    assert cluster.gpus >= len(set(cluster.instances))
+
+
 def test_groups_differ_in_profile_and_kv() -> None:
     cluster = load_deployment(DEPLOYMENTS / "distserve-opt13b-p2d1.toml")
     assert cluster.roles == (Role.PREFILL, Role.DECODE) and cluster.gpus == 3
