@@ -86,6 +86,17 @@ def test_a_pipelined_instance_runs_as_one_lane_per_stage(tmp_path: Path) -> None
     assert cluster.models[1:] == (distserve_model("opt-13b", 1).with_stage_hops(1, hop_latency, per_byte * 5120 * 2),) * 4
 
 
+def test_groups_on_different_nodes_move_kv_over_the_internode_link(tmp_path: Path) -> None:
+    path = tmp_path / "two-nodes.toml"
+    path.write_text('model = "opt-13b"\n[internode]\nbandwidth_gb_s = 12.5\nlatency_ms = 2\n'
+                    '[[group]]\nrole = "prefill"\ntensor_parallel = 2\nnode = "a"\n'
+                    '[[group]]\nrole = "decode"\nnode = "b"\n[[group]]\nrole = "decode"\nnode = "a"\n')
+    cluster = load_deployment(path)
+    kv = 1000 * cluster.kv_bytes_per_token
+    assert cluster.transfer_time(1000, 0, 1) == pytest.approx(0.002 + kv / 12.5e9)  # to node b: one GPU pair over InfiniBand
+    assert cluster.transfer_time(1000, 0, 2) == pytest.approx(0.001 + kv / 150e9)  # within node a: NVLink
+
+
 def test_a_stage_hands_its_activations_on_at_nvlink_speed() -> None:
     latency, per_byte = stage_hop()
     assert 5e-6 < latency < 30e-6 and 150e9 < 1.0 / per_byte < 400e9  # measured: 13 µs, 286 GB/s
@@ -139,6 +150,8 @@ def test_a_light_lane_waits_for_a_heavy_one_in_every_stage() -> None:
         ('[[group]]\nrole = "colocated"\n', "missing 'model'"),
         ('model = "opt-13b"\n[[group]]\nrole = "colocated"\ncount = 0\n', "needs at least one worker"),
         ('model = "opt-13b"\n[[group]]\nrole = "colocated"\nstep_overhead_ms = -1\n', "an overhead cannot be negative"),
+        ('model = "opt-13b"\n[internode]\nspeed = 1\n[[group]]\nrole = "colocated"\n', "[internode] has unknown keys speed"),
+        ('model = "opt-13b"\n[link]\nbandwidth_gb_s = 0\n[[group]]\nrole = "colocated"\n', "[link]: a link's bandwidth must be positive"),
     ],
 )
 def test_a_bad_file_is_refused_in_one_line(tmp_path: Path, text: str, problem: str) -> None:

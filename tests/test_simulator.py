@@ -22,7 +22,7 @@ from tropical.policies import (
     WorkerView,
     make_policy,
 )
-from tropical.simulator import ClusterSpec, SimRequest, WorkerGroup, simulate
+from tropical.simulator import ClusterSpec, Link, SimRequest, WorkerGroup, simulate
 
 # prefill: 10 ms + 1 ms per token; decode: 10 ms + 1 ms per sequence + 20 µs per KV token
 MODEL = LatencyModel(c0=0.0, c1=0.001, c2=0.01, d0=0.01, d1=0.001, d2=0.00002)
@@ -96,7 +96,7 @@ def test_worker_groups_prefill_and_decode_each_with_their_own_times_and_kv() -> 
     """A DistServe-style deployment: a fast prefill group (twice MODEL's speed) hands over to a decode group at MODEL's."""
     fast = MODEL.scaled(0.5)
     groups = (WorkerGroup(Role.PREFILL, 1, fast, kv_capacity=1000, tensor_parallel=2), WorkerGroup(Role.DECODE, 1, MODEL, kv_capacity=200))
-    spec = ClusterSpec.of_groups(groups, kv_bytes_per_token=1000, link_bandwidth=1e6, link_latency=0.001)
+    spec = ClusterSpec.of_groups(groups, kv_bytes_per_token=1000, link=Link(1e6, 0.001))
     assert spec.roles == (Role.PREFILL, Role.DECODE) and spec.gpus == 3 and spec.model == fast
     fits, too_big = simulate([req(0.0, 100, 3), req(0.0, 150, 60)], spec, make_policy("distserve", fast)).timelines
     assert fits.first_token == pytest.approx(0.055)  # the prefill group's times
@@ -104,6 +104,17 @@ def test_worker_groups_prefill_and_decode_each_with_their_own_times_and_kv() -> 
     assert too_big.infeasible  # 210 KV tokens fit the prefill worker, not the only decoding one
     with pytest.raises(ValueError, match="do not add up"):
         ClusterSpec((Role.COLOCATED,), MODEL, 100, 1, 1.0, groups=groups)
+
+
+def test_kv_between_nodes_takes_the_internode_link_at_the_narrower_sides_tp() -> None:
+    groups = (WorkerGroup(Role.PREFILL, 1, MODEL, kv_capacity=1000, tensor_parallel=2, node="a"),
+              WorkerGroup(Role.DECODE, 1, MODEL, kv_capacity=1000, tensor_parallel=4, node="a"),
+              WorkerGroup(Role.DECODE, 1, MODEL, kv_capacity=1000, tensor_parallel=4, node="b"))
+    spec = ClusterSpec.of_groups(groups, kv_bytes_per_token=1000, link=Link(1e6, 0.001), internode=Link(1e5, 0.01))
+    assert spec.transfer_time(100, 0, 1) == pytest.approx(0.001 + 100 * 1000 / (1e6 * 2))  # two GPU pairs
+    assert spec.transfer_time(100, 0, 2) == pytest.approx(0.01 + 100 * 1000 / (1e5 * 2))
+    (handed,) = simulate([req(0.0, 100, 3)], spec, make_policy("distserve", MODEL)).timelines
+    assert handed.kv_ready - handed.first_token == pytest.approx(spec.transfer_time(100, 0, handed.decode_worker))
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Discrete-event simulator: the same policy objects as the live router, on a modelled cluster."""
 
-from tropical.simulator.cluster import ClusterSpec, RequestTimeline, SimRequest, WorkerGroup
+from tropical.simulator.cluster import ClusterSpec, Link, RequestTimeline, SimRequest, WorkerGroup
 from tropical.simulator.simulation import (
     Simulation,
     SimulationResult,
@@ -8,4 +8,4 @@ from tropical.simulator.simulation import (
     simulate,
 )
 
-__all__ = ["ClusterSpec", "RequestTimeline", "SimRequest", "Simulation", "SimulationResult", "StepRecord", "WorkerGroup", "simulate"]
+__all__ = ["ClusterSpec", "Link", "RequestTimeline", "SimRequest", "Simulation", "SimulationResult", "StepRecord", "WorkerGroup", "simulate"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from tropical.latency.model import LatencyModel
 from tropical.metrics import RequestOutcome
@@ -35,6 +36,19 @@ def model_kv_bytes(model: str) -> int:
 
 
 @dataclass(frozen=True)
+class Link:
+    """How KV moves between two workers: bytes/s for each GPU pair (a transfer gets it times the narrower side's
+    TP degree, each rank sending its own shard) and a fixed latency per transfer."""
+
+    pair_bandwidth: float
+    latency: float
+
+    def __post_init__(self) -> None:
+        if self.pair_bandwidth <= 0 or self.latency < 0:
+            raise ValueError("a link's bandwidth must be positive, its latency not negative")
+
+
+@dataclass(frozen=True)
 class WorkerGroup:
     """Instances alike in role, model profile, parallelism and KV capacity: one line of a deployment.
 
@@ -59,6 +73,7 @@ class WorkerGroup:
     kv_capacity: int  # KV tokens one instance of the group holds (its lanes share it evenly)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    node: str = ""  # where its instances sit: KV between groups on different nodes takes the slower link
 
     def __post_init__(self) -> None:
         if self.count < 1 or self.kv_capacity <= 0 or self.tensor_parallel < 1 or self.pipeline_parallel < 1:
@@ -103,14 +118,18 @@ class ClusterSpec:
     link_latency: float = 0.001  # s, per transfer
     tensor_parallel: int = 1  # GPUs per worker (the first group's, with groups)
     groups: tuple[WorkerGroup, ...] = ()  # when given, what each worker is; `roles` lists them in order
+    links: tuple[Link, Link] | None = None  # with groups: (within a node, between nodes), per GPU pair
 
     @classmethod
-    def of_groups(cls, groups: Sequence[WorkerGroup], *, kv_bytes_per_token: int, link_bandwidth: float, link_latency: float = 0.001) -> ClusterSpec:
+    def of_groups(cls, groups: Sequence[WorkerGroup], *, kv_bytes_per_token: int, link: Link, internode: Link | None = None) -> ClusterSpec:
+        """Worker groups joined by `link` within a node and `internode` between nodes (by default `link`)."""
         if not groups:
             raise ValueError("a cluster needs at least one worker group")
         roles = tuple(group.role for group in groups for _ in range(group.lanes))
         first = groups[0]
-        return cls(roles, first.model, first.lane_capacity, kv_bytes_per_token, link_bandwidth, link_latency, first.tensor_parallel, tuple(groups))
+        narrowest = min(g.tensor_parallel for g in groups)
+        return cls(roles, first.model, first.lane_capacity, kv_bytes_per_token, link.pair_bandwidth * narrowest, link.latency,
+                   first.tensor_parallel, tuple(groups), (link, internode or link))
 
     def __post_init__(self) -> None:
         if not self.roles:
@@ -157,8 +176,19 @@ class ClusterSpec:
             return len(self.roles) * self.tensor_parallel
         return sum(g.gpus for g in self.groups)
 
-    def transfer_time(self, tokens: int) -> float:
-        return self.link_latency + tokens * self.kv_bytes_per_token / self.link_bandwidth
+    def transfer_time(self, tokens: int, source: int | None = None, target: int | None = None) -> float:
+        """Seconds to move `tokens` tokens of KV from worker `source` to worker `target` (the cluster's one link
+        when either is not given or the cluster has no groups)."""
+        if self.links is None or source is None or target is None:
+            return self.link_latency + tokens * self.kv_bytes_per_token / self.link_bandwidth
+        lanes = self._lane_groups
+        a, b = lanes[source], lanes[target]
+        link = self.links[0] if a.node == b.node else self.links[1]
+        return link.latency + tokens * self.kv_bytes_per_token / (link.pair_bandwidth * min(a.tensor_parallel, b.tensor_parallel))
+
+    @cached_property
+    def _lane_groups(self) -> tuple[WorkerGroup, ...]:
+        return tuple(g for g in self.groups for _ in range(g.lanes))
 
 
 @dataclass(frozen=True)

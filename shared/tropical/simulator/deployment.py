@@ -6,8 +6,12 @@
     hardware = "a100-80g"
     kv_bytes_per_token = 819200    # optional for models of known shape: every layer's K and V, fp16
 
-    [link]                         # optional: one worker-to-worker KV transfer
+    [link]                         # optional: one worker-to-worker KV transfer within a node
     bandwidth_gb_s = 150           # per GPU pair; a transfer gets it times the narrower side's TP degree
+    latency_ms = 1
+
+    [internode]                    # optional: the same between groups on different nodes
+    bandwidth_gb_s = 25            # per GPU pair (a DGX-A100: one 200 Gb/s InfiniBand NIC per GPU)
     latency_ms = 1
 
     [[group]]
@@ -19,6 +23,7 @@
     kv_capacity = 132000           # one instance's; optional where the profile's source records it (DistServe's table)
     step_overhead_ms = 0           # optional: the engine's own work per step, beyond the profile's forward pass
     sequence_overhead_ms = 0       # optional: ... and per decode in a step (`LatencyModel.with_overhead`)
+    node = "a"                     # optional: groups on different nodes move KV over [internode]
 
     [[group]]
     role = "decode"
@@ -41,10 +46,12 @@ from typing import Any, TypeVar
 from tropical.latency.model import LatencyModel
 from tropical.latency.profiles import canonical_model, distserve_kv_capacity, distserve_model, load_profile, stage_hop
 from tropical.policies.records import Role
-from tropical.simulator.cluster import A100_NVLINK_BYTES_PER_S, HIDDEN, ClusterSpec, WorkerGroup, model_kv_bytes
+from tropical.simulator.cluster import A100_NVLINK_BYTES_PER_S, HIDDEN, ClusterSpec, Link, WorkerGroup, model_kv_bytes
 
-GROUP_KEYS = {"role", "count", "tensor_parallel", "pipeline_parallel", "profile", "kv_capacity", "step_overhead_ms", "sequence_overhead_ms"}
-TOP_KEYS = {"model", "hardware", "kv_bytes_per_token", "link", "group"}
+GROUP_KEYS = {"role", "count", "tensor_parallel", "pipeline_parallel", "profile", "kv_capacity", "step_overhead_ms", "sequence_overhead_ms", "node"}
+TOP_KEYS = {"model", "hardware", "kv_bytes_per_token", "link", "internode", "group"}
+LINK_KEYS = {"bandwidth_gb_s", "latency_ms"}
+INTERNODE_BYTES_PER_S = 25e9  # per GPU pair: a DGX-A100 gives each GPU its own 200 Gb/s InfiniBand NIC
 
 
 T = TypeVar("T")
@@ -131,12 +138,21 @@ def cluster_of(raw: dict[str, Any]) -> ClusterSpec:
     if not groups:
         raise ValueError("no [[group]] of workers")
     kv_bytes = int(raw["kv_bytes_per_token"]) if "kv_bytes_per_token" in raw else model_kv_bytes(model)
-    link = raw.get("link", {})
-    bandwidth = float(link.get("bandwidth_gb_s", A100_NVLINK_BYTES_PER_S / 1e9)) * 1e9 * min(g.tensor_parallel for g in groups)
-    latency = float(link.get("latency_ms", 1.0)) / 1000.0
-    if kv_bytes <= 0 or bandwidth <= 0 or latency < 0:
-        raise ValueError("kv_bytes_per_token and the link's bandwidth must be positive, its latency not negative")
-    return ClusterSpec.of_groups(groups, kv_bytes_per_token=kv_bytes, link_bandwidth=bandwidth, link_latency=latency)
+    if kv_bytes <= 0:
+        raise ValueError("kv_bytes_per_token must be positive")
+    link = _link(raw.get("link", {}), A100_NVLINK_BYTES_PER_S, "[link]")
+    internode = _link(raw.get("internode", {}), INTERNODE_BYTES_PER_S, "[internode]")
+    return ClusterSpec.of_groups(groups, kv_bytes_per_token=kv_bytes, link=link, internode=internode)
+
+
+def _link(table: dict[str, Any], default_bandwidth: float, name: str) -> Link:
+    unknown = set(table) - LINK_KEYS
+    if unknown:
+        raise ValueError(f"{name} has unknown keys {', '.join(sorted(unknown))}")
+    try:
+        return Link(float(table.get("bandwidth_gb_s", default_bandwidth / 1e9)) * 1e9, float(table.get("latency_ms", 1.0)) / 1000.0)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 def _group(model: str, hardware: str, g: dict[str, Any]) -> WorkerGroup:
@@ -157,7 +173,7 @@ def _group(model: str, hardware: str, g: dict[str, Any]) -> WorkerGroup:
     else:
         raise ValueError(f"give the {role} group's kv_capacity: {latency.name}'s source records none")
     overhead = latency.with_overhead(step / 1000.0, per_sequence / 1000.0) if step or per_sequence else latency
-    return WorkerGroup(role, int(g.get("count", 1)), _pipelined(overhead, model, hardware, pp), capacity, tp, pp)
+    return WorkerGroup(role, int(g.get("count", 1)), _pipelined(overhead, model, hardware, pp), capacity, tp, pp, str(g.get("node", "")))
 
 
 def _pipelined(latency: LatencyModel, model: str, hardware: str, stages: int) -> LatencyModel:

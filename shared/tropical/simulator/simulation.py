@@ -177,7 +177,7 @@ class Simulation:
                 self._push(action.end, _STEP_END, action.worker, action.span_id)
             elif isinstance(action, TransferStarted):
                 job = self.core.workers[action.target].incoming[action.request]
-                self._push(now + self.cluster.transfer_time(action.kv_tokens), _KV_ARRIVE, (job, action.source, action.target))
+                self._push(now + self.cluster.transfer_time(action.kv_tokens, action.source, action.target), _KV_ARRIVE, (job, action.source, action.target))
             elif isinstance(action, WorkerWake):
                 self._push(action.at, _WAKE_WORKER, action.worker, action.wake_id)
             elif isinstance(action, RouterWake):
