@@ -97,6 +97,14 @@ def test_groups_on_different_nodes_move_kv_over_the_internode_link(tmp_path: Pat
     assert cluster.transfer_time(1000, 0, 2) == pytest.approx(0.001 + kv / 150e9)  # within node a: NVLink
 
 
+def test_a_swap_copies_each_tokens_kv_over_the_hosts_link_from_every_gpu_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "host.toml"
+    path.write_text('model = "opt-13b"\n[host]\nbandwidth_gb_s = 10\n[[group]]\nrole = "colocated"\ntensor_parallel = 2\n'
+                    '[[group]]\nrole = "colocated"\npipeline_parallel = 2\n')
+    per_token = 2 * 40 * 5120 * 2 / 10e9
+    assert load_deployment(path).swap_per_token == (per_token / 2, per_token / 2, per_token / 2)
+
+
 def test_a_stage_hands_its_activations_on_at_nvlink_speed() -> None:
     latency, per_byte = stage_hop()
     assert 5e-6 < latency < 30e-6 and 150e9 < 1.0 / per_byte < 400e9  # measured: 13 µs, 286 GB/s
@@ -151,6 +159,8 @@ def test_a_light_lane_waits_for_a_heavy_one_in_every_stage() -> None:
         ('model = "opt-13b"\n[[group]]\nrole = "colocated"\ncount = 0\n', "needs at least one worker"),
         ('model = "opt-13b"\n[[group]]\nrole = "colocated"\nstep_overhead_ms = -1\n', "an overhead cannot be negative"),
         ('model = "opt-13b"\n[internode]\nspeed = 1\n[[group]]\nrole = "colocated"\n', "[internode] has unknown keys speed"),
+        ('model = "opt-13b"\n[host]\nlatency_ms = 1\n[[group]]\nrole = "colocated"\n', "[host] has unknown keys latency_ms"),
+        ('model = "opt-13b"\n[host]\nbandwidth_gb_s = 0\n[[group]]\nrole = "colocated"\n', "host bandwidth must be positive"),
         ('model = "opt-13b"\n[link]\nbandwidth_gb_s = 0\n[[group]]\nrole = "colocated"\n', "[link]: a link's bandwidth must be positive"),
     ],
 )

@@ -15,6 +15,7 @@ from tropical.metrics import summarize
 from tropical.policies import (
     POLICY_NAMES,
     DecodeBatcher,
+    Preemption,
     RequestView,
     Role,
     RouterDecision,
@@ -22,6 +23,7 @@ from tropical.policies import (
     WorkerView,
     make_policy,
 )
+from tropical.core.worker import WorkerState
 from tropical.simulator import ClusterSpec, Link, SimRequest, WorkerGroup, simulate
 
 # prefill: 10 ms + 1 ms per token; decode: 10 ms + 1 ms per sequence + 20 µs per KV token
@@ -272,6 +274,29 @@ def test_preemption_recomputes_and_everyone_finishes() -> None:
     assert result.unfinished == 0
     assert all(t.finish is not None for t in result.timelines)
     assert sum(t.preemptions for t in result.timelines) > 0
+
+
+def test_swap_preemption_keeps_the_victims_kv_on_the_host_and_charges_the_copies() -> None:
+    requests = [req(0.01 * i, 400, 300) for i in range(12)]
+    spec = cluster([Role.COLOCATED], kv=3000)
+    swapping = make_policy("vllm", MODEL, **{"batcher.preemption": Preemption.SWAP})
+    result = simulate(requests, spec, swapping, record_steps=True)
+    assert result.unfinished == 0 and all(t.finish is not None for t in result.timelines)
+    assert sum(t.preemptions for t in result.timelines) > 0
+    prefilled: dict[int, int] = {}
+    for record in result.step_log:
+        for request, tokens in record.chunks:
+            prefilled[request] = prefilled.get(request, 0) + tokens
+    assert all(prefilled[t.id] == t.prompt_tokens for t in result.timelines)  # nobody's prompt is computed twice
+    recomputing = simulate(requests, spec, make_policy("vllm", MODEL), record_steps=True)
+    assert sum(tokens for record in recomputing.step_log for _, tokens in record.chunks) > sum(prefilled.values())
+    slow_host = simulate(requests, replace(spec, host_bandwidth=1e6), swapping).timelines  # 1 ms a token each way
+    assert max(t.finish for t in slow_host) > max(t.finish for t in result.timelines) + 0.1
+
+
+def test_a_worker_without_host_memory_cannot_swap() -> None:
+    with pytest.raises(ValueError, match="no host memory to swap to"):
+        WorkerState(0, Role.COLOCATED, 1000, MODEL, []).make_room(swap=True)
 
 
 def test_runs_are_deterministic_per_seed() -> None:

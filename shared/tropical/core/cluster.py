@@ -41,11 +41,14 @@ class ClusterCore:
         spans: bool = True,
         refuse_infeasible: bool = True,
         instances: Sequence[int] | None = None,
+        swap_per_token: Sequence[float] | None = None,
     ) -> None:
         """`spans=False` runs every decode step on its own, as live workers do (the simulator batches them).
         `refuse_infeasible=False` serves even requests no idle worker could serve in SLO, as a real engine does
         (they miss either way; a replay held against real runs must carry their load too). `instances` names
-        each worker's instance: workers of one instance are the lanes of a pipeline, which share its stages."""
+        each worker's instance: workers of one instance are the lanes of a pipeline, which share its stages.
+        `swap_per_token` gives each worker's seconds to copy one token's KV to or from host memory: without it no
+        worker can swap, and a policy that preempts by swapping is refused at its first preemption."""
         self.policy = policy
         capacities = [kv_capacity] * len(roles) if isinstance(kv_capacity, int) else list(kv_capacity)
         models = [model] * len(roles) if isinstance(model, LatencyModel) else list(model)
@@ -56,9 +59,12 @@ class ClusterCore:
         self.out: list[Action] = []
         self._changed: set[int] = set(range(len(roles)))  # workers whose cached view may be stale
         self._plans: set[int] = set()  # workers that need a plan once idle
+        swaps = [None] * len(roles) if swap_per_token is None else list(swap_per_token)
+        if len(swaps) != len(roles):
+            raise ValueError(f"{len(roles)} workers need as many swap times, got {len(swaps)}")
         self.workers = [
-            WorkerState(i, role, capacity, worker_model, self.out, perturb, spans=spans, changes=self._changed, plans=self._plans)
-            for i, (role, worker_model, capacity) in enumerate(zip(roles, models, capacities, strict=True))
+            WorkerState(i, role, capacity, worker_model, self.out, perturb, spans=spans, changes=self._changed, plans=self._plans, swap_per_token=swap)
+            for i, (role, worker_model, capacity, swap) in enumerate(zip(roles, models, capacities, swaps, strict=True))
         ]
         if instances is not None:
             if len(instances) != len(roles):

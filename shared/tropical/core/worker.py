@@ -23,7 +23,7 @@ from collections.abc import Callable
 from tropical.core.actions import Abandoned, Action, Placed, Preempted, StepScheduled, TransferStarted, WorkerWake
 from tropical.core.request import RequestState
 from tropical.latency.model import LatencyModel
-from tropical.policies.batching import on_time
+from tropical.policies.batching import Preemption, on_time
 from tropical.policies.records import EMPTY_BATCH, BatchSummary, Role, StepPlan, WorkerView
 from tropical.policies.serving import ServingPolicy
 
@@ -57,8 +57,11 @@ class WorkerState:
         spans: bool = True,
         changes: set[int] | None = None,
         plans: set[int] | None = None,
+        swap_per_token: float | None = None,
     ) -> None:
         self.model = model
+        self.swap_per_token = swap_per_token  # s to copy one token's KV to or from host memory (None: it cannot swap)
+        self.swap_tokens = 0  # KV tokens copied to or from host memory since the last step began: the next step waits for them
         self.changes = changes  # where this worker's id is noted whenever its view goes stale (the core's view cache)
         self.plans = plans  # where its id is kept while it needs a plan (so the core need not ask every worker)
         self.peers: list[WorkerState] = []  # the other lanes of its pipelined instance, which share its stages
@@ -338,7 +341,7 @@ class WorkerState:
             chunks.append((job, tokens))
         decode = (plan.decode or bool(plan.admit)) and bool(self.running)
         if decode:
-            self.make_room()
+            self.make_room(swap=getattr(policy.batcher, "preemption", Preemption.RECOMPUTE) == Preemption.SWAP)  # a batcher may not say
             decode = bool(self.running)
         if self.kv_static + self.batch_kv(self.steps) > self.capacity:
             raise ValueError(f"{policy.name} overfilled the KV cache of worker {self.id}")
@@ -389,6 +392,12 @@ class WorkerState:
             n = max(1, min(n, room // size)) if self.spans else 1
         if self.peers:
             a = max(a, self.pipeline_pace(now))
+        if self.swap_tokens:  # the step starts once its swaps are copied (vLLM waits for them), so it runs alone
+            assert self.swap_per_token is not None
+            a += self.swap_tokens * self.swap_per_token
+            self.swap_tokens = 0
+            if n > 1:
+                n = 1
         self.busy = True
         self.span_id += 1
         self.span_start, self.span_a, self.span_b, self.span_n = now, a, b, n
@@ -419,14 +428,25 @@ class WorkerState:
         context = self.batch_kv(self.steps) if self.span_decode else 0
         return batch, context, [(job.prefilled, job.prefilled + tokens) for job, tokens in self.span_chunks]
 
-    def make_room(self) -> None:
-        """Preempt the most recently admitted decodes until one more step's KV fits (vLLM's recompute)."""
+    def make_room(self, swap: bool = False) -> None:
+        """Preempt the most recently admitted decodes until one more step's KV fits, as vLLM does: by recompute
+        (the victim is prefilled again), or with `swap` by copying its KV to host memory, whence it comes back
+        like a handed-over request once there is room (`pull`)."""
+        if swap and self.swap_per_token is None:
+            raise ValueError(f"worker {self.id} has no host memory to swap to")
         while self.running and self.kv_static + self.batch_kv(self.steps) + self.size > self.capacity:
             victim = next(reversed(self.running.values()))
             self.leave(victim)
-            victim.prefilled = 0
             victim.preemptions += 1
             self.out.append(Preempted(self.id, victim.id))
+            if swap:
+                victim.kv = victim.prompt + victim.generated
+                self.swap_tokens += victim.kv
+                self.incoming[victim.id] = victim
+                self.sources[victim.id] = self.id  # its KV waits in this worker's own host memory
+                self.side_prompt += victim.prompt
+                continue
+            victim.prefilled = 0
             self.prefills[victim.id] = victim
             self.prefill_load += victim.prompt + victim.generated
 
@@ -504,17 +524,23 @@ class WorkerState:
         """Start transfers into this worker, oldest first, while its KV has room."""
         used = self.kv_static + self.batch_kv(self.current_steps(now))
         free = self.capacity - used - PULL_HEADROOM * self.capacity
-        for job in self.incoming.values():
+        for job in list(self.incoming.values()):
             if job.in_transfer:
                 continue
             if job.kv > free and not (used == 0 and job.kv <= self.capacity):  # an empty worker takes any request that fits
                 break
             used += job.kv
             free -= job.kv
-            job.in_transfer = True
             self.kv_static += job.kv
             self.changed()
-            self.out.append(TransferStarted(job.id, self.sources.pop(job.id), self.id, job.kv))
+            source = self.sources.pop(job.id)
+            if source == self.id:  # swapped out here: copied back in before the next step, which waits for it
+                self.swap_tokens += job.kv
+                del self.incoming[job.id]
+                self.waiting[job.id] = job
+                continue
+            job.in_transfer = True
+            self.out.append(TransferStarted(job.id, source, self.id, job.kv))
 
     def handed_over(self, job: RequestState, now: float) -> None:
         """`job`'s KV reached its decoding worker: the sender frees its copy."""

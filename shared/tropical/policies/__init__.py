@@ -5,6 +5,7 @@ from tropical.policies.batching import (
     Admission,
     AllowedStep,
     DecodeBatcher,
+    Preemption,
     PrefillMode,
     max_chunk,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "MultiplexingToggle",
     "Placement",
     "PlacementRule",
+    "Preemption",
     "PrefillMode",
     "PrefillOrder",
     "PrefillPlanner",

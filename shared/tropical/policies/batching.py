@@ -51,6 +51,13 @@ class AllowedStep(enum.StrEnum):
     BANKED = "banked"  # a step may take what the tightest banked budget allows (next token deadline − now)
 
 
+class Preemption(enum.StrEnum):
+    """How a decode preempted for KV room comes back (vLLM's preemption mode)."""
+
+    RECOMPUTE = "recompute"  # its KV is dropped; its prompt and tokens so far are prefilled again
+    SWAP = "swap"  # its KV is copied to host memory and back when there is room, each copy charged to a step
+
+
 def tpot_attainable(r: RequestView, model: LatencyModel) -> bool:
     """Whether r's TPOT is no shorter than a lone decode step of its prompt: one shorter misses whatever is done."""
     return model.decode_time(1, r.prompt_tokens) <= r.tpot_slo
@@ -105,6 +112,7 @@ class DecodeBatcher:
     finish_on_time: bool = False  # no chunk lengthens a step past the TTFT deadline of a prompt the step completes
     finish_margin: float = 0.0  # ... less this many seconds: what a live step's overrun and the reply's way back take
     max_paddings: int | None = None  # vLLM before chunked prefill pads a prompt batch to its longest: at most this many pad tokens (FIRST)
+    preemption: Preemption = Preemption.RECOMPUTE  # what the worker does with a decode it must preempt for KV room
 
     def plan(self, worker: WorkerView, now: float) -> StepPlan:
         batch = self._admit(worker, now)

@@ -11,6 +11,7 @@ from tropical.metrics import RequestOutcome
 from tropical.policies.records import Role
 
 A100_NVLINK_BYTES_PER_S = 150e9  # per GPU pair: half of NVLink 3's 300 GB/s per direction, what bulk copies see
+PCIE4_BYTES_PER_S = 25e9  # per GPU to host memory: what a PCIe 4.0 x16 copy sees of its 32 GB/s
 KV_SHAPES = {  # layers, KV width (KV heads × head dim) of the models the published profiles cover
     "opt-13b": (40, 5120),
     "opt-66b": (64, 9216),
@@ -119,9 +120,11 @@ class ClusterSpec:
     tensor_parallel: int = 1  # GPUs per worker (the first group's, with groups)
     groups: tuple[WorkerGroup, ...] = ()  # when given, what each worker is; `roles` lists them in order
     links: tuple[Link, Link] | None = None  # with groups: (within a node, between nodes), per GPU pair
+    host_bandwidth: float = PCIE4_BYTES_PER_S  # bytes/s per GPU to its host's memory, where swapped KV goes
 
     @classmethod
-    def of_groups(cls, groups: Sequence[WorkerGroup], *, kv_bytes_per_token: int, link: Link, internode: Link | None = None) -> ClusterSpec:
+    def of_groups(cls, groups: Sequence[WorkerGroup], *, kv_bytes_per_token: int, link: Link, internode: Link | None = None,
+                  host_bandwidth: float = PCIE4_BYTES_PER_S) -> ClusterSpec:
         """Worker groups joined by `link` within a node and `internode` between nodes (by default `link`)."""
         if not groups:
             raise ValueError("a cluster needs at least one worker group")
@@ -129,13 +132,13 @@ class ClusterSpec:
         first = groups[0]
         narrowest = min(g.tensor_parallel for g in groups)
         return cls(roles, first.model, first.lane_capacity, kv_bytes_per_token, link.pair_bandwidth * narrowest, link.latency,
-                   first.tensor_parallel, tuple(groups), (link, internode or link))
+                   first.tensor_parallel, tuple(groups), (link, internode or link), host_bandwidth)
 
     def __post_init__(self) -> None:
         if not self.roles:
             raise ValueError("a cluster needs at least one worker")
-        if self.kv_capacity <= 0 or self.link_bandwidth <= 0:
-            raise ValueError("KV capacity and link bandwidth must be positive")
+        if self.kv_capacity <= 0 or self.link_bandwidth <= 0 or self.host_bandwidth <= 0:
+            raise ValueError("KV capacity, link and host bandwidth must be positive")
         if self.groups and tuple(g.role for g in self.groups for _ in range(g.lanes)) != self.roles:
             raise ValueError("the worker groups do not add up to the roles listed")
         kinds = set(self.roles)
@@ -169,6 +172,14 @@ class ClusterSpec:
             base = ids[-1] + 1 if ids else 0
             ids.extend(base + lane // g.pipeline_parallel for lane in range(g.lanes))
         return tuple(ids)
+
+    @property
+    def swap_per_token(self) -> tuple[float, ...]:
+        """Each worker's seconds to copy one token's KV to or from host memory (every GPU of it copies its shard)."""
+        if not self.groups:
+            return (self.kv_bytes_per_token / (self.host_bandwidth * self.tensor_parallel),) * len(self.roles)
+        # a lane holds its stages' share of every token's KV, copied by its stages' GPUs at once
+        return tuple(self.kv_bytes_per_token / (self.host_bandwidth * g.tensor_parallel * g.pipeline_parallel) for g in self._lane_groups)
 
     @property
     def gpus(self) -> int:

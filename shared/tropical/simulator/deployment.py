@@ -14,6 +14,9 @@
     bandwidth_gb_s = 25            # per GPU pair (a DGX-A100: one 200 Gb/s InfiniBand NIC per GPU)
     latency_ms = 1
 
+    [host]                         # optional: where a preempted decode's KV goes with `batcher.preemption=swap`
+    bandwidth_gb_s = 25            # per GPU (PCIe 4.0 x16)
+
     [[group]]
     role = "prefill"               # prefill, decode, multiplex or colocated
     count = 1                      # instances
@@ -46,10 +49,10 @@ from typing import Any, TypeVar
 from tropical.latency.model import LatencyModel
 from tropical.latency.profiles import canonical_model, distserve_kv_capacity, distserve_model, load_profile, stage_hop
 from tropical.policies.records import Role
-from tropical.simulator.cluster import A100_NVLINK_BYTES_PER_S, HIDDEN, ClusterSpec, Link, WorkerGroup, model_kv_bytes
+from tropical.simulator.cluster import A100_NVLINK_BYTES_PER_S, HIDDEN, PCIE4_BYTES_PER_S, ClusterSpec, Link, WorkerGroup, model_kv_bytes
 
 GROUP_KEYS = {"role", "count", "tensor_parallel", "pipeline_parallel", "profile", "kv_capacity", "step_overhead_ms", "sequence_overhead_ms", "node"}
-TOP_KEYS = {"model", "hardware", "kv_bytes_per_token", "link", "internode", "group"}
+TOP_KEYS = {"model", "hardware", "kv_bytes_per_token", "link", "internode", "host", "group"}
 LINK_KEYS = {"bandwidth_gb_s", "latency_ms"}
 INTERNODE_BYTES_PER_S = 25e9  # per GPU pair: a DGX-A100 gives each GPU its own 200 Gb/s InfiniBand NIC
 
@@ -142,7 +145,11 @@ def cluster_of(raw: dict[str, Any]) -> ClusterSpec:
         raise ValueError("kv_bytes_per_token must be positive")
     link = _link(raw.get("link", {}), A100_NVLINK_BYTES_PER_S, "[link]")
     internode = _link(raw.get("internode", {}), INTERNODE_BYTES_PER_S, "[internode]")
-    return ClusterSpec.of_groups(groups, kv_bytes_per_token=kv_bytes, link=link, internode=internode)
+    host = raw.get("host", {})
+    if set(host) - {"bandwidth_gb_s"}:
+        raise ValueError(f"[host] has unknown keys {', '.join(sorted(set(host) - {'bandwidth_gb_s'}))}")
+    host_bandwidth = float(host.get("bandwidth_gb_s", PCIE4_BYTES_PER_S / 1e9)) * 1e9
+    return ClusterSpec.of_groups(groups, kv_bytes_per_token=kv_bytes, link=link, internode=internode, host_bandwidth=host_bandwidth)
 
 
 def _link(table: dict[str, Any], default_bandwidth: float, name: str) -> Link:

@@ -117,7 +117,7 @@ class Simulation:
         self.record_steps = record_steps
         self.core = ClusterCore(
             policy, cluster.roles, cluster.kv_capacities, cluster.models, perturb=self._noise, spans=spans, refuse_infeasible=refuse_infeasible,
-            instances=cluster.instances,
+            instances=cluster.instances, swap_per_token=cluster.swap_per_token,
         )
         self.events: list[tuple[float, int, int, object, int]] = []
         self.sequence = 0
