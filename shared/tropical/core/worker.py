@@ -396,8 +396,7 @@ class WorkerState:
             assert self.swap_per_token is not None
             a += self.swap_tokens * self.swap_per_token
             self.swap_tokens = 0
-            if n > 1:
-                n = 1
+            n = 1
         self.busy = True
         self.span_id += 1
         self.span_start, self.span_a, self.span_b, self.span_n = now, a, b, n
