@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tropical.core import ClusterCore, Placed, RequestState, RouterWake, StepScheduled, TransferStarted, WorkerWake
+from tropical.core.worker import WorkerState
 from tropical.experiments import SETTINGS, Replay, workload
 from tropical.latency.model import LatencyModel
 from tropical.policies import Role, make_policy
@@ -120,3 +121,14 @@ def test_a_live_router_refuses_what_no_reported_worker_could_serve_in_slo() -> N
     assert router.drop_infeasible([(Role.PREFILL, model, 1000), (Role.DECODE, model, 1000)]) == [2]
     assert router.drop_infeasible([(Role.PREFILL, model, 1000), (Role.DECODE, model, 1000)]) == []
     assert router.drop_infeasible([(Role.PREFILL, model, 1000), (Role.DECODE, model, 50)]) == [1]  # new kinds: all again
+
+
+def test_a_handoff_from_a_sender_numbered_like_the_receiver_is_pulled_not_swapped_in() -> None:
+    # A live worker numbers its own state 0 whatever its name, so a sender's id may equal the receiver's: only
+    # a request this worker swapped out itself comes back from its host memory.
+    out: list = []
+    worker = WorkerState(0, Role.DECODE, 10_000, MODEL, out)
+    job = RequestState(1, 0.0, 100, 5, 1.0, 0.1)
+    job.kv = 101
+    worker.receive(job, source=0, now=0.0)
+    assert out == [TransferStarted(1, 0, 0, 101)] and worker.swap_tokens == 0 and 1 in worker.incoming

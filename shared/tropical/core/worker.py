@@ -62,6 +62,7 @@ class WorkerState:
         self.model = model
         self.swap_per_token = swap_per_token  # s to copy one token's KV to or from host memory (None: it cannot swap)
         self.swap_tokens = 0  # KV tokens copied to or from host memory since the last step began: the next step waits for them
+        self.swapped: set[int] = set()  # requests among `incoming` whose KV waits in this worker's host memory
         self.changes = changes  # where this worker's id is noted whenever its view goes stale (the core's view cache)
         self.plans = plans  # where its id is kept while it needs a plan (so the core need not ask every worker)
         self.peers: list[WorkerState] = []  # the other lanes of its pipelined instance, which share its stages
@@ -442,7 +443,7 @@ class WorkerState:
                 victim.kv = victim.prompt + victim.generated
                 self.swap_tokens += victim.kv
                 self.incoming[victim.id] = victim
-                self.sources[victim.id] = self.id  # its KV waits in this worker's own host memory
+                self.swapped.add(victim.id)
                 self.side_prompt += victim.prompt
                 continue
             victim.prefilled = 0
@@ -512,6 +513,11 @@ class WorkerState:
             self.side_prompt -= job.prompt
         elif self.prefills.pop(job.id, None) is not None:
             self.prefill_load -= job.remaining_prefill
+        elif job.id in self.swapped:  # its KV is in host memory: nothing on the GPU to free
+            self.swapped.discard(job.id)
+            del self.incoming[job.id]
+            self.side_prompt -= job.prompt
+            job.kv = 0
         self.kv_static -= job.kv
         job.kv = 0
         job.finish = now
@@ -532,14 +538,14 @@ class WorkerState:
             free -= job.kv
             self.kv_static += job.kv
             self.changed()
-            source = self.sources.pop(job.id)
-            if source == self.id:  # swapped out here: copied back in before the next step, which waits for it
+            if job.id in self.swapped:  # copied back in from host memory before the next step, which waits for it
+                self.swapped.discard(job.id)
                 self.swap_tokens += job.kv
                 del self.incoming[job.id]
                 self.waiting[job.id] = job
                 continue
             job.in_transfer = True
-            self.out.append(TransferStarted(job.id, source, self.id, job.kv))
+            self.out.append(TransferStarted(job.id, self.sources.pop(job.id), self.id, job.kv))
 
     def handed_over(self, job: RequestState, now: float) -> None:
         """`job`'s KV reached its decoding worker: the sender frees its copy."""
