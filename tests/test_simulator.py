@@ -294,6 +294,16 @@ def test_swap_preemption_keeps_the_victims_kv_on_the_host_and_charges_the_copies
     assert max(t.finish for t in slow_host) > max(t.finish for t in result.timelines) + 0.1
 
 
+def test_a_padded_prompt_batch_computes_its_pad_tokens() -> None:
+    # vLLM before chunked prefill ran a prompt batch as one tensor padded to its longest prompt
+    requests = [req(0.0, 100, 2), req(0.0, 20, 2)]
+    padded = make_policy("vllm", MODEL, **{"batcher.max_paddings": 256})
+    first, second = simulate(requests, cluster([Role.COLOCATED]), padded).timelines
+    assert first.first_token == second.first_token == pytest.approx(0.01 + 2 * 100 * 0.001)
+    first, second = simulate(requests, cluster([Role.COLOCATED]), make_policy("vllm", MODEL)).timelines
+    assert first.first_token == second.first_token == pytest.approx(0.01 + 120 * 0.001)
+
+
 def test_a_worker_without_host_memory_cannot_swap() -> None:
     with pytest.raises(ValueError, match="no host memory to swap to"):
         WorkerState(0, Role.COLOCATED, 1000, MODEL, []).make_room(swap=True)

@@ -358,7 +358,8 @@ class WorkerState:
                 self.wake_id += 1
                 self.out.append(WorkerWake(self.id, self.wake_id, plan.review_at))
             return False
-        self._begin(decode, tuple(chunks), plan.review_at, now)
+        padded = getattr(policy.batcher, "max_paddings", None) is not None  # the prompt batch runs padded to its longest
+        self._begin(decode, tuple(chunks), plan.review_at, now, padded=padded)
         return True
 
     def _abandon(self, request_id: int) -> None:
@@ -373,14 +374,20 @@ class WorkerState:
         job.dropped = True
         self.out.append(Abandoned(self.id, job.id))
 
-    def _begin(self, decode: bool, chunks: tuple[tuple[RequestState, int], ...], review_at: float | None, now: float) -> None:
-        """Time the step: one step with prompt chunks, or a span of decode steps up to the next change."""
+    def _begin(self, decode: bool, chunks: tuple[tuple[RequestState, int], ...], review_at: float | None, now: float,
+               *, padded: bool = False) -> None:
+        """Time the step: one step with prompt chunks, or a span of decode steps up to the next change.
+
+        `padded`: every prompt chunk is computed as long as the longest, pad tokens and all (vLLM before chunked
+        prefill ran a prompt batch as one padded tensor)."""
         model = self.model
         size = self.size if decode else 0
         context = self.batch_kv(self.steps) if decode else 0
         factor = self.perturb(bool(chunks))
         if chunks:
-            a = factor * model.step_time(size, context, [(job.prefilled, job.prefilled + tokens) for job, tokens in chunks])
+            longest = max(tokens for _, tokens in chunks) if padded else 0
+            spans = [(job.prefilled, job.prefilled + max(tokens, longest)) for job, tokens in chunks]
+            a = factor * model.step_time(size, context, spans)
             b, n = 0.0, 1
         else:
             a = factor * model.decode_time(size, context)
