@@ -130,11 +130,17 @@ def _checked(path: Path, build: Callable[[dict[str, Any]], T], raw: dict[str, An
         raise DeploymentError(f"{path}: {problem}") from None
 
 
+def _known(table: dict[str, Any], keys: set[str], where: str) -> dict[str, Any]:
+    """`table` itself, once it is sure to hold no key but `keys` (`where` names it in the refusal)."""
+    unknown = set(table) - keys
+    if unknown:
+        raise ValueError(f"{where}unknown keys {', '.join(sorted(unknown))}")
+    return table
+
+
 def cluster_of(raw: dict[str, Any]) -> ClusterSpec:
     """The cluster a deployment file's content describes (ValueError, KeyError or TypeError when it is not one)."""
-    unknown = set(raw) - TOP_KEYS
-    if unknown:
-        raise ValueError(f"unknown keys {', '.join(sorted(unknown))}")
+    _known(raw, TOP_KEYS, "")
     model = canonical_model(str(raw["model"]))
     hardware = str(raw.get("hardware", "a100-80g"))
     groups = [_group(model, hardware, g) for g in raw["group"]]
@@ -145,17 +151,13 @@ def cluster_of(raw: dict[str, Any]) -> ClusterSpec:
         raise ValueError("kv_bytes_per_token must be positive")
     link = _link(raw.get("link", {}), A100_NVLINK_BYTES_PER_S, "[link]")
     internode = _link(raw.get("internode", {}), INTERNODE_BYTES_PER_S, "[internode]")
-    host = raw.get("host", {})
-    if set(host) - {"bandwidth_gb_s"}:
-        raise ValueError(f"[host] has unknown keys {', '.join(sorted(set(host) - {'bandwidth_gb_s'}))}")
+    host = _known(raw.get("host", {}), {"bandwidth_gb_s"}, "[host] has ")
     host_bandwidth = float(host.get("bandwidth_gb_s", PCIE4_BYTES_PER_S / 1e9)) * 1e9
     return ClusterSpec.of_groups(groups, kv_bytes_per_token=kv_bytes, link=link, internode=internode, host_bandwidth=host_bandwidth)
 
 
 def _link(table: dict[str, Any], default_bandwidth: float, name: str) -> Link:
-    unknown = set(table) - LINK_KEYS
-    if unknown:
-        raise ValueError(f"{name} has unknown keys {', '.join(sorted(unknown))}")
+    _known(table, LINK_KEYS, f"{name} has ")
     try:
         return Link(float(table.get("bandwidth_gb_s", default_bandwidth / 1e9)) * 1e9, float(table.get("latency_ms", 1.0)) / 1000.0)
     except ValueError as exc:
@@ -163,9 +165,7 @@ def _link(table: dict[str, Any], default_bandwidth: float, name: str) -> Link:
 
 
 def _group(model: str, hardware: str, g: dict[str, Any]) -> WorkerGroup:
-    unknown = set(g) - GROUP_KEYS
-    if unknown:
-        raise ValueError(f"a group has unknown keys {', '.join(sorted(unknown))}")
+    _known(g, GROUP_KEYS, "a group has ")
     role = Role(str(g["role"]))
     tp, pp = int(g.get("tensor_parallel", 1)), int(g.get("pipeline_parallel", 1))
     if tp < 1 or pp < 1:
