@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -139,7 +140,7 @@ class ClusterSpec:
             raise ValueError("a cluster needs at least one worker")
         if self.kv_capacity <= 0 or self.link_bandwidth <= 0 or self.host_bandwidth <= 0:
             raise ValueError("KV capacity, link and host bandwidth must be positive")
-        if self.groups and tuple(g.role for g in self.groups for _ in range(g.lanes)) != self.roles:
+        if self.groups and tuple(g.role for g in self._lane_groups) != self.roles:
             raise ValueError("the worker groups do not add up to the roles listed")
         kinds = set(self.roles)
         if Role.COLOCATED in kinds and len(kinds) > 1:
@@ -154,24 +155,21 @@ class ClusterSpec:
         """Each worker's step times."""
         if not self.groups:
             return (self.model,) * len(self.roles)
-        return tuple(g.model for g in self.groups for _ in range(g.lanes))
+        return tuple(g.model for g in self._lane_groups)
 
     @property
     def kv_capacities(self) -> tuple[int, ...]:
         if not self.groups:
             return (self.kv_capacity,) * len(self.roles)
-        return tuple(g.lane_capacity for g in self.groups for _ in range(g.lanes))
+        return tuple(g.lane_capacity for g in self._lane_groups)
 
     @property
     def instances(self) -> tuple[int, ...]:
         """Each worker's instance: the lanes of a pipelined instance share one (`WorkerGroup`)."""
         if not self.groups:
             return tuple(range(len(self.roles)))
-        ids = []
-        for g in self.groups:
-            base = ids[-1] + 1 if ids else 0
-            ids.extend(base + lane // g.pipeline_parallel for lane in range(g.lanes))
-        return tuple(ids)
+        firsts = itertools.accumulate((g.count for g in self.groups), initial=0)  # each group's first instance id
+        return tuple(first + lane // g.pipeline_parallel for g, first in zip(self.groups, firsts) for lane in range(g.lanes))
 
     @property
     def swap_per_token(self) -> tuple[float, ...]:
@@ -199,6 +197,7 @@ class ClusterSpec:
 
     @cached_property
     def _lane_groups(self) -> tuple[WorkerGroup, ...]:
+        """Each worker's group: a group gives one worker per instance and pipeline stage."""
         return tuple(g for g in self.groups for _ in range(g.lanes))
 
 
