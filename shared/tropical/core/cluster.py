@@ -74,7 +74,7 @@ class ClusterCore:
                 lanes.setdefault(instance, []).append(worker)
             for worker, instance in zip(self.workers, instances, strict=True):
                 worker.peers = [peer for peer in lanes[instance] if peer is not worker]
-        self._views: list[WorkerView] = []  # every worker's view as of `_views_at`, kept between calls
+        self._views: list[WorkerView] = [w.view(0.0) for w in self.workers]  # kept between calls; all stale until the first
         self._expiry: list[tuple[float, int]] = []  # (time a cached view stops holding, worker): a heap
         self._views_at = -math.inf
         self.router = RouterState(policy, self.out)
@@ -122,30 +122,24 @@ class ClusterCore:
     def views(self, now: float) -> list[WorkerView]:
         """Every worker's view at `now`. A router asks on every event, and at scale most workers have not
         moved since the last ask: only those that changed or crossed a step boundary are looked at again."""
-        workers, changed, expiry = self.workers, self._changed, self._expiry
-        if now < self._views_at or not self._views:  # time went back (or first call): trust no cached view
-            self._views = [w.view(now) for w in workers]
+        workers, changed, expiry, views = self.workers, self._changed, self._expiry, self._views
+        if now < self._views_at:  # time went back: no cached view can be trusted
             expiry.clear()
-            changed.clear()
-            changed.update(i for i, w in enumerate(workers) if w.view_until <= now)
-            expiry.extend((w.view_until, i) for i, w in enumerate(workers) if now < w.view_until < math.inf)
-            heapq.heapify(expiry)
-        else:
-            while expiry and expiry[0][0] <= now:
-                changed.add(heapq.heappop(expiry)[1])
-            if changed:
-                views, stale = self._views, list(changed)
-                changed.clear()
-                for i in stale:
-                    worker = workers[i]
-                    views[i] = worker.view(now)
-                    until = worker.view_until
-                    if until <= now:
-                        changed.add(i)  # holds only at this instant: look again next time
-                    elif until < math.inf:
-                        heapq.heappush(expiry, (until, i))
+            changed.update(range(len(workers)))
+        while expiry and expiry[0][0] <= now:
+            changed.add(heapq.heappop(expiry)[1])
+        stale = list(changed)
+        changed.clear()
+        for i in stale:
+            worker = workers[i]
+            views[i] = worker.view(now)
+            until = worker.view_until
+            if until <= now:
+                changed.add(i)  # holds only at this instant: look again next time
+            elif until < math.inf:
+                heapq.heappush(expiry, (until, i))
         self._views_at = now
-        return list(self._views)
+        return list(views)
 
     def settle(self, now: float) -> None:
         """Let the router and every idle worker act until nothing more happens at `now`."""
