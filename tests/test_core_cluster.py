@@ -132,3 +132,31 @@ def test_a_handoff_from_a_sender_numbered_like_the_receiver_is_pulled_not_swappe
     job.kv = 101
     worker.receive(job, source=0, now=0.0)
     assert out == [TransferStarted(1, 0, 0, 101)] and worker.swap_tokens == 0 and 1 in worker.incoming
+
+
+def test_a_view_moved_on_within_its_decode_span_is_the_one_made_afresh() -> None:
+    """A router asks on every arrival, so a worker moves its last view on a step or two instead of making it again:
+    at any time within a span, forward or back, that must be the view made from the worker's state."""
+    setting = SETTINGS["chat-13b"]
+    load = workload(setting, setting.trace, 14.0, replay=Replay(requests=150), seed=2)
+    served = make_policy("unified", setting.latency_model())
+    spec = setting.cluster(served, 0)
+    compared = 0
+
+    def check(now: float, core: ClusterCore) -> None:
+        nonlocal compared
+        for worker in core.workers:
+            if not (worker.busy and worker.span_decode and worker.span_n > 2):
+                continue
+            first, last = worker.span_time(1), worker.span_end
+            times = [now, first, (first + last) / 2, worker.span_time(2), last - 1e-9, last, last + 0.5, first - 1e-9]
+            for t in times + times[::-1]:
+                moved = worker.view(t)
+                worker.changed()  # forget it: the next view is made afresh
+                assert moved == worker.view(t), (worker.id, t)
+                compared += 1
+
+    plain = Simulation(spec, served).run(load.requests)
+    checked = Simulation(spec, served, observe=check).run(load.requests)
+    assert compared > 1000
+    assert checked.timelines == plain.timelines  # asking about other times changes nothing the workers do

@@ -106,6 +106,7 @@ class WorkerState:
         self._view_steps = -1
         self._view_from = self._view_until = 0.0  # while nothing changes, the view holds for `now` in [from, until) ...
         self._view_base = (-1, -1)  # ... and as long as `steps` and the span are what they were (steps end without a change)
+        self._view_heads: tuple[tuple[float, float, bool], ...] = ()  # the batch's `heads` when the view was made afresh
 
     @property
     def needs_plan(self) -> bool:
@@ -159,22 +160,34 @@ class WorkerState:
     def batch_kv(self, steps: int) -> int:
         return self.ctx_offset + len(self.running) * steps
 
-    def summary(self, steps: int) -> BatchSummary:
-        if not self.running:
-            return EMPTY_BATCH
-        earliest = reserve = tightest = on_time = math.inf
+    def heads(self) -> tuple[tuple[float, float, bool], ...]:
+        """Per (TPOT, met its TTFT) group of the batch, its earliest next-token deadline at step 0 (they move on by
+        one TPOT a step): what a summary needs, unchanged for as long as the batch is."""
+        heads = []
         for (tpot, punctual), heap in self.deadlines.items():
             if not self.members[(tpot, punctual)]:
                 continue
             while heap[0][2].token != heap[0][1]:
                 heapq.heappop(heap)
-            deadline = heap[0][0] + tpot * steps
-            earliest = min(earliest, deadline)
-            reserve = min(reserve, deadline - tpot)
-            tightest = min(tightest, tpot)
-            if punctual:
-                on_time = min(on_time, deadline)
-        return BatchSummary(len(self.running), self.batch_kv(steps), self.prompt_sum, earliest, reserve, tightest, on_time)
+            heads.append((heap[0][0], tpot, punctual))
+        return tuple(heads)
+
+    def summary(self, steps: int, heads: tuple[tuple[float, float, bool], ...]) -> BatchSummary:
+        """The running batch after `steps` decode steps of this worker, from its `heads`."""
+        if not self.running:
+            return EMPTY_BATCH
+        earliest = reserve = tightest = on_time = math.inf
+        for head, tpot, punctual in heads:
+            deadline = head + tpot * steps
+            if deadline < earliest:
+                earliest = deadline
+            if deadline - tpot < reserve:
+                reserve = deadline - tpot
+            if tpot < tightest:
+                tightest = tpot
+            if punctual and deadline < on_time:
+                on_time = deadline
+        return BatchSummary(len(self.running), self.ctx_offset + len(self.running) * steps, self.prompt_sum, earliest, reserve, tightest, on_time)
 
     # --- span arithmetic ------------------------------------------------------------------
 
@@ -228,8 +241,12 @@ class WorkerState:
 
     def view(self, now: float) -> WorkerView:
         view = self._view
-        if view is not None and self._view_base == (self.steps, self.span_id) and self._view_from <= now < self._view_until:
-            return view  # a router asks every worker on every event: most have not moved since
+        base = (self.steps, self.span_id)
+        if view is not None and self._view_base == base:
+            if self._view_from <= now < self._view_until:
+                return view  # a router asks every worker on every event: most have not moved since
+            if self.busy and self.span_decode and self.span_n > 1:
+                return self._further(view, now)
         steps = self.current_steps(now)
         if view is not None and self._view_steps == steps:
             return view
@@ -244,8 +261,9 @@ class WorkerState:
             begin, end = self.span_start, self.span_end
         else:
             begin = end = self.span_end
-        if view is not None:  # not changed, only further into its span: the queues are the ones it shows
+        if view is not None:  # not changed, only further into its span: the queues and the batch are the ones it shows
             prefills, waiting, incoming, in_step = view.prefills, view.waiting, view.incoming, view.in_step
+            heads = self._view_heads if self._view_base == base else self.heads()  # the batch is the same within a span
         else:
             held = self.prefills.values()
             prefills = tuple(
@@ -256,25 +274,55 @@ class WorkerState:
             waiting = tuple(j.view for j in self.waiting.values())
             incoming = tuple(j.view for j in self.incoming.values())
             in_step = tuple((job.id, tokens) for job, tokens in self.span_chunks) if self.busy else ()
+            heads = self.heads()
         view = WorkerView(
-            id=self.id,
-            role=self.role,
-            kv_capacity=self.capacity,
-            kv_used=self.kv_static + self.batch_kv(steps),
-            busy=self.busy,
-            step_begin=begin,
-            step_end=end,
-            placed_since_step=self.placed_since_step,
-            prefills=prefills,
-            prefill_load=self.prefill_load,
-            batch=self.summary(steps),
-            waiting=waiting,
-            incoming=incoming,
-            decode_load=self.prompt_sum + self.side_prompt,
-            in_step=in_step,
+            self.id,
+            self.role,
+            self.capacity,
+            self.kv_static + self.batch_kv(steps),  # kv_used
+            self.busy,
+            begin,  # step_begin
+            end,  # step_end
+            self.placed_since_step,
+            prefills,
+            self.prefill_load,
+            self.summary(steps, heads),  # batch
+            waiting,
+            incoming,
+            self.prompt_sum + self.side_prompt,  # decode_load
+            in_step,
+        )
+        self._view, self._view_steps, self._view_heads = view, steps, heads
+        self._view_from, self._view_until, self._view_base = valid_from, valid_until, base
+        return view
+
+    def _further(self, view: WorkerView, now: float) -> WorkerView:
+        """`view` moved to the step of its decode span in progress at `now`: nothing changed but the steps done,
+        which a router asking at every arrival sees move on a step or two at a time."""
+        n, done, span_time = self.span_n, self._view_steps - self.steps, self.span_time
+        if now >= self.span_end:
+            done = n
+            begin = end = self.span_end
+        else:  # the steps done are those whose end is not after `now`: walk from the last view's
+            begin = span_time(done)
+            while done > 0 and begin > now:
+                done -= 1
+                begin = span_time(done)
+            end = span_time(done + 1)
+            while end <= now:  # never past the last step, which ends at span_end > now
+                done += 1
+                begin, end = end, span_time(done + 1)
+        steps = self.steps + done
+        if steps == self._view_steps:
+            return view
+        until = math.inf if done >= n else end
+        view = WorkerView(
+            self.id, self.role, self.capacity, self.kv_static + self.ctx_offset + len(self.running) * steps, True, begin, end,
+            self.placed_since_step, view.prefills, self.prefill_load, self.summary(steps, self._view_heads), view.waiting,
+            view.incoming, self.prompt_sum + self.side_prompt, view.in_step,
         )
         self._view, self._view_steps = view, steps
-        self._view_from, self._view_until, self._view_base = valid_from, valid_until, (self.steps, self.span_id)
+        self._view_from, self._view_until = begin if done > 0 else -math.inf, until
         return view
 
     # --- what arrives at the worker ---------------------------------------------------------
