@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
 
+from tropical.experiments import SETTINGS, Replay, workload
 from tropical.latency.model import LatencyModel
 from tropical.policies import (
     Admission,
@@ -23,7 +25,9 @@ from tropical.policies import (
 from tropical.policies.prefill_queue import urgency_order, urgent_first
 from tropical.policies.records import EMPTY_BATCH
 from tropical.policies.serving import ServingPolicy
+from tropical.policies.inline_index import InlineIndex
 from tropical.policies.unified import SlackAwareRouter, prompt_work
+from tropical.simulator import Simulation
 
 # prefill: 10 ms + 1 ms per token; decode: 10 ms + 1 ms per sequence + 20 µs per KV token
 MODEL = LatencyModel(c0=0.0, c1=0.001, c2=0.01, d0=0.01, d1=0.001, d2=0.00002)
@@ -261,37 +265,97 @@ def exhaustive_place(router: SlackAwareRouter, queue: list[RequestView], workers
     return chosen
 
 
+BOUNDED = LatencyModel(c0=1e-7, c1=2e-4, c2=0.01, d0=0.015, d1=2e-4, d2=3e-7)
+
+
+def random_prompt(rng: random.Random, id: int, arrival: float, ttft: tuple[float, ...] = (0.6, 1.5, 4.0)) -> RequestView:
+    return request(id, rng.choice([30, 200, 900, 2500]), arrival=arrival, ttft=rng.choice(ttft), tpot=0.1)
+
+
+def random_worker(rng: random.Random, i: int, now: float, role: Role, *, waiting: bool = False) -> WorkerView:
+    """A worker some way into its work: prompts queued (the first perhaps begun), a batch, a step in progress, and
+    with `waiting` perhaps a decode waiting to join, behind its budget or not."""
+    queued = tuple(random_prompt(rng, 1000 * (i + 1) + k, now - rng.uniform(0.0, 0.5)) for k in range(rng.choice([0, 1, 2, 3, 4])))
+    if queued and rng.random() < 0.5:  # the first is being prefilled in chunks
+        queued = (replace(queued[0], prefilled=min(queued[0].prompt_tokens - 1, 16)), *queued[1:])
+    in_step = ((queued[0].id, min(64, queued[0].remaining_prefill)),) if queued and rng.random() < 0.5 else ()
+    busy = rng.random() < 0.8
+    size = 0 if role is Role.PREFILL else rng.choice([0, 0, 4, 16, 40])
+    deadline = now + rng.uniform(-0.05, 1.0)
+    view = worker(i, role, prefills=queued, busy=busy, step_end=now + rng.uniform(0.0, 0.05) if busy else now, in_step=in_step,
+                  batch=batch(size, size * rng.randint(200, 1500), deadline=deadline) if size else EMPTY_BATCH)
+    if waiting and rng.random() < 0.2:
+        decode = request(100_000 * (i + 1), 300, arrival=now - 1.0, generated=3, first_token=now - rng.uniform(0.0, 0.4))
+        view = replace(view, waiting=(decode,))
+    return view
+
+
+def random_cluster(rng: random.Random, now: float, *, waiting: bool = False) -> list[WorkerView]:
+    return [random_worker(rng, i, now, Role.PREFILL if rng.random() < 0.03 else Role.MULTIPLEX, waiting=waiting) for i in range(rng.randint(1, 32))]
+
+
+def random_queue(rng: random.Random, now: float, model: LatencyModel) -> list[RequestView]:
+    queue = [random_prompt(rng, k, now - rng.uniform(0.0, 0.1), (1.5, 4.0, 8.0)) for k in range(rng.randint(1, 6))]  # mostly due after the queued
+    return [r for r in queue if now + model.prefill_time(r.remaining_prefill) <= r.ttft_deadline]  # the unattainable are refused first
+
+
 @pytest.mark.parametrize("seed", range(200))
 def test_the_bounded_search_finds_what_predicting_every_worker_finds(seed: int) -> None:
     rng = random.Random(seed)
     now = 10.0
-    model = LatencyModel(c0=1e-7, c1=2e-4, c2=0.01, d0=0.015, d1=2e-4, d2=3e-7)
-    router = SlackAwareRouter(model, window=1000)
-
-    def prompt(id: int, arrival: float, ttft: tuple[float, ...] = (0.6, 1.5, 4.0)) -> RequestView:
-        return request(id, rng.choice([30, 200, 900, 2500]), arrival=arrival, ttft=rng.choice(ttft), tpot=0.1)
-
-    workers = []
-    for i in range(rng.randint(1, 32)):
-        role = Role.PREFILL if rng.random() < 0.03 else Role.MULTIPLEX
-        queued = tuple(prompt(1000 * (i + 1) + k, now - rng.uniform(0.0, 0.5)) for k in range(rng.choice([0, 1, 2, 3, 4])))
-        if queued and rng.random() < 0.5:  # the first is being prefilled in chunks
-            queued = (replace(queued[0], prefilled=min(queued[0].prompt_tokens - 1, 16)), *queued[1:])
-        in_step = ((queued[0].id, min(64, queued[0].remaining_prefill)),) if queued and rng.random() < 0.5 else ()
-        busy = rng.random() < 0.8
-        size = 0 if role is Role.PREFILL else rng.choice([0, 0, 4, 16, 40])
-        deadline = now + rng.uniform(-0.05, 1.0)
-        workers.append(
-            worker(i, role, prefills=queued, busy=busy, step_end=now + rng.uniform(0.0, 0.05) if busy else now, in_step=in_step,
-                   batch=batch(size, size * rng.randint(200, 1500), deadline=deadline) if size else EMPTY_BATCH)
-        )
-    queue = [prompt(k, now - rng.uniform(0.0, 0.1), (1.5, 4.0, 8.0)) for k in range(rng.randint(1, 6))]  # mostly due after the queued
-    queue = [r for r in queue if now + model.prefill_time(r.remaining_prefill) <= r.ttft_deadline]  # the unattainable are refused first
+    router = SlackAwareRouter(BOUNDED, window=1000)
+    workers = random_cluster(rng, now)
+    queue = random_queue(rng, now, BOUNDED)
     decision = router.place(queue, workers, now)
     placed = {p.request_id: p.worker_id for p in decision.placements}
     assert set(placed) | set(decision.drops) == {r.id for r in queue}
     expected = exhaustive_place(router, queue, workers, now)
     assert [(r, placed.get(r)) for r, _ in expected] == expected
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_a_router_that_keeps_its_reading_of_the_workers_decides_as_one_reading_them_afresh(seed: int) -> None:
+    """Between calls a router keeps what it read of each view; a worker whose view is a new object (it moved on,
+    changed its role or its queue) is read again. Every call must decide what a router new to the cluster would."""
+    rng = random.Random(seed)
+    now = 10.0
+    kept = SlackAwareRouter(BOUNDED, window=1000)
+    workers = random_cluster(rng, now, waiting=True)
+    for _ in range(12):
+        queue = random_queue(rng, now, BOUNDED)
+        assert kept.place(queue, workers, now) == SlackAwareRouter(BOUNDED, window=1000).place(queue, workers, now)
+        now += rng.uniform(0.0, 0.03)
+        roles = [Role.PREFILL, Role.MULTIPLEX, Role.DECODE, Role.COLOCATED]
+
+        def moved(w: WorkerView) -> WorkerView:  # a new view, perhaps of a new role
+            return random_worker(rng, w.id, now, rng.choice(roles) if rng.random() < 0.2 else w.role, waiting=True)
+
+        workers = [moved(w) if rng.random() < 0.3 else w for w in workers]
+        if rng.random() < 0.1:  # the cluster grows or shrinks
+            grown = [*workers, random_worker(rng, len(workers), now, Role.MULTIPLEX, waiting=True)]
+            workers = workers[:-1] if len(workers) > 1 and rng.random() < 0.5 else grown
+
+
+def test_a_simulation_decides_the_same_with_every_worker_read_afresh_on_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kept reading on the views a simulated cluster really hands its router (most unchanged between calls)."""
+    setting = SETTINGS["chat-13b"]
+    load = workload(setting, setting.trace, 15.0, replay=Replay(requests=250), seed=3)
+
+    def run() -> tuple[object, ...]:
+        from tropical.policies import make_policy
+
+        served = make_policy("unified", setting.latency_model())
+        return Simulation(setting.cluster(served, 2), served).run(load.requests).timelines
+
+    kept = run()
+    read = InlineIndex.read
+
+    def afresh(index: InlineIndex, workers: Sequence[WorkerView], model: LatencyModel, multiplexing: bool) -> None:
+        index.views = ()  # nothing read before: every worker is read again
+        read(index, workers, model, multiplexing)
+
+    monkeypatch.setattr(InlineIndex, "read", afresh)
+    assert run() == kept
 
 
 # --- the look-ahead: a decoding worker's own plans -------------------------------------------

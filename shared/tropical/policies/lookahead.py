@@ -16,7 +16,7 @@ KV full until some decode ends) gives no first token in the look-ahead.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 from tropical.latency.model import Chunk, LatencyModel
@@ -33,6 +33,7 @@ def first_tokens(
     batcher: DecodeBatcher, model: LatencyModel, worker: WorkerView, start: float, watch: Collection[RequestView],
     arriving: tuple[RequestId, float] | None = None,
     stop_at_late: bool = False,
+    queued: Sequence[RequestView] | None = None,
 ) -> dict[RequestId, float]:
     """When prompts queued on `worker` get their first token: each of `watch` that gets it, inf for each that is late.
 
@@ -43,7 +44,8 @@ def first_tokens(
     late, or, with `stop_at_late`, at the first late one: watched prompts it
     has not settled by then are missing from the answer. `arriving` (a
     prompt, a time) reaches the worker only then: no step planned before it
-    holds that prompt.
+    holds that prompt. `queued` stands for the worker's own queued prompts:
+    what a router asks with a prompt added.
     """
     late_id, arrives_at = arriving if arriving is not None else (None, -math.inf)
     deadlines = {r.id: r.ttft_deadline for r in watch}
@@ -51,7 +53,7 @@ def first_tokens(
     firsts: dict[RequestId, float] = {}
     prefills: list[RequestView] = []
     waiting = list(worker.waiting)
-    for r in worker.prefills:
+    for r in worker.prefills if queued is None else queued:
         prefilled = r.prefill_tokens - worker.unstarted_prefill(r)  # the step in progress's chunks done
         if prefilled >= r.prefill_tokens:
             firsts[r.id] = start if start <= deadlines.get(r.id, math.inf) else math.inf

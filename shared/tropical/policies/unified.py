@@ -35,22 +35,16 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 from tropical.latency.model import LatencyModel
-from tropical.policies.batching import on_time, tpot_attainable
+from tropical.policies.batching import on_time
+from tropical.policies.inline_index import InlineIndex, begun_tokens, unstarted_work
 from tropical.policies.lookahead import first_tokens
 from tropical.policies.prefill_queue import Job, PrefillOrder, moore_hodgson, order_prefills, unattainable, urgency_order
-from tropical.policies.records import (
-    Placement,
-    RequestId,
-    RequestView,
-    Role,
-    RouterDecision,
-    WorkerView,
-)
+from tropical.policies.records import Placement, RequestView, Role, RouterDecision, WorkerView
 
 if TYPE_CHECKING:
     from tropical.policies.batching import DecodeBatcher
@@ -85,32 +79,23 @@ class SlackAwareRouter:
     multiplexing: bool = True  # False: prompts go to prefill workers only
     protect_waiting: bool = True  # no prompt inline where a waiting decode is already behind its budget: chunks would delay it more
     order: PrefillOrder = PrefillOrder.URGENCY  # the order prompts are considered in
+    # what it read of the workers at its last call: a cache, which changes no decision (`tropical.policies.inline_index`)
+    index: InlineIndex = field(default_factory=InlineIndex, init=False, repr=False, compare=False)
 
     def place(self, queue: Sequence[RequestView], workers: Sequence[WorkerView], now: float) -> RouterDecision:
-        if self.multiplexing:
-            takers = [w for w in workers if w.role is not Role.DECODE]  # Role.takes_prompts
-        else:
-            takers = [w for w in workers if w.role is Role.PREFILL]
-        if not takers or not queue:
+        if not queue:
+            return RouterDecision()
+        drops = unattainable(queue, self.model, now) if self.reject_unattainable else []
+        if drops:
+            refused = set(drops)
+            queue = [r for r in queue if r.id not in refused]
+        board = _Board(self, workers, now, min((r.arrival + r.ttft_slo for r in queue), default=math.inf))
+        if not board.taker_count:
             return RouterDecision()
         placements: list[Placement] = []
-        drops: list[int] = []
-        if self.reject_unattainable:
-            drops.extend(unattainable(queue, self.model, now))
-            if drops:
-                refused = set(drops)
-                queue = [r for r in queue if r.id not in refused]
-        # a decoding worker with a waiting decode already behind its budget has no slack to lend to prompt chunks
-        lenders = [
-            w
-            for w in takers
-            if not (self.protect_waiting and w.role is not Role.PREFILL and w.waiting
-                    and any(q.token_deadline < now and tpot_attainable(q, self.model) for q in w.waiting))
-        ]
-        board = _Board(self, lenders, now, min((r.arrival + r.ttft_slo for r in queue), default=math.inf))
         passed = 0  # late binding: prompts left waiting in this call; past `window` the rest wait without a look
         if self.order is PrefillOrder.URGENCY:
-            ordered = urgency_order(queue, self.model, now, servers=len(takers))
+            ordered = urgency_order(queue, self.model, now, servers=board.taker_count)
         else:
             ordered = order_prefills(self.order, queue, self.model, now)
         for r in ordered:
@@ -121,7 +106,7 @@ class SlackAwareRouter:
                 if self.drop_hopeless:
                     drops.append(r.id)
                     continue
-                spare = [w for w in takers if self._spare(w, board.held(w)) and (r.prefill_tokens <= board.free_kv(w) or not w.kv_used)]
+                spare = [w for w in board.takers() if self._spare(w, board.held(w)) and (r.prefill_tokens <= board.free_kv(w) or not w.kv_used)]
                 if not spare:
                     passed += 1
                     continue
@@ -216,43 +201,41 @@ class _Board:
     (chunks only add to a step). The queued prompts that run before every
     prompt of the call (recomputes, and those due no later than the earliest)
     stay ahead whatever the call places, as placing only adds to a queue; so
-    the workers are visited in order of that bound, each prediction's numbers
-    kept for the call, and the visit stops once the bound plus the prompt's own
+    the workers are visited in order of that bound (the router's `InlineIndex`
+    keeps it between calls, reading again only the views that changed), each
+    prediction's numbers kept for the call, and the visit stops once the bound plus the prompt's own
     work passes the best finish found.
     """
 
-    def __init__(self, router: SlackAwareRouter, lenders: list[WorkerView], now: float, earliest_due: float) -> None:
+    def __init__(self, router: SlackAwareRouter, workers: Sequence[WorkerView], now: float, earliest_due: float) -> None:
         self.router = router
         self.now = now
+        self.earliest_due = earliest_due
+        self.workers = workers
         self.queued: dict[int, list[RequestView]] = {}  # prompts placed in this call added to a worker's own queue
         self.free: dict[int, int] = {}
         self.lines: dict[int, _InlineLine] = {}
         self.works: dict[int, list[tuple[bool, float, float]]] = {}  # per queued prompt: (a recompute, its deadline, its work)
         model = router.model
         chunk = model.c0 * router.min_chunk**2 + model.c1 * router.min_chunk
-        self.bounded = bounded = min(model.c0, model.c1, model.c2, model.d0, model.d1, model.d2) >= 0.0 and chunk > 0.0
-        d0, d1, d2, c0, c1 = model.d0, model.d1, model.d2, model.c0, model.c1
-        prefill: list[tuple[int, WorkerView]] = []
-        decoding = []
-        for i, w in enumerate(lenders):  # a router pays this loop on every call, over the whole cluster: fields read once
-            if w.role is Role.PREFILL:
-                prefill.append((i, w))
-                continue
-            bound = (w.step_end if w.step_end > now else now) if w.busy else now  # max(now, step_end), the first on a tie
-            batch = w.batch
-            if batch.size:
-                bound += d0 + d1 * batch.size + d2 * batch.context_tokens
-            floor = 0.0
-            if w.prefills and bounded:
-                begun = _begun(w) if w.in_step else {}
-                for q in w.prefills:
-                    if q.generated > 0 or q.arrival + q.ttft_slo <= earliest_due:
-                        floor += _unstarted_work(c0, c1, q, begun)
-            decoding.append((bound + floor, i, w, floor))
-        if bounded:
-            decoding.sort()  # by (bound, position): positions differ, so the views are never compared
-        self.prefill = prefill
-        self.decoding = decoding  # (bound, position, worker, queued work that runs before every prompt of the call)
+        self.bounded = min(model.c0, model.c1, model.c2, model.d0, model.d1, model.d2) >= 0.0 and chunk > 0.0
+        self.index = index = router.index
+        index.read(workers, model, router.multiplexing)
+        self.taker_count = index.takers  # workers that may take a prompt
+        self.prefill = [(i, workers[i]) for i in index.prefill]
+
+    def takers(self) -> list[WorkerView]:
+        """Every worker that may take a prompt in this call."""
+        multiplexing = self.router.multiplexing
+        return [w for w in self.workers if w.role is Role.PREFILL or (multiplexing and w.role is not Role.DECODE)]
+
+    def decoding(self) -> Iterator[tuple[float, int, WorkerView, float]]:
+        """(bound, position, worker, queued work that runs before every prompt of the call) of each decoding worker
+        that may lend steps to prompt chunks: by bound where the bounds hold, else by position."""
+        protect = self.router.protect_waiting
+        if self.bounded:
+            return self.index.visit(self.now, self.earliest_due, protect)
+        return ((0.0, i, w, 0.0) for i, w in self.index.lenders(self.now, protect))
 
     def held(self, w: WorkerView) -> Sequence[RequestView]:
         return self.queued.get(w.id, w.prefills)
@@ -293,8 +276,7 @@ class _Board:
         if router.keep_promises:
             watch += [q for q in held if q.ttft_deadline >= r.ttft_deadline and q.generated == 0]
         arriving = (r.id, self.now + router.dispatch_lead) if router.dispatch_lead > 0.0 else None
-        with_r = _with_prefills(w, (*held, r))
-        firsts = first_tokens(router.lookahead, router.model, with_r, start, watch, arriving=arriving, stop_at_late=True)
+        firsts = first_tokens(router.lookahead, router.model, w, start, watch, arriving=arriving, stop_at_late=True, queued=(*held, r))
         if any(firsts.get(q.id, math.inf) > q.ttft_deadline - margin for q in watch):
             return math.inf  # late, given up, not settled, or making a promise late
         return firsts[r.id]
@@ -303,8 +285,8 @@ class _Board:
         works = self.works.get(w.id)
         if works is None:
             c0, c1 = self.router.model.c0, self.router.model.c1
-            begun = _begun(w) if w.in_step else {}
-            works = self.works[w.id] = [(q.generated > 0, q.arrival + q.ttft_slo, _unstarted_work(c0, c1, q, begun)) for q in held]
+            begun = begun_tokens(w) if w.in_step else {}
+            works = self.works[w.id] = [(q.generated > 0, q.arrival + q.ttft_slo, unstarted_work(c0, c1, q, begun)) for q in held]
         return works
 
     def best_on_time(self, r: RequestView) -> WorkerView | None:
@@ -346,7 +328,7 @@ class _Board:
         best: list[tuple[float, int, WorkerView]] = []  # the earliest by the closed form, at most `tries`
         limit = deadline
         bounded = self.bounded
-        for bound, i, w, floor in self.decoding:
+        for bound, i, w, floor in self.decoding():
             margin = 1e-9 + 1e-12 * abs(limit)  # covers rounding
             if bounded and bound + work > limit + margin:
                 break  # every later worker finishes it later still
@@ -372,25 +354,6 @@ class _Board:
             if finish <= deadline:
                 return finish, i, w
         return None
-
-
-def _with_prefills(w: WorkerView, prefills: tuple[RequestView, ...]) -> WorkerView:
-    return replace(w, prefills=prefills, prefill_load=sum(q.remaining_prefill for q in prefills))
-
-
-def _begun(w: WorkerView) -> dict[RequestId, int]:
-    """Prompt tokens per request that w's step in progress computes."""
-    begun: dict[RequestId, int] = {}
-    for request, tokens in w.in_step:
-        begun[request] = begun.get(request, 0) + tokens
-    return begun
-
-
-def _unstarted_work(c0: float, c1: float, q: RequestView, begun: dict[RequestId, int]) -> float:
-    """`prompt_work` of q's `unstarted_prefill`, written out: a `place` call asks it of most prompts queued in the cluster."""
-    end = q.prompt_tokens + q.generated  # q.prefill_tokens
-    start = q.prefilled + begun.get(q.id, 0) if begun else q.prefilled
-    return c0 * (end * end - start * start) + c1 * (end - start)
 
 
 class _InlineLine(NamedTuple):
