@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+from functools import cached_property
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ from tropical.policies.records import (
 def least_decode_load(request: RequestView, workers: Sequence[WorkerView], now: float) -> int | None:
     """The decoding worker with the fewest unfinished decode tokens (Tropical's migration target)."""
     best = None
-    for w in workers:
-        if w.role.decodes and (best is None or w.decode_load < best.decode_load):
+    prefill = Role.PREFILL
+    for w in workers:  # a router asks this over the whole cluster at every handoff: `w.role.decodes` written out
+        if w.role is not prefill and (best is None or w.decode_load < best.decode_load):
             best = w
     return None if best is None else best.id
 
@@ -61,11 +63,17 @@ class LeastLoadedRouter:
     rule: PlacementRule = PlacementRule.LOAD_AWARE
 
     def place(self, queue: Sequence[RequestView], workers: Sequence[WorkerView], now: float) -> RouterDecision:
-        targets = [w for w in workers if w.role is self.role]
+        role = self.role
+        targets = [w for w in workers if w.role is role]
         if not targets or not queue:
             return RouterDecision()
-        # a heap of (load, free at, position, worker): its top is the least loaded, the first in worker order among equals
-        heap = [(*self._key(w, now), i, w.id) for i, w in enumerate(targets)]
+        # a heap of (load, when it can start a prompt, position, worker): its top is the least loaded, the first in
+        # worker order among equals; INFaaS's load counts decode tokens too, and is blind to when a worker is free
+        if self.rule is PlacementRule.INFAAS:
+            decodes = role.decodes
+            heap = [(w.prefill_load + (w.decode_load if decodes else 0), 0.0, i, w.id) for i, w in enumerate(targets)]
+        else:
+            heap = [(w.prefill_load, w.step_end if w.busy else now, i, w.id) for i, w in enumerate(targets)]
         heapq.heapify(heap)
         placements = []
         for r in queue:
@@ -73,12 +81,6 @@ class LeastLoadedRouter:
             heapq.heapreplace(heap, (load + r.prompt_tokens, free_at, i, worker_id))
             placements.append(Placement(r.id, worker_id))
         return RouterDecision(tuple(placements))
-
-    def _key(self, w: WorkerView, now: float) -> tuple[int, float]:
-        """(load, when the worker can start a prompt): lower is better."""
-        if self.rule is PlacementRule.INFAAS:
-            return w.prefill_load + (w.decode_load if self.role.decodes else 0), 0.0
-        return w.prefill_load, w.step_end if w.busy else now
 
 
 @dataclass(frozen=True)
@@ -175,23 +177,34 @@ class _ToggleTargets:
     given a prompt in it grows. So the least-loaded multiplexing worker (where
     every short prompt goes), the multiplexing workers open to a longer prompt
     with their reserve deadlines, and each prefill worker's queue are computed
-    once, each list in the order `min` would prefer (load, then position); the
+    once, when first needed, each list in the order `min` would prefer (load, then position); the
     multiplexing workers' loads grow by each short prompt given to them.
     """
 
     def __init__(self, toggle: MultiplexingToggle, workers: Sequence[WorkerView], now: float) -> None:
         self.toggle = toggle
         self.now = now
-        mux = [w for w in workers if w.role is Role.MULTIPLEX] if toggle.multiplexing else []
+        self.workers = workers
+        self.mux = [w for w in workers if w.role is Role.MULTIPLEX] if toggle.multiplexing else []
         # Short prompts go to the multiplexing worker with the fewest unfinished decode tokens, counting the
         # prompts already placed there (they decode there next) and those given to it in this call.
-        self.mux_load = [((w.prefill_load, w.decode_load), i, w.id) for i, w in enumerate(mux)]
+        self.mux_load = [((w.prefill_load, w.decode_load), i, w.id) for i, w in enumerate(self.mux)]
         heapq.heapify(self.mux_load)
-        open_ = [w for w in mux if not w.prefills and toggle.steady(w)]
-        self.open = sorted((w.decode_load, i, w.id, toggle.reserve(w)) for i, w in enumerate(open_))
-        prefill = [w for w in workers if w.role is Role.PREFILL and w.placed_since_step == 0]
-        self.prefill = sorted((w.prefill_load, i, w) for i, w in enumerate(prefill))
         self.queues: dict[int, list[tuple[float, float]] | None] = {}  # a prefill worker's sorted queue, or None if idle
+
+    @cached_property
+    def open(self) -> list[tuple[int, int, int, float]]:
+        """(decode load, position, worker, reserve deadline) of the multiplexing workers open to a longer prompt:
+        worked out only once a call has one (most calls place one short prompt)."""
+        toggle = self.toggle
+        open_ = [w for w in self.mux if not w.prefills and toggle.steady(w)]
+        return sorted((w.decode_load, i, w.id, toggle.reserve(w)) for i, w in enumerate(open_))
+
+    @cached_property
+    def prefill(self) -> list[tuple[int, int, WorkerView]]:
+        """(load, position, worker) of the prefill workers given nothing since their step began."""
+        prefill = [w for w in self.workers if w.role is Role.PREFILL and w.placed_since_step == 0]
+        return sorted((w.prefill_load, i, w) for i, w in enumerate(prefill))
 
     def dispatch(self, r: RequestView, touched: AbstractSet[int]) -> int | None:
         toggle = self.toggle
