@@ -175,10 +175,11 @@ class _ToggleTargets:
 
     Within a call the workers' views do not change; only the set of workers
     given a prompt in it grows. So the least-loaded multiplexing worker (where
-    every short prompt goes), the multiplexing workers open to a longer prompt
-    with their reserve deadlines, and each prefill worker's queue are computed
-    once, when first needed, each list in the order `min` would prefer (load, then position); the
-    multiplexing workers' loads grow by each short prompt given to them.
+    every short prompt goes), the multiplexing workers free of prompts in the
+    order a longer prompt tries them, and each prefill worker's queue are
+    worked out once, when first needed, each list in the order `min` would
+    prefer (load, then position); the multiplexing workers' loads grow by each
+    short prompt given to them.
     """
 
     def __init__(self, toggle: MultiplexingToggle, workers: Sequence[WorkerView], now: float) -> None:
@@ -193,12 +194,10 @@ class _ToggleTargets:
         self.queues: dict[int, list[tuple[float, float]] | None] = {}  # a prefill worker's sorted queue, or None if idle
 
     @cached_property
-    def open(self) -> list[tuple[int, int, int, float]]:
-        """(decode load, position, worker, reserve deadline) of the multiplexing workers open to a longer prompt:
-        worked out only once a call has one (most calls place one short prompt)."""
-        toggle = self.toggle
-        open_ = [w for w in self.mux if not w.prefills and toggle.steady(w)]
-        return sorted((w.decode_load, i, w.id, toggle.reserve(w)) for i, w in enumerate(open_))
+    def unqueued(self) -> list[tuple[int, int, WorkerView]]:
+        """(decode load, position, worker) of the multiplexing workers with no prompt queued: those a longer prompt
+        may go to, in the order it tries them (whether their decodes can absorb it is asked on the way)."""
+        return sorted((w.decode_load, i, w) for i, w in enumerate(self.mux) if not w.prefills)
 
     @cached_property
     def prefill(self) -> list[tuple[int, int, WorkerView]]:
@@ -216,9 +215,9 @@ class _ToggleTargets:
                     return worker_id
             else:
                 stall_end = self.now + toggle.model.prefill_time(r.prompt_tokens)
-                for _, _, worker_id, reserve in self.open:
-                    if stall_end <= reserve and worker_id not in touched:
-                        return worker_id
+                for _, _, w in self.unqueued:
+                    if w.id not in touched and toggle.steady(w) and stall_end <= toggle.reserve(w):
+                        return w.id
         for _, _, w in self.prefill:
             if w.id not in touched and self._clockwork_feasible(r, w):
                 return w.id
