@@ -334,6 +334,7 @@ def test_a_router_that_keeps_its_reading_of_the_workers_decides_as_one_reading_t
         if rng.random() < 0.1:  # the cluster grows or shrinks
             grown = [*workers, random_worker(rng, len(workers), now, Role.MULTIPLEX, waiting=True)]
             workers = workers[:-1] if len(workers) > 1 and rng.random() < 0.5 else grown
+    assert kept.place(random_queue(rng, now, BOUNDED), [], now) == RouterDecision()  # every worker gone: nothing kept answers
 
 
 def test_a_simulation_decides_the_same_with_every_worker_read_afresh_on_every_call(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -67,17 +67,16 @@ class InlineIndex:
     def read(self, workers: Sequence[WorkerView], model: LatencyModel, multiplexing: bool) -> None:
         """Bring the index up to `workers`, reading again only the views that are not the ones read last time."""
         views = tuple(workers)
-        old = self.views
-        if (model, multiplexing) != self.reading:  # read for another router: start afresh
-            old, self.reading = (), (model, multiplexing)
-        if len(old) != len(views):
+        afresh = (model, multiplexing) != self.reading or len(views) != len(self.views)  # another router, or cluster
+        if afresh:
+            self.reading = (model, multiplexing)
             self.entries, self.roles, self.busy, self.idle = [None] * len(views), [Role.DECODE] * len(views), {}, {}
             changed: Sequence[int] = range(len(views))
         else:
-            changed = list(compress(range(len(views)), map(is_not, views, old)))  # by identity, at C speed
+            changed = list(compress(range(len(views)), map(is_not, views, self.views)))  # by identity, at C speed
         self.views = views
         roles = self.roles
-        recount = len(old) != len(views)
+        recount = afresh
         for i in changed:
             w = views[i]
             if roles[i] is not w.role:
