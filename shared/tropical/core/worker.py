@@ -187,7 +187,7 @@ class WorkerState:
                 tightest = tpot
             if punctual and deadline < on_time:
                 on_time = deadline
-        return BatchSummary(len(self.running), self.ctx_offset + len(self.running) * steps, self.prompt_sum, earliest, reserve, tightest, on_time)
+        return BatchSummary(len(self.running), self.batch_kv(steps), self.prompt_sum, earliest, reserve, tightest, on_time)
 
     # --- span arithmetic ------------------------------------------------------------------
 
@@ -317,7 +317,7 @@ class WorkerState:
             return view
         until = math.inf if done >= n else end
         view = WorkerView(
-            self.id, self.role, self.capacity, self.kv_static + self.ctx_offset + len(self.running) * steps, True, begin, end,
+            self.id, self.role, self.capacity, self.kv_static + self.batch_kv(steps), True, begin, end,
             self.placed_since_step, view.prefills, self.prefill_load, self.summary(steps, self._view_heads), view.waiting,
             view.incoming, self.prompt_sum + self.side_prompt, view.in_step,
         )
