@@ -84,12 +84,12 @@ class InlineIndex:
             self._enter(i, w, model, multiplexing)
         if recount:
             self.prefill = [i for i, role in enumerate(roles) if role is Role.PREFILL]
-            self.takers = sum(1 for role in roles if role is Role.PREFILL or (multiplexing and role is not Role.DECODE))
+            self.takers = sum(1 for role in roles if takes_prompts(role, multiplexing))
 
     def _enter(self, i: int, w: WorkerView, model: LatencyModel, multiplexing: bool) -> None:
         self.busy.pop(i, None)
         self.idle.pop(i, None)
-        if w.role is Role.PREFILL or w.role is Role.DECODE or not multiplexing:
+        if w.role is Role.PREFILL or not takes_prompts(w.role, multiplexing):  # lends no decode steps to prompts
             self.entries[i] = None
             return
         batch = w.batch
@@ -146,6 +146,12 @@ class InlineIndex:
             start = entry.start if entry.start is not None and entry.start > now else now  # max(now, step end)
             floor = entry.floor(due)
             heapq.heappush(exact, (start + entry.step + floor, i, floor))
+
+
+def takes_prompts(role: Role, multiplexing: bool) -> bool:
+    """Whether a router places prompts on a worker of this role: prefill workers always, decoding ones only when it
+    multiplexes (a decode-only worker never)."""
+    return role is Role.PREFILL or (multiplexing and role.takes_prompts)
 
 
 def _queued_work(w: WorkerView, model: LatencyModel) -> tuple[float, tuple[tuple[float, float], ...]]:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from tropical.latency.model import LatencyModel
 from tropical.policies.batching import on_time
-from tropical.policies.inline_index import InlineIndex, begun_tokens, unstarted_work
+from tropical.policies.inline_index import InlineIndex, begun_tokens, takes_prompts, unstarted_work
 from tropical.policies.lookahead import first_tokens
 from tropical.policies.prefill_queue import Job, PrefillOrder, moore_hodgson, order_prefills, unattainable, urgency_order
 from tropical.policies.records import Placement, RequestView, Role, RouterDecision, WorkerView
@@ -203,8 +203,8 @@ class _Board:
     stay ahead whatever the call places, as placing only adds to a queue; so
     the workers are visited in order of that bound (the router's `InlineIndex`
     keeps it between calls, reading again only the views that changed), each
-    prediction's numbers kept for the call, and the visit stops once the bound plus the prompt's own
-    work passes the best finish found.
+    prediction's numbers kept for the call, and the visit stops once the bound
+    plus the prompt's own work passes the best finish found.
     """
 
     def __init__(self, router: SlackAwareRouter, workers: Sequence[WorkerView], now: float, earliest_due: float) -> None:
@@ -227,7 +227,7 @@ class _Board:
     def takers(self) -> list[WorkerView]:
         """Every worker that may take a prompt in this call."""
         multiplexing = self.router.multiplexing
-        return [w for w in self.workers if w.role is Role.PREFILL or (multiplexing and w.role is not Role.DECODE)]
+        return [w for w in self.workers if takes_prompts(w.role, multiplexing)]
 
     def decoding(self) -> Iterator[tuple[float, int, WorkerView, float]]:
         """(bound, position, worker, queued work that runs before every prompt of the call) of each decoding worker
