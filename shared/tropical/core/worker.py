@@ -247,34 +247,28 @@ class WorkerState:
                 return view  # a router asks every worker on every event: most have not moved since
             if self.busy and self.span_decode and self.span_n > 1:
                 return self._further(view, now)
-        steps = self.current_steps(now)
-        if view is not None and self._view_steps == steps:
-            return view
+        steps = self.current_steps(now)  # something changed since the last view: make it afresh
         valid_from, valid_until = -math.inf, math.inf  # until something changes
         if self.busy and self.span_n > 1:
             done = steps - self.steps if self.span_decode else 0
             begin, end = self.span_time(done), self.span_time(min(done + 1, self.span_n))
-            if self.span_decode:  # the view moves on at each step boundary of the span
+            if self.span_decode:  # the view moves on at each step boundary of the span (`_further`)
                 valid_from = begin if done > 0 else -math.inf
                 valid_until = math.inf if done >= self.span_n else (self.span_end if done + 1 == self.span_n else end)
         elif self.busy:
             begin, end = self.span_start, self.span_end
         else:
             begin = end = self.span_end
-        if view is not None:  # not changed, only further into its span: the queues and the batch are the ones it shows
-            prefills, waiting, incoming, in_step = view.prefills, view.waiting, view.incoming, view.in_step
-            heads = self._view_heads if self._view_base == base else self.heads()  # the batch is the same within a span
-        else:
-            held = self.prefills.values()
-            prefills = tuple(
-                [j.view for j in held if j.prefilled > 0]
-                + [j.view for j in held if j.prefilled == 0 and j.generated > 0]
-                + [j.view for j in held if j.prefilled == 0 and j.generated == 0]
-            )
-            waiting = tuple(j.view for j in self.waiting.values())
-            incoming = tuple(j.view for j in self.incoming.values())
-            in_step = tuple((job.id, tokens) for job, tokens in self.span_chunks) if self.busy else ()
-            heads = self.heads()
+        held = self.prefills.values()
+        prefills = tuple(
+            [j.view for j in held if j.prefilled > 0]
+            + [j.view for j in held if j.prefilled == 0 and j.generated > 0]
+            + [j.view for j in held if j.prefilled == 0 and j.generated == 0]
+        )
+        waiting = tuple(j.view for j in self.waiting.values())
+        incoming = tuple(j.view for j in self.incoming.values())
+        in_step = tuple((job.id, tokens) for job, tokens in self.span_chunks) if self.busy else ()
+        heads = self.heads()
         view = WorkerView(
             self.id,
             self.role,
