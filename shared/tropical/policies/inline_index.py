@@ -33,9 +33,8 @@ from tropical.policies.records import RequestId, RequestView, Role, WorkerView
 
 
 class _Entry(NamedTuple):
-    """One decoding worker's part of the bound, from its view."""
+    """One decoding worker's part of the bound, from its view (kept at the same position in `InlineIndex.views`)."""
 
-    view: WorkerView
     start: float | None  # the end of the step in progress; None when idle (the bound starts at `now`)
     step: float  # one decode step of its batch, 0 without one
     recomputes: float  # prompt work of its queued recomputes: ahead of every prompt
@@ -58,7 +57,6 @@ class InlineIndex:
         self.views: tuple[WorkerView, ...] = ()  # the views read at the last call, by position
         self.reading: tuple[LatencyModel, bool] | None = None  # the router's model and multiplexing they were read with
         self.entries: list[_Entry | None] = []  # by position; None for a worker that lends no decode steps
-        self.roles: list[Role] = []
         self.prefill: list[int] = []  # positions of the prefill workers
         self.takers = 0  # workers that may take a prompt
         self.busy: dict[int, tuple[float, int]] = {}  # position → (lower bound, position) of a busy decoding worker
@@ -67,45 +65,46 @@ class InlineIndex:
     def read(self, workers: Sequence[WorkerView], model: LatencyModel, multiplexing: bool) -> None:
         """Bring the index up to `workers`, reading again only the views that are not the ones read last time."""
         views = tuple(workers)
-        afresh = (model, multiplexing) != self.reading or len(views) != len(self.views)  # another router, or cluster
+        old = self.views
+        afresh = (model, multiplexing) != self.reading or len(views) != len(old)  # another router, or cluster
         if afresh:
             self.reading = (model, multiplexing)
-            self.entries, self.roles, self.busy, self.idle = [None] * len(views), [Role.DECODE] * len(views), {}, {}
+            self.entries, self.busy, self.idle = [None] * len(views), {}, {}
             changed: Sequence[int] = range(len(views))
         else:
-            changed = list(compress(range(len(views)), map(is_not, views, self.views)))  # by identity, at C speed
+            changed = list(compress(range(len(views)), map(is_not, views, old)))  # by identity, at C speed
         self.views = views
-        roles = self.roles
         recount = afresh
         for i in changed:
-            w = views[i]
-            if roles[i] is not w.role:
-                roles[i], recount = w.role, True
-            self._enter(i, w, model, multiplexing)
+            w, seen = views[i], None if afresh else old[i]
+            if seen is not None and seen.role is not w.role:
+                recount = True
+            self._enter(i, w, seen, model, multiplexing)
         if recount:
-            self.prefill = [i for i, role in enumerate(roles) if role is Role.PREFILL]
-            self.takers = sum(1 for role in roles if takes_prompts(role, multiplexing))
+            self.prefill = [i for i, w in enumerate(views) if w.role is Role.PREFILL]
+            self.takers = sum(1 for w in views if takes_prompts(w.role, multiplexing))
 
-    def _enter(self, i: int, w: WorkerView, model: LatencyModel, multiplexing: bool) -> None:
+    def _enter(self, i: int, w: WorkerView, seen: WorkerView | None, model: LatencyModel, multiplexing: bool) -> None:
+        """Read worker i's new view `w`; `seen` is the one read before, whose numbers still hold where its queues do."""
         self.busy.pop(i, None)
         self.idle.pop(i, None)
+        kept = self.entries[i]
         if w.role is Role.PREFILL or not takes_prompts(w.role, multiplexing):  # lends no decode steps to prompts
             self.entries[i] = None
             return
         batch = w.batch
         step = model.d0 + model.d1 * batch.size + model.d2 * batch.context_tokens if batch.size else 0.0
-        seen = self.entries[i]
-        if seen is not None and seen.view.prefills is w.prefills and seen.view.in_step is w.in_step:
-            recomputes, fresh = seen.recomputes, seen.fresh  # a worker only further into its decode steps
+        if kept is not None and seen is not None and seen.prefills is w.prefills and seen.in_step is w.in_step:
+            recomputes, fresh = kept.recomputes, kept.fresh  # a worker only further into its decode steps
         else:
             recomputes, fresh = _queued_work(w, model)
-        if seen is not None and seen.view.waiting is w.waiting:
-            behind = seen.behind_from
+        if kept is not None and seen is not None and seen.waiting is w.waiting:
+            behind = kept.behind_from
         elif w.waiting:
             behind = min((q.token_deadline for q in w.waiting if tpot_attainable(q, model)), default=math.inf)
         else:
             behind = math.inf
-        entry = self.entries[i] = _Entry(w, w.step_end if w.busy else None, step, recomputes, fresh, behind)
+        entry = self.entries[i] = _Entry(w.step_end if w.busy else None, step, recomputes, fresh, behind)
         if entry.start is None:
             self.idle[i] = (step + recomputes, i)
         else:
@@ -115,7 +114,7 @@ class InlineIndex:
         """The decoding workers that may lend steps to prompt chunks, by position."""
         for i, entry in enumerate(self.entries):
             if entry is not None and not (protect_waiting and entry.behind_from < now):
-                yield i, entry.view
+                yield i, self.views[i]
 
     def visit(self, now: float, due: float, protect_waiting: bool) -> Iterator[tuple[float, int, WorkerView, float]]:
         """(bound, position, view, queued work ahead of every prompt due no earlier than `due`) of each decoding
@@ -126,15 +125,13 @@ class InlineIndex:
         heapq.heapify(busy)
         heapq.heapify(idle)
         exact: list[tuple[float, int, float]] = []  # (bound, position, floor) of the workers refined so far
-        entries, inf = self.entries, math.inf
+        entries, views, inf = self.entries, self.views, math.inf
         while True:
             b = busy[0][0] if busy else inf
             d = idle[0][0] + now if idle else inf
             if exact and exact[0][0] <= b and exact[0][0] <= d:
                 bound, i, floor = heapq.heappop(exact)
-                entry = entries[i]
-                assert entry is not None
-                yield bound, i, entry.view, floor
+                yield bound, i, views[i], floor
                 continue
             if b == inf and d == inf:
                 return
