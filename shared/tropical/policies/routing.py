@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import enum
 import heapq
-from functools import cached_property
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from functools import cached_property
 
 from tropical.latency.model import LatencyModel
 from tropical.policies.prefill_queue import PrefillOrder, iter_prefills, iter_urgency
