@@ -219,7 +219,7 @@ class _Board:
         model = router.model
         chunk = model.c0 * router.min_chunk**2 + model.c1 * router.min_chunk
         self.bounded = min(model.c0, model.c1, model.c2, model.d0, model.d1, model.d2) >= 0.0 and chunk > 0.0
-        self.index = index = router.index
+        index = router.index
         index.read(workers, model, router.multiplexing)
         self.taker_count = index.takers  # workers that may take a prompt
         self.prefill = [(i, workers[i]) for i in index.prefill]
@@ -234,8 +234,8 @@ class _Board:
         that may lend steps to prompt chunks: by bound where the bounds hold, else by position."""
         protect = self.router.protect_waiting
         if self.bounded:
-            return self.index.visit(self.now, self.earliest_due, protect)
-        return ((0.0, i, w, 0.0) for i, w in self.index.lenders(self.now, protect))
+            return self.router.index.visit(self.now, self.earliest_due, protect)
+        return ((0.0, i, w, 0.0) for i, w in self.router.index.lenders(self.now, protect))
 
     def held(self, w: WorkerView) -> Sequence[RequestView]:
         return self.queued.get(w.id, w.prefills)
