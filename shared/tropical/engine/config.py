@@ -214,6 +214,7 @@ class EngineConfig:
     device: str | None = None  # None: CUDA when available, else CPU
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
     attention: Literal["auto", "sdpa", "flash_attn"] = "auto"
+    enforce_eager: bool = False  # on a GPU, decode steps are CUDA graphs unless this is set
     seed: int = 0  # for requests that sample without a seed of their own
 
     def __post_init__(self) -> None:

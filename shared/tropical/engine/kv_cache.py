@@ -23,6 +23,9 @@ class KvCache:
     otherwise `[2, layers, blocks, block_size, kv_heads, head_dim]`. Exports
     are token-major, `[2, layers, tokens, kv_heads, head_dim]`, whatever the
     layout or block size, so an engine can import from one set up differently.
+
+    One block more than `num_blocks` is allocated: the scratch block, never
+    given to a sequence, where padding rows of a fixed-shape step write.
     """
 
     def __init__(
@@ -38,11 +41,12 @@ class KvCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.head_major = head_major
+        self.scratch_block = num_blocks
         heads, dim, layers = model.num_kv_heads, model.head_dim, model.num_layers
         if head_major:
-            shape: tuple[int, ...] = (2, layers, heads, num_blocks * block_size, dim)
+            shape: tuple[int, ...] = (2, layers, heads, (num_blocks + 1) * block_size, dim)
         else:
-            shape = (2, layers, num_blocks, block_size, heads, dim)
+            shape = (2, layers, num_blocks + 1, block_size, heads, dim)
         self.data = torch.empty(shape, dtype=dtype, device=device)  # every slot is written before it is read
         self.layers: list[LayerCache] = [(self.data[0, i], self.data[1, i]) for i in range(layers)]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from itertools import accumulate
 
@@ -9,9 +10,12 @@ import torch
 
 from tropical.engine.attention import Span, select_backend
 from tropical.engine.config import EngineConfig
+from tropical.engine.decode_graphs import DecodeGraphs
 from tropical.engine.kv_cache import KvCache, bytes_per_block
 from tropical.engine.models import CausalLM
 from tropical.engine.scheduler import ScheduledChunk
+
+log = logging.getLogger(__name__)
 
 CPU_KV_BYTES = 1 << 30
 GPU_MEMORY_SHARE = 0.9  # of what is free once the weights are loaded; the rest is for activations
@@ -43,6 +47,13 @@ class ModelRunner:
         self.kv = KvCache(
             model_config, num_blocks, config.block_size, dtype, device, head_major=self.attention.head_major
         )
+        self.decode: DecodeGraphs | None = None  # decode-only steps out of static buffers, replayed as CUDA graphs
+        if device.type == "cuda" and not config.enforce_eager:
+            max_context = model.rope.cos.shape[0]
+            self.decode = DecodeGraphs(model, self.kv, max_batch=config.max_num_seqs, max_context=max_context, capture=True)
+        log.info(
+            "attention: %s; decode: %s", self.attention.name, "CUDA graphs" if self.decode is not None else "eager"
+        )
 
     def _kv_budget(self, config: EngineConfig) -> int:
         if config.kv_cache_bytes is not None:
@@ -55,6 +66,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: Sequence[ScheduledChunk], *, all_logits: bool = False) -> torch.Tensor:
         """Logits of each sampling chunk's last token, in order ([n, vocab]); of every token with `all_logits`."""
+        if self.decode is not None and self.decode.takes(chunks):  # one token per chunk: every row is sampled
+            return self.decode.run(chunks)
         tokens = [t for c in chunks for t in c.token_ids]
         positions = [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))]
         spans = [Span(c.start, len(c.token_ids), c.block_table) for c in chunks]
