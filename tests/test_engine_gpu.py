@@ -1,4 +1,5 @@
-"""The engine on a CUDA GPU: bf16 against the bf16 reference, both attention backends, KV over CUDA IPC.
+"""The engine on a CUDA GPU: bf16 and fp16 against the reference in the same precision, decode CUDA graphs against
+eager steps, both attention backends, KV over CUDA IPC, and the benchmarks' GPU paths.
 
 Skipped where there is no GPU (and the flash-attn comparison where flash-attn is not installed).
 """
@@ -17,6 +18,8 @@ from transformers import PreTrainedModel
 
 from tropical.engine import CudaIpcHandle, Engine, EngineConfig, KvExport, open_cuda, share_cuda
 from tropical.engine.attention import flash_attn_available
+from tropical.engine.bench_steps import run_step_benchmark
+from tropical.engine.paged_decode import paged_decode, paged_decode_reference
 from tropical.protocol import SamplingParams
 from tests.hf_reference import FAMILIES, build_reference, reference_logits, save_reference
 
@@ -34,7 +37,7 @@ def reference(
 
 
 def cuda_engine(path: Path, **config: object) -> Engine:
-    settings = EngineConfig(device="cuda", dtype="bfloat16", num_kv_blocks=256, **config)  # type: ignore[arg-type]
+    settings = EngineConfig(**{"device": "cuda", "dtype": "bfloat16", "num_kv_blocks": 256, **config})  # type: ignore[arg-type]
     return Engine.load(path, settings)
 
 
@@ -65,18 +68,58 @@ def logged_logits(
     return {rid: (tokens[rid], torch.stack(rows[rid])) for rid in prompts}
 
 
-def test_bf16_logits_match_the_bf16_reference(reference: tuple[str, PreTrainedModel, Path]) -> None:
-    """bf16 rounds differently in every kernel, so: close to the bf16 reference, and no further from fp32 than it."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_logits_match_the_reference_in_the_same_precision(
+    reference: tuple[str, PreTrainedModel, Path], dtype: str
+) -> None:
+    """Half precision rounds differently in every kernel, so: close to the reference in that precision, and no
+    further from fp32 than it. Chunked prompts, mixed steps and graph-replayed decodes all take part."""
     family, fp32, path = reference
-    bf16 = build_reference(family).to("cuda", torch.bfloat16)
+    half = build_reference(family).to("cuda", getattr(torch, dtype))
     prompts = {"a": prompt(70, 1), "b": prompt(9, 2), "c": prompt(33, 3)}
-    for rid, (tokens, ours) in logged_logits(cuda_engine(path, max_num_batched_tokens=40), prompts, 8).items():
+    for rid, (tokens, ours) in logged_logits(cuda_engine(path, dtype=dtype, max_num_batched_tokens=40), prompts, 8).items():
         first = len(prompts[rid]) - 1
         positions = slice(first, first + ours.shape[0])
         exact = reference_logits(fp32, tokens)[positions]
-        theirs = reference_logits(bf16, tokens)[positions].cpu()
+        theirs = reference_logits(half, tokens)[positions].cpu()
         assert (ours - theirs).abs().max() < 0.1
         assert (ours - exact).abs().max() <= 2 * (theirs - exact).abs().max() + 0.02
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_decode_graphs_generate_as_eager_steps(reference: tuple[str, PreTrainedModel, Path], block_size: int) -> None:
+    """Batches of every bucket size, growing and shrinking, replayed from graphs: the tokens of eager steps."""
+    _, _, path = reference
+    rng = random.Random(block_size)
+    prompts = {f"r{i}": prompt(rng.randint(1, 120), 10 + i) for i in range(13)}
+    config = dict(dtype="float32", block_size=block_size, max_num_seqs=9, num_kv_blocks=4096 // block_size)
+    graphs = cuda_engine(path, **config)
+    assert graphs.runner.decode is not None and graphs.runner.decode.graphs
+    eager = cuda_engine(path, enforce_eager=True, **config)
+    assert eager.runner.decode is None
+    replayed = logged_logits(graphs, prompts, 20)
+    for rid, (tokens, logits) in logged_logits(eager, prompts, 20).items():
+        assert replayed[rid][0] == tokens
+        assert (replayed[rid][1] - logits).abs().max() < 1e-3
+
+
+def test_the_kernel_in_bf16_matches_the_reference() -> None:
+    k = torch.randn(8, 600 * 16, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    tables = torch.randperm(600, device="cuda")[:512].view(4, 128).int()
+    lengths = torch.tensor([1, 1024, 2000, 2048], dtype=torch.int32, device="cuda")
+    q = torch.randn(4, 32, 128, device="cuda", dtype=torch.bfloat16)
+    ours = paged_decode(q, k, v, tables, lengths, 128**-0.5, 16)
+    exact = paged_decode_reference(q.float(), k.float(), v.float(), tables, lengths, 128**-0.5, 16)
+    assert (ours.float() - exact).abs().max() < 2e-2
+
+
+def test_the_step_benchmark_times_graphs_eager_steps_and_hugging_face() -> None:
+    report = run_step_benchmark("tiny", "cuda", batches=(1, 8), context=128, prefill=512, steps=5)
+    assert report["decode_graphs"] and report["device"]["type"] == "cuda" and report["bandwidth"]["copy"] > 0
+    for row in report["decode"]:
+        assert row["ours_ms"] > 0 and row["ours_eager_ms"] > 0 and row["hf_ms"] > 0
+    assert report["prefill"]["hf_ms"] > 0
 
 
 @pytest.mark.skipif(not flash_attn_available(torch.device("cuda")), reason="needs flash-attn")

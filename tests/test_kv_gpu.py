@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from tropical.engine import Engine, EngineConfig, FakeClock, KvExport, ModelConfig, kv_from_bytes, kv_to_bytes
 from tropical.kv import CudaIpcTransport, HostTransport, KvError, TransferRecord
+from tropical.kv.bench import run_kv_benchmark
 from tropical.kv.cuda_ipc import CudaIpcLease
 from tropical.protocol import KvLayout, KvTransport, SamplingParams
 
@@ -210,3 +211,10 @@ async def test_the_host_path_delivers_onto_the_gpu() -> None:
         offer = await sending.offer(kv, lease_s=LEASE)
         data = await receiving.fetch(offer.handle, offer.layout, timeout_s=WAIT)
     assert data.is_cuda and torch.equal(data.cpu(), kv.data)
+
+
+def test_the_handoff_benchmark_fetches_over_cuda_ipc() -> None:
+    report = run_kv_benchmark("cuda_ipc", tokens=(64,), repeats=1)
+    (row,) = report["sizes"]
+    assert report["dtype"] == "bfloat16" and row["nbytes"] == 64 * 128 * 1024
+    assert row["fetch_bytes_per_s"] > 0 and row["copy_bytes_per_s"] > 0

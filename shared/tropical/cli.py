@@ -138,9 +138,25 @@ def bench_engine(
     max_num_batched_tokens: Annotated[int, typer.Option(min=16, help="tokens per engine step")] = 512,
     repeats: Annotated[int, typer.Option(min=1, help="turns each side takes; the fastest counts")] = 2,
     no_hf: Annotated[bool, typer.Option("--no-hf", help="time the engine only")] = False,
+    device: Annotated[str, typer.Option(help="cpu, or cuda: step times against the memory roofline")] = "cpu",
+    steps: Annotated[bool, typer.Option("--steps", help="step times against the roofline on any device (always with cuda)")] = False,
+    shape: Annotated[str, typer.Option(help="model shape for --steps, random weights: llama3-8b or tiny")] = "llama3-8b",
+    batches: Annotated[str, typer.Option(help="decode batch sizes for --steps")] = "1,8,32,64",
+    context: Annotated[int, typer.Option(min=1, help="context of every decoding sequence for --steps")] = 1024,
+    prefill: Annotated[int, typer.Option(min=1, help="prompt tokens of the timed prefill for --steps")] = 8192,
+    timed_steps: Annotated[int, typer.Option("--timed-steps", min=1, help="decode steps timed per batch size (median)")] = 20,
     json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="also write the report here")] = None,
 ) -> None:
-    """Tokens per second of the engine (continuous batching) against Hugging Face `generate` on the same requests."""
+    """Tokens per second of the engine (continuous batching) against Hugging Face `generate` on the same requests.
+
+    With `--device cuda` (or `--steps`): decode step times at each batch size and one long prefill, against the
+    weights+KV memory roofline and Hugging Face's own on the same device, in one run.
+    """
+    if device not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"cpu or cuda, not {device!r}", param_hint="--device")
+    if device == "cuda" or steps:
+        _bench_steps(device, shape, _counts(batches, "--batches", "batch sizes"), context, prefill, timed_steps, not no_hf, json_path)
+        return
     from tropical.engine.bench import run_engine_benchmark
 
     report = run_engine_benchmark(
@@ -154,6 +170,60 @@ def bench_engine(
     typer.echo(f"ours: {report['ours_tok_s']:.1f} tok/s")
     if "hf_tok_s" in report:
         typer.echo(f"hf:   {report['hf_tok_s']:.1f} tok/s\nspeedup: {report['speedup']:.2f}x")
+    if json_path:
+        _write_json(json_path, report)
+
+
+def _bench_steps(device: str, shape: str, batches: list[int], context: int, prefill: int, timed_steps: int, with_hf: bool,
+                 json_path: Path | None) -> None:
+    import torch
+
+    from tropical.engine.bench_steps import SHAPES, run_step_benchmark
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("no CUDA device is available here", param_hint="--device")
+    if shape not in SHAPES:
+        raise typer.BadParameter(f"one of {', '.join(SHAPES)}, not {shape!r}", param_hint="--shape")
+    report = run_step_benchmark(shape, device, batches=batches, context=context, prefill=prefill, steps=timed_steps, with_hf=with_hf)
+    where = report["device"]["name"]
+    typer.echo(f"{shape} on {where}: roofline at {report['bandwidth']['used'] / 1e12:.2f} TB/s ({report['bandwidth']['source']}),"
+               f" attention {report['attention']}, decode graphs {'on' if report['decode_graphs'] else 'off'}")
+    for row in report["decode"]:
+        line = f"decode batch {row['batch']:>3} context {row['context']}: roofline {row['roofline_ms']:7.2f} ms, ours {row['ours_ms']:7.2f} ms ({row['ours_of_roofline']:.0%})"
+        if "ours_eager_ms" in row:
+            line += f", ours eager {row['ours_eager_ms']:7.2f} ms ({row['ours_eager_of_roofline']:.0%})"
+        if "hf_ms" in row:
+            line += f", hf {row['hf_ms']:7.2f} ms ({row['hf_of_roofline']:.0%})"
+        typer.echo(line)
+    long = report["prefill"]
+    line = f"prefill {long['tokens']} tokens: ours {long['ours_ms']:.1f} ms ({long['ours_tflops']:.1f} TFLOP/s)"
+    if "hf_ms" in long:
+        line += f", hf {long['hf_ms']:.1f} ms ({long['hf_tflops']:.1f} TFLOP/s): ours/hf {long['ours_over_hf']:.2f}"
+    typer.echo(line)
+    if json_path:
+        _write_json(json_path, report)
+
+
+@app.command("bench-kv")
+def bench_kv(
+    transport: Annotated[str, typer.Option(help="host (shared memory) or cuda_ipc (one GPU, two processes)")] = "cuda_ipc",
+    tokens: Annotated[str, typer.Option(help="comma-separated KV sizes, in tokens of Llama-3-8B's geometry (128 KiB each in bf16)")] = "1024,8192",
+    repeats: Annotated[int, typer.Option(min=1, help="fetches per size after a first, uncounted one")] = 3,
+    json_path: Annotated[Path | None, typer.Option("--json", callback=_json_file, help="also write the report here")] = None,
+) -> None:
+    """Bandwidth of a KV handoff to another process through a services' transport, against a copy within one process."""
+    import torch
+
+    from tropical.kv.bench import run_kv_benchmark
+
+    if transport not in ("host", "cuda_ipc"):
+        raise typer.BadParameter(f"host or cuda_ipc, not {transport!r}", param_hint="--transport")
+    if transport == "cuda_ipc" and not torch.cuda.is_available():
+        raise typer.BadParameter("cuda_ipc needs a CUDA device, and none is available here", param_hint="--transport")
+    report = run_kv_benchmark(transport, _counts(tokens, "--tokens", "token counts"), repeats)
+    for row in report["sizes"]:
+        typer.echo(f"{report['transport']} {row['tokens']:>6} tokens ({row['nbytes'] / 2**20:.0f} MiB): fetch {row['fetch_bytes_per_s'] / 1e9:7.1f} GB/s,"
+                   f" local copy {row['copy_bytes_per_s'] / 1e9:7.1f} GB/s ({row['fetch_over_copy']:.0%})")
     if json_path:
         _write_json(json_path, report)
 
