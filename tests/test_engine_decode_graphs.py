@@ -1,4 +1,5 @@
-"""The fixed-shape decode step (what a GPU captures as CUDA graphs) and the paged decode kernel it attends with.
+"""The paged decode kernel, and the two paths that use it: the fixed-shape decode step (what a GPU captures as CUDA
+graphs) and the SDPA backend's one call for every one-token query of a step.
 
 Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py) and
 the static step runs eagerly: what differs on a GPU is only the capture.
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from tropical.engine import Engine, EngineConfig
+from tropical.engine.attention import SdpaAttention, Span
 from tropical.engine.config import ModelConfig
 from tropical.engine.decode_graphs import DecodeGraphs, PagedDecodeStep, bucket_sizes
 from tropical.engine.kv_cache import KvCache
@@ -192,3 +194,40 @@ def test_the_static_step_takes_only_decodes_that_fit() -> None:
     decode = type(prefill)(prefill.seq_id, (1,), 10, prefill.block_table, True, True)
     assert graphs.takes([decode] * 4) and not graphs.takes([decode] * 5)
     assert not graphs.takes([type(prefill)(prefill.seq_id, (1,), 64, prefill.block_table, True, True)])
+
+
+# --- one-token queries of any step, together ---------------------------------------------
+
+
+def test_the_sdpa_backend_attends_one_token_queries_together_as_one_by_one() -> None:
+    """A mixed step: decodes, a fresh prompt, a later chunk; all rows, then narrowed to some."""
+    generator = torch.Generator().manual_seed(4)
+    block_size, kv_heads, dim = 4, 2, 16
+    cache = tuple(torch.randn(kv_heads, 64 * block_size, dim, generator=generator) for _ in range(2))
+    spans = [Span(9, 1, [7, 3, 12]), Span(0, 6, [20, 21]), Span(1, 1, [5]), Span(5, 3, [30, 31]), Span(15, 1, [40, 2, 41, 9])]
+    tokens = sum(span.num_tokens for span in spans)
+    k, v = (torch.randn(tokens, kv_heads, dim, generator=generator) for _ in range(2))
+    q = torch.randn(tokens, 4, dim, generator=generator)
+    one_by_one = SdpaAttention(block_size, 0.25, torch.device("cpu"))
+    together = SdpaAttention(block_size, 0.25, torch.device("cpu"), decode_kernel=paged_decode_reference)
+    outputs = []
+    for backend in (one_by_one, together):
+        layer = tuple(c.clone() for c in cache)
+        step, last = backend.prepare(spans, rows=[0, 6, 9, 10])
+        step.write(k, v, layer)
+        assert last is not None and last.rows is not None
+        outputs.append((step.attend(q, layer), last.attend(q[last.rows], layer)))
+    assert together.prepare(spans)[0].group is not None and one_by_one.prepare(spans)[0].group is None  # type: ignore[attr-defined]
+    for a, b in zip(*outputs, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_an_engine_with_grouped_decodes_serves_through_the_kernel(checkpoint: Path) -> None:
+    prompts, max_tokens = workload(seed=9, count=4)
+    config = EngineConfig(device="cpu", dtype="float32", block_size=8, max_num_batched_tokens=48)
+    expected, _ = traced(Engine.load(checkpoint, config), prompts, max_tokens)
+    grouped = Engine.load(checkpoint, config)
+    runner = grouped.runner
+    runner.attention = SdpaAttention(8, runner.model.config.head_dim**-0.5, torch.device("cpu"), decode_kernel=paged_decode)
+    ours, _ = traced(grouped, prompts, max_tokens)
+    assert ours == expected

@@ -14,6 +14,10 @@ picks the layout of a layer's cache (`head_major`):
 - SDPA keeps `[kv_heads, slots, head_dim]`: a sequence on adjacent blocks is
   then a plain slice per head, read sequentially, a third faster on the CPU
   than the token-major layout.
+
+On a GPU the SDPA backend hands every one-token query of a step (the decodes
+of a mixed step, all the rows of the last layer's narrowed step) to the paged
+decode kernel in one call, instead of one SDPA launch per sequence.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from tropical.engine.paged_decode import PagedAttention, paged_decode
 
 LayerCache = tuple[torch.Tensor, torch.Tensor]  # one layer's keys and values
 
@@ -104,44 +110,78 @@ class _Query:
     causal: bool
 
 
+@dataclass(frozen=True)
+class _DecodeGroup:
+    """A step's one-token queries (`rows` of q), attended in one paged-decode call."""
+
+    rows: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    kernel: PagedAttention
+    block_size: int
+
+
 class SdpaAttention:
-    """PyTorch's scaled_dot_product_attention, one call per sequence; runs anywhere, CPU included."""
+    """PyTorch's scaled_dot_product_attention, one call per sequence; runs anywhere, CPU included.
+
+    With a `decode_kernel` (on a GPU: `paged_decode`) one-token queries go to it together instead.
+    """
 
     name = "sdpa"
     head_major = True
 
-    def __init__(self, block_size: int, scale: float, device: torch.device) -> None:
+    def __init__(
+        self, block_size: int, scale: float, device: torch.device, decode_kernel: PagedAttention | None = None
+    ) -> None:
         self.block_size = block_size
         self.scale = scale
         self.device = device
+        self.decode_kernel = decode_kernel
 
     def prepare(self, spans: Sequence[Span], rows: Sequence[int] | None = None) -> tuple[AttentionStep, AttentionStep | None]:
         slots = torch.tensor(slot_mapping(spans, self.block_size), dtype=torch.long, device=self.device)
-        step = _SdpaStep(slots, self._queries(spans), self.scale, None)
+        step = _SdpaStep(slots, *self._queries(spans), self.scale, None)
         if rows is None:
             return step, None
-        return step, _SdpaStep(slots, self._queries(row_spans(spans, rows)), self.scale, _rows_tensor(rows, self.device))
+        narrowed = self._queries(row_spans(spans, rows))
+        return step, _SdpaStep(slots, *narrowed, self.scale, _rows_tensor(rows, self.device))
 
-    def _queries(self, spans: Sequence[Span]) -> list[_Query]:
+    def _queries(self, spans: Sequence[Span]) -> tuple[list[_Query], _DecodeGroup | None]:
         queries: list[_Query] = []
+        grouped: list[tuple[int, Span]] = []
         begin = 0
         for span in spans:
-            keys = context_slots(span, self.block_size, self.device)
             end = begin + span.num_tokens
-            if span.num_tokens == 1 or span.start == 0:  # one query sees everything; a fresh prompt is square
-                queries.append(_Query(begin, end, keys, None, span.num_tokens > 1))
+            if span.num_tokens == 1 and self.decode_kernel is not None:
+                grouped.append((begin, span))
+            elif span.num_tokens == 1 or span.start == 0:  # one query sees everything; a fresh prompt is square
+                queries.append(_Query(begin, end, context_slots(span, self.block_size, self.device), None, span.num_tokens > 1))
             else:  # a later chunk: causal, aligned to the end of its context
                 positions = torch.arange(span.start, span.context, device=self.device)
                 mask = torch.arange(span.context, device=self.device)[None, :] <= positions[:, None]
-                queries.append(_Query(begin, end, keys, mask, False))
+                queries.append(_Query(begin, end, context_slots(span, self.block_size, self.device), mask, False))
             begin = end
-        return queries
+        return queries, self._group(grouped)
+
+    def _group(self, grouped: list[tuple[int, Span]]) -> _DecodeGroup | None:
+        if not grouped or self.decode_kernel is None:
+            return None
+        tables = [list(span.block_table[: -(-span.context // self.block_size)]) for _, span in grouped]
+        width = max(len(table) for table in tables)
+        return _DecodeGroup(
+            rows=torch.tensor([row for row, _ in grouped], dtype=torch.long, device=self.device),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=self.device),
+            context_lens=torch.tensor([span.context for _, span in grouped], dtype=torch.int32, device=self.device),
+            kernel=self.decode_kernel,
+            block_size=self.block_size,
+        )
 
 
 @dataclass(frozen=True)
 class _SdpaStep:
     slots: torch.Tensor
     queries: list[_Query]
+    group: _DecodeGroup | None
     scale: float
     rows: torch.Tensor | None
 
@@ -153,6 +193,10 @@ class _SdpaStep:
     def attend(self, q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         k_cache, v_cache = cache
         out = torch.empty_like(q)
+        if (group := self.group) is not None:
+            out[group.rows] = group.kernel(
+                q[group.rows], k_cache, v_cache, group.block_tables, group.context_lens, self.scale, group.block_size
+            )
         for query in self.queries:
             # [1, heads, tokens, head_dim]: the 4-D form is what selects the fused kernel on the CPU
             out[query.begin : query.end] = F.scaled_dot_product_attention(
@@ -259,5 +303,5 @@ def select_backend(choice: str, block_size: int, scale: float, device: torch.dev
             raise ValueError("the flash_attn backend needs a CUDA device and the flash-attn package")
         return FlashAttention(block_size, scale, device)
     if choice in ("auto", "sdpa"):
-        return SdpaAttention(block_size, scale, device)
+        return SdpaAttention(block_size, scale, device, paged_decode if device.type == "cuda" else None)
     raise ValueError(f"unknown attention backend {choice!r} (choose auto, sdpa or flash_attn)")

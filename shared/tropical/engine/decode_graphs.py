@@ -23,19 +23,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from tropical.engine.attention import LayerCache
 from tropical.engine.kv_cache import KvCache
 from tropical.engine.models import CausalLM
-from tropical.engine.paged_decode import paged_decode, paged_decode_reference
+from tropical.engine.paged_decode import PagedAttention, paged_decode, paged_decode_reference
 from tropical.engine.scheduler import ScheduledChunk
 
 log = logging.getLogger(__name__)
-
-PagedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, int], torch.Tensor]
 
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:

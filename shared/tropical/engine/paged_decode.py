@@ -26,6 +26,7 @@ layouts.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,6 +36,9 @@ PARTITION = 256  # fewest context tokens per program: B=1 at 1k context still sp
 MAX_PARTITIONS = 16  # most programs per (sequence, KV head); longer contexts get longer partitions
 TILE = 64  # tokens per inner iteration
 MIN_DOT = 16  # tl.dot needs every dimension to be at least this
+
+# q, k_cache, v_cache, block_tables, context_lens, scale, block_size -> out: either implementation
+PagedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, int], torch.Tensor]
 
 
 def paged_decode_reference(
