@@ -22,6 +22,7 @@ device (what a decode step reads does not depend on the values).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import platform
 import statistics
@@ -93,10 +94,11 @@ def run_step_benchmark(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Decode step times at each batch size and one long prefill, ours and Hugging Face's, with the roofline of each."""
-    config = model_config or SHAPES[shape]
     target = torch.device(device)
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
     max_len = max(prefill + 1, context + WARM_UP_STEPS + steps + 1)
+    config = model_config or SHAPES[shape]
+    config = dataclasses.replace(config, max_position=max(config.max_position, max_len))  # no step cost depends on it
     block_size = 16
     per_sequence = -(-(context + WARM_UP_STEPS + steps + 1) // block_size) + 1  # one spare: admission keeps room to grow
     blocks = max(max(batches) * per_sequence, -(-prefill // block_size) + 1)
