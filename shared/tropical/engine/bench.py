@@ -197,17 +197,22 @@ def run_engine_benchmark(
     return report
 
 
-def _machine() -> dict[str, Any]:
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one)."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         lines = cpuinfo.read_text().splitlines()
         names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+        if names:
+            return names[0]
+    return platform.processor() or platform.machine()
+
+
+def _machine() -> dict[str, Any]:
+    import transformers
+
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,

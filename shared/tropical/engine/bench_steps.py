@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from tropical.engine.bench import cpu_name
 from tropical.engine.config import EngineConfig, ModelConfig
 from tropical.engine.engine import Engine
 from tropical.engine.loader import hf_state_dict
@@ -269,7 +270,7 @@ def _describe(device: torch.device) -> dict[str, Any]:
 
             described["triton"] = triton.__version__
     else:
-        described.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+        described.update(name=cpu_name(), threads=torch.get_num_threads())
     return described
 
 

@@ -46,6 +46,13 @@ class Pulled(msgspec.Struct, frozen=True):
     error: str = ""
 
 
+def _next(connection: Connection) -> bytes:
+    """The next message, within WAIT seconds (a blocking read, for a thread)."""
+    if not connection.poll(WAIT):
+        raise TimeoutError(f"no message from the other process in {WAIT:.0f} s")
+    return connection.recv_bytes()
+
+
 def _receive(connection: Connection, kind: str, device: str) -> None:
     """The receiving process: fetch each handle it is sent, answer with the fetch's record."""
     asyncio.run(_serve(connection, kind, device))
@@ -54,7 +61,7 @@ def _receive(connection: Connection, kind: str, device: str) -> None:
 async def _serve(connection: Connection, kind: str, device: str) -> None:
     records: list[TransferRecord] = []
     async with make_transport(kind, device=device, on_transfer=records.append) as transport:
-        while (raw := await asyncio.to_thread(connection.recv_bytes)) != STOP:
+        while (raw := await asyncio.to_thread(_next, connection)) != STOP:
             pull = msgspec.msgpack.decode(raw, type=Pull)
             try:
                 await transport.fetch(pull.handle, pull.layout, timeout_s=WAIT)  # the copy is dropped at once
@@ -102,7 +109,7 @@ def run_kv_benchmark(kind: str = "cuda_ipc", tokens: Sequence[int] = (1024, 8192
                 for _ in range(repeats + 1):  # the first maps the sender's memory for the first time: not counted
                     offer = await transport.offer(kv, lease_s=WAIT)
                     ours.send_bytes(msgspec.msgpack.encode(Pull(offer.handle, offer.layout)))
-                    reply = msgspec.msgpack.decode(await asyncio.wait_for(asyncio.to_thread(ours.recv_bytes), WAIT), type=Pulled)
+                    reply = msgspec.msgpack.decode(await asyncio.to_thread(_next, ours), type=Pulled)
                     await transport.release(offer.handle)
                     if reply.error:
                         raise RuntimeError(f"the receiver could not fetch {count} tokens: {reply.error}")
