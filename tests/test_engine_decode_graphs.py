@@ -231,3 +231,11 @@ def test_an_engine_with_grouped_decodes_serves_through_the_kernel(checkpoint: Pa
     runner.attention = SdpaAttention(8, runner.model.config.head_dim**-0.5, torch.device("cpu"), decode_kernel=paged_decode)
     ours, _ = traced(grouped, prompts, max_tokens)
     assert ours == expected
+
+
+def test_a_worker_can_be_told_to_decode_eagerly() -> None:
+    from tropical.live.engines import EngineChoice
+
+    engine = EngineChoice("tiny", enforce_eager=True).engine()
+    assert isinstance(engine, Engine) and engine.config.enforce_eager and engine.runner.decode is None
+    assert not EngineChoice("tiny").enforce_eager

@@ -562,12 +562,15 @@ PolicyName = Annotated[str, typer.Option("--policy", envvar="TROPICAL_POLICY", h
 EngineName = Annotated[str, typer.Option("--engine", envvar="TROPICAL_ENGINE", help="tiny, smollm2, emulated, or a model directory / .gguf file")]
 EmulatedSetting = Annotated[str, typer.Option("--setting", envvar="TROPICAL_SETTING", help="the cluster whose timing and KV an emulated engine has")]
 MaxModelLen = Annotated[int | None, typer.Option("--max-model-len", min=1, help="longest prompt + output a request may ask for")]
+EnforceEager = Annotated[
+    bool, typer.Option("--enforce-eager", envvar="TROPICAL_ENFORCE_EAGER", help="on a GPU, run decode steps eagerly instead of as CUDA graphs")
+]
 
 
-def _engine_choice(engine: str, setting: str, max_model_len: int | None) -> Any:
+def _engine_choice(engine: str, setting: str, max_model_len: int | None, enforce_eager: bool = False) -> Any:
     from tropical.live.engines import EngineChoice
 
-    choice = EngineChoice(engine, setting=setting, max_model_len=max_model_len)
+    choice = EngineChoice(engine, setting=setting, max_model_len=max_model_len, enforce_eager=enforce_eager)
     try:
         choice.check()
         from tropical.experiments import setting_named
@@ -608,6 +611,7 @@ def _worker_command(role_name: str, summary: str) -> None:
         setting: EmulatedSetting = "chat-13b",
         name: Annotated[str | None, typer.Option(help="this worker's id (default: role, host and a random suffix)")] = None,
         max_model_len: MaxModelLen = None,
+        enforce_eager: EnforceEager = False,
         kv_transport: Annotated[
             str,
             typer.Option(
@@ -630,7 +634,7 @@ def _worker_command(role_name: str, summary: str) -> None:
                 group = GroupAddress.from_env(os.environ)
             except ValueError as exc:
                 raise typer.BadParameter(str(exc), param_hint="--kv-transport") from None
-        choice = _engine_choice(engine, setting, max_model_len)
+        choice = _engine_choice(engine, setting, max_model_len, enforce_eager)
         run_async(serve_worker(ctx.obj, Role(role_name), _policy_checked(policy), choice, name, KvTransport(kv_transport), group))
 
     command.__doc__ = summary
@@ -724,6 +728,7 @@ def up(
     prompt: Annotated[str | None, typer.Option(help="send this prompt (as a chat message where the model has a template), print the answer, stop")] = None,
     max_tokens: Annotated[int, typer.Option(min=1)] = 64,
     max_model_len: MaxModelLen = None,
+    enforce_eager: EnforceEager = False,
     port: Annotated[int | None, typer.Option(min=0, max=65535, help="also serve OpenAI's HTTP API on this port (the gateway); --prompt then goes through it")] = None,
     host: GatewayHost = "127.0.0.1",
     api_key: ApiKeys = None,
@@ -734,7 +739,7 @@ def up(
     settings: Settings = ctx.obj
     if not os.environ.get("TROPICAL_BROKER_URL") and ctx.parent is not None and ctx.parent.params.get("broker_url") is None:
         settings = settings.with_overrides(broker_url=MEMORY_URL, redis_url=MEMORY_URL)
-    choice = _engine_choice(engine, setting, max_model_len)
+    choice = _engine_choice(engine, setting, max_model_len, enforce_eager)
     _policy_checked(policy)
     keys = frozenset(api_key or ()) | settings.api_key_set()
     if port is not None:

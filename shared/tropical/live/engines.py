@@ -27,6 +27,7 @@ class EngineChoice:
     setting: str = "chat-13b"  # the emulated cluster's timing and KV capacity
     seed: int = 0
     max_model_len: int | None = None
+    enforce_eager: bool = False  # on a GPU: decode steps eager, not replayed as CUDA graphs
 
     def check(self) -> None:
         """ValueError, one line, for a word that names no engine."""
@@ -76,7 +77,7 @@ class EngineChoice:
             return EmulatedEngine(setting.latency_model(), setting.kv_capacity, seed=self.seed, max_model_len=self.max_model_len)
         from tropical.engine import Engine, EngineConfig
 
-        return Engine.load(self.source, EngineConfig(max_model_len=self.max_model_len))
+        return Engine.load(self.source, EngineConfig(max_model_len=self.max_model_len, enforce_eager=self.enforce_eager))
 
     def tokenizer(self) -> Tokenizer | None:
         """What the router tokenizes text prompts with (an emulated engine takes token ids only)."""
