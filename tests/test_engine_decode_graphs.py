@@ -233,6 +233,18 @@ def test_an_engine_with_grouped_decodes_serves_through_the_kernel(checkpoint: Pa
     assert ours == expected
 
 
+def test_the_static_step_traces_whole() -> None:
+    """What a CUDA graph captures must not stop for the host (`.item()`, `.tolist()`, Python branching on values):
+    the static step compiles as one graph, with no break."""
+    config = ModelConfig.tiny(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                              max_position=64)
+    engine = Engine.load("tiny", EngineConfig(device="cpu", max_num_seqs=4, max_model_len=64), tiny=config)
+    graphs = DecodeGraphs(engine.runner.model, engine.runner.kv, max_batch=4, max_context=64, capture=False)
+    with torch.inference_mode():
+        traced_logits = torch.compile(graphs._forward, fullgraph=True, backend="eager")(4)
+        assert torch.equal(traced_logits, graphs._forward(4))
+
+
 def test_a_worker_can_be_told_to_decode_eagerly() -> None:
     from tropical.live.engines import EngineChoice
 
