@@ -251,3 +251,16 @@ def test_a_worker_can_be_told_to_decode_eagerly() -> None:
     engine = EngineChoice("tiny", enforce_eager=True).engine()
     assert isinstance(engine, Engine) and engine.config.enforce_eager and engine.runner.decode is None
     assert not EngineChoice("tiny").enforce_eager
+
+
+def test_slots_never_written_do_not_leak_into_either_implementation() -> None:
+    """The cache is allocated empty: past a context, any bits may sit there, NaN and infinity included."""
+    k, v, tables, lens = scattered_cache(2, 16, 4, [5, 9], torch.float32, seed=8)
+    q = torch.randn(2, 4, 16, device=DEVICE)
+    clean = paged_decode_reference(q, k, v, tables, lens, 0.25, 4)
+    for row, length in enumerate(lens.tolist()):
+        for position in range(length, tables.shape[1] * 4):
+            slot = int(tables[row, position // 4]) * 4 + position % 4
+            k[:, slot], v[:, slot] = float("nan"), float("inf")
+    for implementation in (paged_decode_reference, paged_decode):
+        assert torch.allclose(implementation(q, k, v, tables, lens, 0.25, 4), clean, atol=1e-6), implementation.__name__

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from tropical.engine.paged_decode import PagedAttention, paged_decode
+from tropical.engine.paged_decode import PagedAttention, padded_tables, paged_decode
 
 LayerCache = tuple[torch.Tensor, torch.Tensor]  # one layer's keys and values
 
@@ -166,11 +166,10 @@ class SdpaAttention:
     def _group(self, grouped: list[tuple[int, Span]]) -> _DecodeGroup | None:
         if not grouped or self.decode_kernel is None:
             return None
-        tables = [list(span.block_table[: -(-span.context // self.block_size)]) for _, span in grouped]
-        width = max(len(table) for table in tables)
+        tables = padded_tables([span.block_table[: -(-span.context // self.block_size)] for _, span in grouped])
         return _DecodeGroup(
             rows=torch.tensor([row for row, _ in grouped], dtype=torch.long, device=self.device),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=self.device),
+            block_tables=tables.to(self.device),
             context_lens=torch.tensor([span.context for _, span in grouped], dtype=torch.int32, device=self.device),
             kernel=self.decode_kernel,
             block_size=self.block_size,

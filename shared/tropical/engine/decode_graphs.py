@@ -30,7 +30,7 @@ import torch
 from tropical.engine.attention import LayerCache
 from tropical.engine.kv_cache import KvCache
 from tropical.engine.models import CausalLM
-from tropical.engine.paged_decode import PagedAttention, paged_decode, paged_decode_reference
+from tropical.engine.paged_decode import PagedAttention, padded_tables, paged_decode, paged_decode_reference
 from tropical.engine.scheduler import ScheduledChunk
 
 log = logging.getLogger(__name__)
@@ -146,10 +146,7 @@ class DecodeGraphs:
         n = len(chunks)
         block_size = self.block_size
         tables = [c.block_table[: c.start // block_size + 1] for c in chunks]
-        wide = max(len(table) for table in tables)
-        host_tables = torch.zeros(n, wide, dtype=torch.int32)
-        for row, table in enumerate(tables):
-            host_tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        host_tables = padded_tables(tables)
         starts = [c.start for c in chunks]
         rows = torch.tensor(
             [
@@ -164,7 +161,7 @@ class DecodeGraphs:
         self.positions[:n] = rows[1]
         self.slots[:n] = rows[2]
         self.context_lens[:n] = rows[3]
-        self.block_tables[:n, :wide] = host_tables.to(self.block_tables.device, non_blocking=True)
+        self.block_tables[:n, : host_tables.shape[1]] = host_tables.to(self.block_tables.device, non_blocking=True)
 
     def _pad(self, n: int) -> None:
         """Rows from `n` on: token 0 at position 0, stored in and attending to the scratch block's first slot."""

