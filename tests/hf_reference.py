@@ -69,4 +69,4 @@ def save_reference(model: PreTrainedModel, path: Path, *, sharded: bool = False)
 @torch.no_grad()
 def reference_logits(model: PreTrainedModel, token_ids: list[int]) -> torch.Tensor:
     """Logits at every position of one unpadded sequence, [len, vocab]."""
-    return model(torch.tensor([token_ids])).logits[0].float()
+    return model(torch.tensor([token_ids], device=model.device)).logits[0].float()

@@ -86,6 +86,20 @@ def test_half_precision_logits_match_the_reference_in_the_same_precision(
         assert (ours - exact).abs().max() <= 2 * (theirs - exact).abs().max() + 0.02
 
 
+def test_greedy_tokens_are_the_bf16_references_own(reference: tuple[str, PreTrainedModel, Path]) -> None:
+    """Every token we pick is the reference's argmax on the same sequence, unless the reference itself is within
+    bf16 rounding of a tie there (its top two logits closer than 0.05)."""
+    family, _, path = reference
+    bf16 = build_reference(family).to("cuda", torch.bfloat16)
+    prompts = {"a": prompt(70, 7), "b": prompt(9, 8), "c": prompt(33, 9)}
+    for rid, (tokens, _) in logged_logits(cuda_engine(path, max_num_batched_tokens=40), prompts, 12).items():
+        first = len(prompts[rid]) - 1
+        theirs = reference_logits(bf16, tokens)[first:-1].cpu()
+        top2 = theirs.topk(2, dim=-1).values
+        agrees = theirs.argmax(dim=-1) == torch.tensor(tokens[first + 1 :])
+        assert bool((agrees | (top2[:, 0] - top2[:, 1] < 0.05)).all()), rid
+
+
 @pytest.mark.parametrize("block_size", [16, 256])
 def test_decode_graphs_generate_as_eager_steps(reference: tuple[str, PreTrainedModel, Path], block_size: int) -> None:
     """Batches of every bucket size, growing and shrinking, replayed from graphs: the tokens of eager steps."""
