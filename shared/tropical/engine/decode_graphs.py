@@ -105,7 +105,7 @@ class DecodeGraphs:
         self.slots = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.block_tables = torch.zeros(max_batch, self.width, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
-        self._pad(0)
+        self._pad(0, max_batch)
         scale = model.config.head_dim**-0.5
         self.steps = {
             size: PagedDecodeStep(
@@ -130,7 +130,7 @@ class DecodeGraphs:
         n = len(chunks)
         size = next(size for size in self.buckets if size >= n)
         self._fill(chunks)
-        self._pad(n)
+        self._pad(n, size)
         if size in self.graphs:
             graph, logits = self.graphs[size]
             graph.replay()
@@ -142,7 +142,7 @@ class DecodeGraphs:
         return self.model.logits(hidden)
 
     def _fill(self, chunks: Sequence[ScheduledChunk]) -> None:
-        """One host-to-device copy per buffer; tables only as wide as the widest in this step."""
+        """Two host-to-device copies; the tables only as wide as the widest in this step."""
         n = len(chunks)
         block_size = self.block_size
         tables = [c.block_table[: c.start // block_size + 1] for c in chunks]
@@ -156,21 +156,21 @@ class DecodeGraphs:
                 [start + 1 for start in starts],
             ],
             dtype=torch.long,
-        ).to(self.input_ids.device, non_blocking=True)
+        ).to(self.input_ids.device)
         self.input_ids[:n] = rows[0]
         self.positions[:n] = rows[1]
         self.slots[:n] = rows[2]
         self.context_lens[:n] = rows[3]
-        self.block_tables[:n, : host_tables.shape[1]] = host_tables.to(self.block_tables.device, non_blocking=True)
+        self.block_tables[:n, : host_tables.shape[1]] = host_tables.to(self.block_tables.device)
 
-    def _pad(self, n: int) -> None:
-        """Rows from `n` on: token 0 at position 0, stored in and attending to the scratch block's first slot."""
+    def _pad(self, n: int, size: int) -> None:
+        """Rows `n` to `size`: token 0 at position 0, stored in and attending to the scratch block's first slot."""
         scratch = self.kv.scratch_block
-        self.input_ids[n:] = 0
-        self.positions[n:] = 0
-        self.slots[n:] = scratch * self.block_size
-        self.context_lens[n:] = 1
-        self.block_tables[n:, 0] = scratch
+        self.input_ids[n:size] = 0
+        self.positions[n:size] = 0
+        self.slots[n:size] = scratch * self.block_size
+        self.context_lens[n:size] = 1
+        self.block_tables[n:size, 0] = scratch
 
     def _capture(self) -> None:
         """Largest bucket first, so the graphs share one memory pool sized by it; warm-up runs compile the kernels."""
