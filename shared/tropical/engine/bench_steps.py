@@ -36,7 +36,7 @@ import torch
 from tropical.engine.bench import cpu_name
 from tropical.engine.config import EngineConfig, ModelConfig
 from tropical.engine.engine import Engine
-from tropical.engine.loader import hf_state_dict
+from tropical.engine.loader import fill_random, hf_state_dict
 from tropical.engine.models import CausalLM
 from tropical.engine.models.rope import RotaryEmbedding
 from tropical.engine.roofline import copy_bandwidth, decode_bytes, prefill_flops, spec_bandwidth, weight_bytes
@@ -69,15 +69,7 @@ def random_model_on(config: ModelConfig, max_positions: int, dtype: torch.dtype,
     model = model.to(dtype=dtype).to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty gave each module a tensor of its own
         model.lm_head.weight = model.embed_tokens.weight
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            elif name.endswith(".bias"):
-                param.zero_()
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
+    fill_random(model, torch.Generator(device=device).manual_seed(seed))
     model.rope = RotaryEmbedding(config, max_positions).to(device=device, dtype=dtype)  # its tables were left empty
     return model.eval()
 

@@ -91,7 +91,12 @@ def random_model(
 ) -> CausalLM:
     """Seeded random weights drawn on the CPU, so every device gets the same numbers."""
     model = CausalLM(config, max_positions)
-    generator = torch.Generator().manual_seed(seed)
+    fill_random(model, torch.Generator().manual_seed(seed), std)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def fill_random(model: CausalLM, generator: torch.Generator, std: float = 0.02) -> None:
+    """Norm scales 1, biases 0, every other weight normal(0, std) from `generator` (on the weights' device)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -100,7 +105,6 @@ def random_model(
                 param.zero_()
             else:
                 param.normal_(0.0, std, generator=generator)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def hf_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
