@@ -86,6 +86,7 @@ def paged_decode(
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[0]
     group = heads // kv_heads
+    # a plain argument, not a constant of the kernel: steps of many widths share one compiled kernel
     partitions = min(MAX_PARTITIONS, -(-block_tables.shape[1] * block_size // PARTITION))
     kernels = _kernels()
     m = torch.empty((batch, heads, partitions), dtype=torch.float32, device=q.device)
@@ -97,14 +98,15 @@ def paged_decode(
         q, k_cache, v_cache, block_tables, context_lens, m, total, acc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_tables.stride(0), m.stride(0), m.stride(1), acc.stride(0), acc.stride(1), acc.stride(2),
-        scale,
+        scale, partitions,
         GROUP=group, GROUP_P=max(MIN_DOT, _power_of_two(group)), DIM=dim, DIM_P=dim_p, BLOCK_SIZE=block_size,
-        PARTITIONS=partitions, PARTITION=PARTITION, TILE=TILE, IEEE=q.dtype == torch.float32,
+        PARTITION=PARTITION, TILE=TILE, IEEE=q.dtype == torch.float32,
     )  # fmt: skip
     kernels.merge[(batch, heads)](
         m, total, acc, context_lens, out,
         m.stride(0), m.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), out.stride(0), out.stride(1),
-        DIM=dim, DIM_P=dim_p, PARTITIONS=partitions, PARTITION=PARTITION, TILE=TILE,
+        partitions,
+        DIM=dim, DIM_P=dim_p, PARTITION=PARTITION, TILE=TILE,
     )  # fmt: skip
     return out
 
@@ -131,17 +133,16 @@ def _kernels() -> _Kernels:
         Q, K, V, TABLES, LENS, M, TOTAL, ACC,
         stride_qb, stride_qh, stride_kh, stride_ks, stride_vh, stride_vs,
         stride_tb, stride_mb, stride_mh, stride_ab, stride_ah, stride_ap,
-        scale,
+        scale, partitions,
         GROUP: tl.constexpr, GROUP_P: tl.constexpr, DIM: tl.constexpr, DIM_P: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, PARTITIONS: tl.constexpr, PARTITION: tl.constexpr, TILE: tl.constexpr,
-        IEEE: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, PARTITION: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         """One (sequence, KV head, partition): the group's queries over one partition of the context."""
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         part = tl.program_id(2)
         length = tl.load(LENS + row)
-        span = tl.maximum(PARTITION, tl.cdiv(tl.cdiv(length, PARTITIONS), TILE) * TILE)
+        span = tl.maximum(PARTITION, tl.cdiv(tl.cdiv(length, partitions), TILE) * TILE)
         start = part * span
         if start < length:
             end = tl.minimum(start + span, length)
@@ -185,13 +186,14 @@ def _kernels() -> _Kernels:
     def merge(
         M, TOTAL, ACC, LENS, OUT,
         stride_mb, stride_mh, stride_ab, stride_ah, stride_ap, stride_ob, stride_oh,
-        DIM: tl.constexpr, DIM_P: tl.constexpr, PARTITIONS: tl.constexpr, PARTITION: tl.constexpr, TILE: tl.constexpr,
+        partitions,
+        DIM: tl.constexpr, DIM_P: tl.constexpr, PARTITION: tl.constexpr, TILE: tl.constexpr,
     ):  # fmt: skip
         """One (sequence, head): the live partitions' pieces weighed by their maxima into one softmax."""
         row = tl.program_id(0)
         head = tl.program_id(1)
         length = tl.load(LENS + row)
-        parts = tl.cdiv(length, tl.maximum(PARTITION, tl.cdiv(tl.cdiv(length, PARTITIONS), TILE) * TILE))
+        parts = tl.cdiv(length, tl.maximum(PARTITION, tl.cdiv(tl.cdiv(length, partitions), TILE) * TILE))
         base = row * stride_mb + head * stride_mh
         peak = tl.full((), float("-inf"), tl.float32)
         for part in range(0, parts):
