@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from tropical.cli import app
 from tropical.engine import Engine, EngineConfig, ModelConfig
-from tropical.engine.bench import make_requests, run_engine_benchmark
-from tropical.engine.bench_steps import LLAMA3_8B, hf_twin, random_model_on, run_step_benchmark
+from tropical.engine.bench import hf_twin, make_requests, run_engine_benchmark
+from tropical.engine.bench_steps import LLAMA3_8B, random_model_on, run_step_benchmark
 from tropical.engine.models import CausalLM
 from tropical.engine.roofline import decode_bytes, kv_bytes_per_token, prefill_flops, spec_bandwidth, weight_bytes
 from tropical.engine.tokenizer import ByteTokenizer

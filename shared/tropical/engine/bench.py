@@ -23,7 +23,6 @@ import datetime
 import os
 import platform
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,8 @@ import torch
 
 from tropical.engine.config import EngineConfig, ModelConfig
 from tropical.engine.engine import Engine
-from tropical.engine.loader import save_hf
+from tropical.engine.loader import hf_state_dict
+from tropical.engine.models import CausalLM
 from tropical.protocol import SamplingParams
 
 FORCED_LENGTH = SamplingParams(temperature=0.0, ignore_eos=True)
@@ -126,15 +126,19 @@ def _cpu_stall_seconds() -> float:
     return int(some.rpartition("total=")[2]) / 1e6
 
 
-def hf_twin(engine: Engine) -> torch.nn.Module:
-    """The same weights as a `transformers` model, through a checkpoint written by `save_hf`."""
-    from transformers import AutoModelForCausalLM
+def hf_twin(model: CausalLM, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The same weights in `transformers`' own modules, on the same device; its `generate` runs to max_new_tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    with tempfile.TemporaryDirectory() as path:
-        save_hf(engine.runner.model, path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.generation_config.eos_token_id = None
-    return model.eval()
+    device = next(model.parameters()).device
+    hf_config = AutoConfig.for_model(**model.config.to_hf())
+    with torch.device(device):
+        twin = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+    missing, unexpected = twin.load_state_dict(hf_state_dict(model), strict=False)
+    if unexpected or any(not name.startswith("lm_head") for name in missing):
+        raise RuntimeError(f"the twin's weights do not line up: missing {missing}, unexpected {unexpected}")
+    twin.generation_config.eos_token_id = None
+    return twin.eval()
 
 
 def run_engine_benchmark(
@@ -159,7 +163,7 @@ def run_engine_benchmark(
     output_tokens = sum(r.max_tokens for r in requests)
     warm_up = make_requests(2, seed + 1, (16, 32), (2, 4), model_config.vocab_size)
     run_ours(engine, warm_up)
-    twin = hf_twin(engine) if with_hf else None
+    twin = hf_twin(engine.runner.model) if with_hf else None
     if twin is not None:
         run_hf(twin, warm_up, batch_size)
     ours_runs, hf_runs = [], []

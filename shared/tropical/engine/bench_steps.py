@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from tropical.engine.bench import cpu_name
+from tropical.engine.bench import cpu_name, hf_twin
 from tropical.engine.config import EngineConfig, ModelConfig
 from tropical.engine.engine import Engine
-from tropical.engine.loader import fill_random, hf_state_dict
+from tropical.engine.loader import fill_random
 from tropical.engine.models import CausalLM
 from tropical.engine.models.rope import RotaryEmbedding
 from tropical.engine.roofline import copy_bandwidth, decode_bytes, prefill_flops, spec_bandwidth, weight_bytes
@@ -194,20 +194,6 @@ def _our_prefill_ms(engine: Engine, prompt: list[int], repeats: int = 3) -> floa
         if i:  # the first compiles and allocates
             times.append(result.step_time_s)
     return 1e3 * min(times)
-
-
-def hf_twin(model: CausalLM, dtype: torch.dtype) -> torch.nn.Module:
-    """The same weights in `transformers`' own modules, on the same device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    device = next(model.parameters()).device
-    hf_config = AutoConfig.for_model(**model.config.to_hf())
-    with torch.device(device):
-        twin = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
-    missing, unexpected = twin.load_state_dict(hf_state_dict(model), strict=False)
-    if unexpected or any(not name.startswith("lm_head") for name in missing):
-        raise RuntimeError(f"the twin's weights do not line up: missing {missing}, unexpected {unexpected}")
-    return twin.eval()
 
 
 def _synchronize(device: torch.device) -> None:
