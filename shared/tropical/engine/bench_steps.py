@@ -39,7 +39,7 @@ from tropical.engine.engine import Engine
 from tropical.engine.loader import fill_random
 from tropical.engine.models import CausalLM
 from tropical.engine.models.rope import RotaryEmbedding
-from tropical.engine.roofline import copy_bandwidth, decode_bytes, prefill_flops, spec_bandwidth, weight_bytes
+from tropical.engine.roofline import copy_bandwidth, decode_bytes, prefill_flops, spec_bandwidth, synchronize, weight_bytes
 from tropical.engine.tokenizer import ByteTokenizer
 from tropical.protocol import SamplingParams
 
@@ -196,28 +196,24 @@ def _our_prefill_ms(engine: Engine, prompt: list[int], repeats: int = 3) -> floa
     return 1e3 * min(times)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def _hf_decode_ms(model: torch.nn.Module, prompts: list[list[int]], steps: int, device: torch.device) -> float:
     from transformers import DynamicCache
 
-    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)  # its new name is not in older releases
     cache = DynamicCache()
-    out = model(input_ids=torch.tensor(prompts, device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    tokens = out.logits[:, -1].argmax(-1, keepdim=True)
     times = []
-    for step in range(WARM_UP_STEPS + steps):
-        _synchronize(device)
-        started = time.perf_counter()
-        out = model(input_ids=tokens, past_key_values=cache, use_cache=True)
+    with warnings.catch_warnings():  # `past_key_values` has a new name, which older releases lack
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        out = model(input_ids=torch.tensor(prompts, device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
         tokens = out.logits[:, -1].argmax(-1, keepdim=True)
-        tokens.tolist()  # the tokens reach the host, as a server's must
-        if step >= WARM_UP_STEPS:
-            times.append(time.perf_counter() - started)
+        for step in range(WARM_UP_STEPS + steps):
+            synchronize(device)
+            started = time.perf_counter()
+            out = model(input_ids=tokens, past_key_values=cache, use_cache=True)
+            tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.tolist()  # the tokens reach the host, as a server's must
+            if step >= WARM_UP_STEPS:
+                times.append(time.perf_counter() - started)
     return 1e3 * statistics.median(times)
 
 
@@ -226,7 +222,7 @@ def _hf_prefill_ms(model: torch.nn.Module, prompt: list[list[int]], device: torc
     input_ids = torch.tensor(prompt, device=device)
     times = []
     for i in range(repeats + 1):
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits.argmax(-1).tolist()
         if i:

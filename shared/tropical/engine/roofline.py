@@ -41,19 +41,24 @@ def spec_bandwidth(device_name: str) -> float | None:
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes/s that a plain copy moves, read and write both counted; the fastest of `repeats`."""
-    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return 2 * nbytes / copy_seconds(torch.empty(nbytes, dtype=torch.uint8, device=device), repeats)
+
+
+def copy_seconds(source: torch.Tensor, repeats: int = 1) -> float:
+    """The fastest of `repeats` copies of `source` into a tensor of its own on the same device, after a warm-up."""
     target = torch.empty_like(source)
     best = float("inf")
-    for _ in range(repeats + 1):  # the first is a warm-up
-        _synchronize(device)
+    for _ in range(repeats + 1):  # the first is the warm-up
+        synchronize(source.device)
         started = time.perf_counter()
         target.copy_(source)
-        _synchronize(device)
+        synchronize(source.device)
         best = min(best, time.perf_counter() - started)
-    return 2 * nbytes / best
+    return best
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that host clocks time it (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

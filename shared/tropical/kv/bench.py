@@ -17,7 +17,6 @@ import asyncio
 import datetime
 import multiprocessing
 import statistics
-import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any, Final
@@ -26,6 +25,7 @@ import msgspec
 import torch
 
 from tropical.engine.kv_transfer import KvExport
+from tropical.engine.roofline import copy_seconds
 from tropical.kv import make_transport
 from tropical.kv.base import TransferRecord
 from tropical.protocol import KvLayout, KvTransport, SamplingParams
@@ -77,19 +77,6 @@ def _export(tokens: int, dtype: torch.dtype, device: torch.device) -> KvExport:
     return KvExport("bench", list(range(tokens)), [], SamplingParams(), 1, 16, data)
 
 
-def _local_copy_s(data: torch.Tensor) -> float:
-    """The same bytes copied within this process, on the same device: the ceiling."""
-    target = torch.empty_like(data)
-    target.copy_(data)  # warm-up
-    if data.is_cuda:
-        torch.cuda.synchronize(data.device)
-    started = time.perf_counter()
-    target.copy_(data)
-    if data.is_cuda:
-        torch.cuda.synchronize(data.device)
-    return time.perf_counter() - started
-
-
 def run_kv_benchmark(kind: str = "cuda_ipc", tokens: Sequence[int] = (1024, 8192), repeats: int = 3) -> dict[str, Any]:
     """Fetch bandwidth of each size through `kind` (best and median of `repeats`), and a local copy's, side by side."""
     transport_kind = KvTransport(kind)
@@ -114,7 +101,7 @@ def run_kv_benchmark(kind: str = "cuda_ipc", tokens: Sequence[int] = (1024, 8192
                     if reply.error:
                         raise RuntimeError(f"the receiver could not fetch {count} tokens: {reply.error}")
                     fetches.append(reply.nbytes / reply.seconds)
-                    copies.append(kv.nbytes / _local_copy_s(kv.data))
+                    copies.append(kv.nbytes / copy_seconds(kv.data))  # the ceiling: the same bytes copied within this process
                 fetches, copies = fetches[1:], copies[1:]
                 rows.append({
                     "tokens": count, "nbytes": kv.nbytes,
