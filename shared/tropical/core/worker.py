@@ -24,8 +24,11 @@ from tropical.core.actions import Abandoned, Action, Placed, Preempted, StepSche
 from tropical.core.request import RequestState
 from tropical.latency.model import LatencyModel
 from tropical.policies.batching import Preemption, on_time
-from tropical.policies.records import EMPTY_BATCH, BatchSummary, Role, StepPlan, WorkerView
+from tropical.policies.records import EMPTY_BATCH, BatchSummary, RequestId, RequestView, Role, StepPlan, WorkerView
 from tropical.policies.serving import ServingPolicy
+
+# a view's queues: prefills, waiting, incoming, and the prompt chunks of the step in progress
+ViewQueues = tuple[tuple[RequestView, ...], tuple[RequestView, ...], tuple[RequestView, ...], tuple[tuple[RequestId, int], ...]]
 
 PULL_HEADROOM = 0.01  # fraction of a worker's KV left free when pulling a handoff in
 
@@ -268,27 +271,8 @@ class WorkerState:
         waiting = tuple(j.view for j in self.waiting.values())
         incoming = tuple(j.view for j in self.incoming.values())
         in_step = tuple((job.id, tokens) for job, tokens in self.span_chunks) if self.busy else ()
-        heads = self.heads()
-        view = WorkerView(
-            self.id,
-            self.role,
-            self.capacity,
-            self.kv_static + self.batch_kv(steps),  # kv_used
-            self.busy,
-            begin,  # step_begin
-            end,  # step_end
-            self.placed_since_step,
-            prefills,
-            self.prefill_load,
-            self.summary(steps, heads),  # batch
-            waiting,
-            incoming,
-            self.prompt_sum + self.side_prompt,  # decode_load
-            in_step,
-        )
-        self._view, self._view_steps, self._view_heads = view, steps, heads
-        self._view_from, self._view_until, self._view_base = valid_from, valid_until, base
-        return view
+        self._view_base = base
+        return self._keep(steps, begin, end, (prefills, waiting, incoming, in_step), self.heads(), (valid_from, valid_until))
 
     def _further(self, view: WorkerView, now: float) -> WorkerView:
         """`view` moved to the step of its decode span in progress at `now`: nothing changed but the steps done,
@@ -309,14 +293,41 @@ class WorkerState:
         steps = self.steps + done
         if steps == self._view_steps:
             return view
-        until = math.inf if done >= n else end
+        queues = (view.prefills, view.waiting, view.incoming, view.in_step)
+        valid = (begin if done > 0 else -math.inf, math.inf if done >= n else end)
+        return self._keep(steps, begin, end, queues, self._view_heads, valid)
+
+    def _keep(
+        self,
+        steps: int,
+        begin: float,
+        end: float,
+        queues: ViewQueues,
+        heads: tuple[tuple[float, float, bool], ...],
+        valid: tuple[float, float],
+    ) -> WorkerView:
+        """The view after `steps` with these queues (prefills, waiting, incoming, in step) and batch heads, kept for
+        `now` in [valid)."""
+        prefills, waiting, incoming, in_step = queues
         view = WorkerView(
-            self.id, self.role, self.capacity, self.kv_static + self.batch_kv(steps), True, begin, end,
-            self.placed_since_step, view.prefills, self.prefill_load, self.summary(steps, self._view_heads), view.waiting,
-            view.incoming, self.prompt_sum + self.side_prompt, view.in_step,
+            self.id,
+            self.role,
+            self.capacity,
+            self.kv_static + self.batch_kv(steps),  # kv_used
+            self.busy,
+            begin,  # step_begin
+            end,  # step_end
+            self.placed_since_step,
+            prefills,
+            self.prefill_load,
+            self.summary(steps, heads),  # batch
+            waiting,
+            incoming,
+            self.prompt_sum + self.side_prompt,  # decode_load
+            in_step,
         )
-        self._view, self._view_steps = view, steps
-        self._view_from, self._view_until = begin if done > 0 else -math.inf, until
+        self._view, self._view_steps, self._view_heads = view, steps, heads
+        self._view_from, self._view_until = valid
         return view
 
     # --- what arrives at the worker ---------------------------------------------------------
