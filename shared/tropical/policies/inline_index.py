@@ -41,6 +41,11 @@ class _Entry(NamedTuple):
     fresh: tuple[tuple[float, float], ...]  # (TTFT deadline, work) of its other queued prompts, in queue order
     behind_from: float  # the earliest next-token deadline of a waiting decode that can still meet its TPOT
 
+    def lends(self, now: float, protect_waiting: bool) -> bool:
+        """Whether it may lend steps to prompt chunks: not while a waiting decode is already behind its budget (with
+        `protect_waiting`), as chunks would delay that decode more."""
+        return not (protect_waiting and self.behind_from < now)
+
     def floor(self, due: float) -> float:
         """Queued prompt work that runs before a prompt due no earlier than `due`."""
         work = self.recomputes
@@ -113,13 +118,12 @@ class InlineIndex:
     def lenders(self, now: float, protect_waiting: bool) -> Iterator[tuple[int, WorkerView]]:
         """The decoding workers that may lend steps to prompt chunks, by position."""
         for i, entry in enumerate(self.entries):
-            if entry is not None and not (protect_waiting and entry.behind_from < now):
+            if entry is not None and entry.lends(now, protect_waiting):
                 yield i, self.views[i]
 
     def visit(self, now: float, due: float, protect_waiting: bool) -> Iterator[tuple[float, int, WorkerView, float]]:
         """(bound, position, view, queued work ahead of every prompt due no earlier than `due`) of each decoding
-        worker that may lend steps, by bound, then position. A worker with a waiting decode already behind its
-        budget lends none: chunks would delay that decode more."""
+        worker that may lend steps (`_Entry.lends`), by bound, then position."""
         busy = list(self.busy.values())
         idle = list(self.idle.values())
         heapq.heapify(busy)
@@ -138,7 +142,7 @@ class InlineIndex:
             _, i = heapq.heappop(busy) if b <= d else heapq.heappop(idle)
             entry = entries[i]
             assert entry is not None
-            if protect_waiting and entry.behind_from < now:
+            if not entry.lends(now, protect_waiting):
                 continue
             start = entry.start if entry.start is not None and entry.start > now else now  # max(now, step end)
             floor = entry.floor(due)
