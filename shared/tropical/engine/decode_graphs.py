@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -42,28 +44,18 @@ def bucket_sizes(max_batch: int) -> tuple[int, ...]:
     return (*sizes, max_batch)
 
 
+@dataclass(frozen=True)
 class PagedDecodeStep:
     """The attention of a static decode step: every row one token, over its own context in the paged cache."""
 
-    rows = None
-
-    def __init__(
-        self,
-        slots: torch.Tensor,
-        block_tables: torch.Tensor,
-        context_lens: torch.Tensor,
-        scale: float,
-        block_size: int,
-        head_major: bool,
-        attention: PagedAttention,
-    ) -> None:
-        self.slots = slots
-        self.block_tables = block_tables
-        self.context_lens = context_lens
-        self.scale = scale
-        self.block_size = block_size
-        self.head_major = head_major
-        self.attention = attention
+    rows: ClassVar[None] = None  # every row's query is attended
+    slots: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    scale: float
+    block_size: int
+    head_major: bool
+    attention: PagedAttention
 
     def _by_head(self, layer: torch.Tensor) -> torch.Tensor:
         """`[kv_heads, slots, head_dim]` over the cache's own memory, whichever its layout."""

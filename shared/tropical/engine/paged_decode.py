@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -116,10 +116,9 @@ def _power_of_two(n: int) -> int:
 
 
 
-class _Kernels:
-    def __init__(self, partition: Any, merge: Any) -> None:
-        self.partition = partition
-        self.merge = merge
+class _Kernels(NamedTuple):
+    partition: Any
+    merge: Any
 
 
 @functools.cache
