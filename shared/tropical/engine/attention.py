@@ -164,7 +164,7 @@ class SdpaAttention:
         return queries, self._group(grouped)
 
     def _group(self, grouped: list[tuple[int, Span]]) -> _DecodeGroup | None:
-        if not grouped or self.decode_kernel is None:
+        if not grouped or self.decode_kernel is None:  # nothing is grouped without a kernel
             return None
         tables = padded_tables([span.block_table[: -(-span.context // self.block_size)] for _, span in grouped])
         return _DecodeGroup(
